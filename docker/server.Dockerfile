@@ -1,14 +1,17 @@
 # The reward server. Build from the repository root:
 #   docker build -f docker/server.Dockerfile -t rewardserve-server .
-# BASE_IMAGE: python:3.11-slim (CPU, the default) or a CUDA image with Python 3.10+ for NVIDIA GPUs, e.g.
-#   --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 --build-arg TORCH_SPEC=torch
-# TORCH_SPEC: what pip installs for torch; by default the CPU build from PyTorch's CPU index. A wheel file placed
-# in docker/wheels/ can be named as /wheels/<file> (docker/smoke.sh does this where no index but PyPI is reachable).
+# BASE_IMAGE: python:3.11-slim by default; any image with Python 3.10+ and python3-venv works.
+# TORCH_SPEC / TORCH_INDEX_URL: what pip installs for torch. The default, `torch` from PyPI, is the CUDA build on
+# Linux: its wheels carry the CUDA libraries, so on an NVIDIA host (with the NVIDIA container toolkit) the slim base
+# is enough. docker/compose.cpu.yml switches to PyTorch's CPU index (a much smaller image). A wheel file placed in
+# docker/wheels/ can be named as /wheels/<file> (docker/smoke.sh does this where no index but PyPI is reachable).
+# Layers: torch, then the dependencies (from a skeleton of the package), then the code, so a code change rebuilds
+# only the last, small layer.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
 ARG TORCH_SPEC="torch"
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=https://pypi.org/simple
 # The lines down to the torch install are the same in both Dockerfiles, so the two images share those layers.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1

@@ -80,7 +80,7 @@ trap cleanup EXIT
 run_stack() {
     # A small job: 8 prompts labelled, one epoch of reward-model training, 3 PPO steps of 4 rollouts.
     export REWARDSERVE_LABEL_PROMPTS=8 REWARDSERVE_RM_EPOCHS=1 REWARDSERVE_STEPS=3 REWARDSERVE_BATCH_SIZE=4 \
-        REWARDSERVE_MINI_BATCH_SIZE=4 REWARDSERVE_GENERATION_BATCH_SIZE=4 REWARDSERVE_MAX_NEW_TOKENS=16
+        REWARDSERVE_MINI_BATCH_SIZE=4 REWARDSERVE_MAX_NEW_TOKENS=16
     "${COMPOSE[@]}" "${COMPOSE_FILES[@]}" up -d --no-build --pull never
     local deadline=$(( $(date +%s) + TIMEOUT_S )) state=""
     while [ "$(date +%s)" -lt "$deadline" ]; do

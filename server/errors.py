@@ -105,3 +105,8 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         parts.append(f"{location}: {message}")
     return "; ".join(parts)
+
+
+class DeviceUnavailable(RuntimeError):
+    """A start-up error, not a request's: the device asked for does not exist here. The CLI prints it as one line
+    and exits non-zero."""

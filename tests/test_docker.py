@@ -24,17 +24,38 @@ def compose_config(*overrides: str) -> dict:
     return json.loads(result.stdout)
 
 
-def test_compose_accepts_the_file_with_and_without_overrides():
+def gpu_devices(service: dict) -> list[dict]:
+    return ((service.get("deploy") or {}).get("resources", {}).get("reservations", {}) or {}).get("devices", [])
+
+
+def test_default_compose_puts_scorer_and_policy_on_gpus_and_the_cpu_override_on_neither():
     gpu = compose_config()["services"]
-    assert gpu["reward-server"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for name in ("reward-server", "trainer", "prepare"):
+        devices = gpu_devices(gpu[name])
+        assert devices and devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia", name
+        assert gpu[name]["environment"]["REWARDSERVE_DEVICE"] == "cuda", name
+    assert gpu["reward-server"]["build"]["args"]["TORCH_INDEX_URL"] == "https://pypi.org/simple"  # CUDA wheels
+    assert gpu["reward-server"]["build"]["args"]["TORCH_SPEC"] == "torch"
     assert gpu["trainer"]["depends_on"]["reward-server"]["condition"] == "service_healthy"
     assert gpu["reward-server"]["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
     assert gpu["trainer"]["environment"]["REWARDSERVE_REWARD_URL"].startswith("grpc://dns:///reward-server")
     cpu = compose_config("docker/compose.cpu.yml")["services"]
-    assert not cpu["reward-server"].get("deploy")
+    for name in ("reward-server", "trainer", "prepare"):
+        assert not gpu_devices(cpu[name]), name
+        assert cpu[name]["environment"]["REWARDSERVE_DEVICE"] == "cpu", name
+    for name in ("reward-server", "prepare"):  # the two services that build the images
+        assert cpu[name]["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu", name
     host = compose_config("docker/compose.cpu.yml", "docker/compose.hostnet.yml")["services"]
     assert all(s["network_mode"] == "host" for s in host.values())
     assert host["trainer"]["environment"]["REWARDSERVE_REWARD_URL"] == "http://127.0.0.1:8000"
+
+
+def test_gpu_ids_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SERVER_GPU", "0")
+    monkeypatch.setenv("TRAINER_GPU", "1")
+    services = compose_config()["services"]
+    assert gpu_devices(services["reward-server"])[0]["device_ids"] == ["0"]
+    assert gpu_devices(services["trainer"])[0]["device_ids"] == ["1"]
 
 
 def entrypoint(dockerfile: str) -> list[str]:

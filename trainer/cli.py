@@ -10,8 +10,9 @@ import sys
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
 from rewardserve.server.config import ServeConfig
+from rewardserve.server.errors import DeviceUnavailable
 
-from .config import DemoConfig, EvalConfig, LabelConfig, PPOConfig, RMTrainConfig, ScoreConfig
+from .config import BenchConfig, DemoConfig, EvalConfig, LabelConfig, PPOConfig, RMTrainConfig, ScoreConfig
 
 
 class Serve(ServeConfig):
@@ -85,6 +86,15 @@ class Demo(DemoConfig):
         main(self)
 
 
+class Bench(BenchConfig):
+    """Measure serving, reward-model training and PPO on this machine (tables and JSON)."""
+
+    def cli_cmd(self) -> None:
+        from .bench import main
+
+        main(self)
+
+
 def _score_items(config: ScoreConfig) -> list[dict]:
     if config.file:
         with open(config.file) as handle:
@@ -114,13 +124,18 @@ class RewardServeCommand(BaseSettings):
     """Fine-tune a policy with PPO against a reward server."""
     demo: CliSubCommand[Demo]
     """Run the main job end to end (label, train, serve, PPO)."""
+    bench: CliSubCommand[Bench]
+    """Measure serving, training and PPO on this machine."""
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
 
 
 def main(argv: list[str] | None = None) -> None:
-    CliApp.run(RewardServeCommand, cli_args=sys.argv[1:] if argv is None else argv)
+    try:
+        CliApp.run(RewardServeCommand, cli_args=sys.argv[1:] if argv is None else argv)
+    except DeviceUnavailable as error:
+        raise SystemExit(f"rewardserve: {error}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""The device is never chosen silently: `--device cuda` without a GPU is refused at once, in one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+
+
+def run_cli(*args: str, env_device: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    env = None
+    if env_device:
+        import os
+
+        env = os.environ | {"REWARDSERVE_DEVICE": env_device}
+    began = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "rewardserve.trainer.cli", *args], capture_output=True, text=True,
+                            timeout=120, env=env)
+    return result, time.perf_counter() - began
+
+
+def assert_refused_in_one_line(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "sees no GPU" in lines[0] and "--device cpu" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_cuda_without_a_gpu_before_loading_anything(tmp_path):
+    # The folder does not exist: a refusal that came after loading would complain about it instead.
+    result, seconds = run_cli("serve", "--model", str(tmp_path / "absent"), "--device", "cuda", "--http-port", "0")
+    assert_refused_in_one_line(result)
+    assert seconds < 60
+
+
+def test_ppo_refuses_cuda_from_the_environment_without_a_gpu(tmp_path):
+    result, _ = run_cli("ppo", "--reward-url", "http://127.0.0.1:9", "--policy", str(tmp_path / "absent"),
+                        "--out", str(tmp_path / "run"), env_device="cuda")
+    assert_refused_in_one_line(result)
+
+
+def test_auto_falls_back_to_the_cpu_with_a_warning(caplog):
+    from rewardserve.server.modeling import resolve_device
+
+    with caplog.at_level("WARNING"):
+        assert resolve_device("auto").type == "cpu"
+    assert any("sees no GPU" in record.getMessage() for record in caplog.records)
