@@ -4,13 +4,16 @@ The loop, once per cycle:
 1. wait for work; then wait at most `max_wait_ms` for more, or until a budget's worth of tokens is queued;
 2. take what is queued (items whose client has gone are dropped here and again just before the forward);
 3. sort by length and pack greedily into batches whose padded cost (rows x longest row) fits `max_batch_tokens`;
-4. run each batch's forward on one dedicated thread, so the event loop keeps accepting requests meanwhile;
-5. resolve each item's future; a batch that runs out of device memory is split in halves and retried.
+4. launch each batch's forward on one dedicated thread, so the event loop keeps accepting requests meanwhile;
+5. collect the previous batch and resolve its futures; a batch that runs out of device memory is split in halves
+   and retried.
 
 While a forward runs, new requests queue up and form the next cycle's batches: under load the batches fill
 themselves, and at low load an item waits at most `max_wait_ms` before its forward starts.
 
-All the batcher knows of the model is `score_batch(list[list[int]]) -> list[float]`.
+All the batcher knows of the model is a `ForwardEngine` (`launch(sequences)`, then `collect(pending) -> scores`) or a
+plain `score_batch(sequences) -> scores` callable. A batch is launched before the previous one is collected, so on
+a GPU the host pads and copies batch k + 1 while batch k runs, and waits once per batch.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from . import metrics
 from .errors import Internal, NotReady, OutOfMemory, Overloaded
@@ -58,17 +61,65 @@ def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+class ForwardEngine(Protocol):
+    """The model as the batcher sees it: `launch` queues a batch's forward and returns at once where the device
+    allows (a GPU); `collect` waits for that batch and returns its scores."""
+
+    def launch(self, sequences: list[list[int]]) -> Any: ...
+
+    def collect(self, pending: Any) -> list[float]: ...
+
+
+class _CallableForward:
+    """Adapts a plain `score_batch(sequences) -> scores` callable: all its work happens in `launch`."""
+
+    def __init__(self, score_batch: ScoreBatch):
+        self.score_batch = score_batch
+
+    def launch(self, sequences: list[list[int]]) -> list[float]:
+        return self.score_batch(sequences)
+
+    @staticmethod
+    def collect(scores: list[float]) -> list[float]:
+        return scores
+
+
+@dataclass
+class _InFlight:
+    jobs: list[_Job]
+    pending: Any
+    started: float
+
+
+def score_in_batches(forward: ForwardEngine, sequences: list[list[int]], max_batch_tokens: int) -> list[float]:
+    """What the forward worker does with a queue holding `sequences`, without the server around it: token-budget
+    batches, each launched before the previous one is collected. The in-process ceiling the server is measured
+    against (`rewardserve bench serve`)."""
+    scores: list[float] = [0.0] * len(sequences)
+    in_flight: tuple[list[int], Any] | None = None
+    for batch in plan_batches([len(s) for s in sequences], max_batch_tokens) + [None]:
+        pending = forward.launch([sequences[i] for i in batch]) if batch is not None else None
+        if in_flight is not None:
+            for index, score in zip(in_flight[0], forward.collect(in_flight[1])):
+                scores[index] = score
+        in_flight = (batch, pending) if batch is not None else None
+    return scores
+
+
 class Batcher:
-    def __init__(self, score_batch: ScoreBatch, max_batch_tokens: int, max_wait_ms: float, max_queue_items: int):
-        self._score_batch = score_batch
+    def __init__(self, forward: ForwardEngine | ScoreBatch, max_batch_tokens: int, max_wait_ms: float,
+                 max_queue_items: int):
+        self._forward = forward if hasattr(forward, "launch") else _CallableForward(forward)
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_queue_items = max_queue_items
-        self._queue: deque[_Job] = deque()
+        self._units: deque[deque[_Job]] = deque()  # one per submit() call, served round-robin
+        self._queued_items = 0
         self._queued_tokens = 0
         self._arrived = asyncio.Event()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardserve-forward")
         self._loop_task: asyncio.Task | None = None
+        self._in_flight: _InFlight | None = None
         self._draining = False
         self._recent_batch_seconds = 0.05  # running estimate, for Retry-After
 
@@ -80,22 +131,20 @@ class Batcher:
         """Queues the sequences as one unit and returns a future per sequence (its score)."""
         if self._draining:
             raise NotReady("the server is shutting down; send this request to another replica or retry shortly")
-        if len(self._queue) + len(sequences) > self.max_queue_items:
+        if self._queued_items + len(sequences) > self.max_queue_items:
             raise Overloaded(
-                f"the scoring queue is full ({len(self._queue)} items waiting, limit {self.max_queue_items});"
+                f"the scoring queue is full ({self._queued_items} items waiting, limit {self.max_queue_items});"
                 " retry after the indicated delay",
                 retry_after=self._retry_after(),
             )
         loop = asyncio.get_running_loop()
-        futures = []
-        for ids in sequences:
-            job = _Job(ids, loop.create_future())
-            self._queue.append(job)
-            self._queued_tokens += len(ids)
-            futures.append(job.future)
-        metrics.QUEUE_DEPTH.set(len(self._queue))
+        unit = deque(_Job(ids, loop.create_future()) for ids in sequences)
+        self._units.append(unit)
+        self._queued_items += len(unit)
+        self._queued_tokens += sum(len(ids) for ids in sequences)
+        metrics.QUEUE_DEPTH.set(self._queued_items)
         self._arrived.set()
-        return futures
+        return [job.future for job in unit]
 
     async def drain_and_stop(self) -> None:
         """Refuses new work, finishes what is queued, then stops the loop and the worker thread."""
@@ -108,16 +157,18 @@ class Batcher:
     # -- the loop -----------------------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            if not self._queue:
+            if not self._units:
+                await self._finish_in_flight()  # nothing to overlap it with: deliver the last batch now
                 if self._draining:
                     return
                 await self._arrived.wait()
                 self._arrived.clear()
                 continue
-            await self._wait_for_fuller_batch()
+            if self._in_flight is None:  # with a batch on the device, launch what is queued now, behind it
+                await self._wait_for_fuller_batch()
             jobs = self._take_queued()
             for batch in plan_batches([len(job.input_ids) for job in jobs], self.max_batch_tokens):
-                await self._run_batch([jobs[i] for i in batch])
+                await self._launch([jobs[i] for i in batch])
 
     async def _wait_for_fuller_batch(self) -> None:
         deadline = time.perf_counter() + self.max_wait
@@ -132,40 +183,66 @@ class Batcher:
             self._arrived.clear()
 
     def _take_queued(self) -> list[_Job]:
-        """Takes queued jobs worth a few budgets of tokens, so one cycle stays short and newcomers wait little."""
+        """Takes a few budgets' worth of tokens, at most one budget from each request in turn, so that a request
+        of many long items cannot hold back the small ones queued behind it for more than a cycle."""
         taken: list[_Job] = []
         tokens = 0
-        while self._queue and (not taken or tokens < 4 * self.max_batch_tokens):
-            job = self._queue.popleft()
-            self._queued_tokens -= len(job.input_ids)
-            if job.future.cancelled():
-                metrics.CANCELLED.inc()
-                continue
-            taken.append(job)
-            tokens += len(job.input_ids)
-        metrics.QUEUE_DEPTH.set(len(self._queue))
+        for _ in range(len(self._units)):
+            if taken and tokens >= 4 * self.max_batch_tokens:
+                break
+            unit = self._units.popleft()
+            share = 0
+            while unit and (share == 0 or share < self.max_batch_tokens):
+                job = unit.popleft()
+                self._queued_items -= 1
+                self._queued_tokens -= len(job.input_ids)
+                if job.future.cancelled():
+                    metrics.CANCELLED.inc()
+                    continue
+                taken.append(job)
+                share += len(job.input_ids)
+            tokens += share
+            if unit:
+                self._units.append(unit)
+        metrics.QUEUE_DEPTH.set(self._queued_items)
         return taken
 
-    async def _run_batch(self, jobs: list[_Job]) -> None:
+    async def _launch(self, jobs: list[_Job]) -> None:
+        """Starts this batch's forward, then delivers the previous batch's scores while this one runs."""
         live = [job for job in jobs if not job.future.cancelled()]
         metrics.CANCELLED.inc(len(jobs) - len(live))
         if not live:
             return
-        sequences = [job.input_ids for job in live]
         started = time.perf_counter()
         for job in live:
             metrics.QUEUE_LATENCY.observe(started - job.submitted_at)
+        loop = asyncio.get_running_loop()
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(self._worker, self._score_batch, sequences)
+            pending = await loop.run_in_executor(self._worker, self._forward.launch, [j.input_ids for j in live])
         except OutOfMemory:
+            await self._finish_in_flight()
             await self._split_after_oom(live)
             return
         except Exception as error:  # a device fault must fail these items, not the loop
             log.exception("forward pass failed for a batch of %d items", len(live))
             self._fail(live, Internal(f"the forward pass failed: {type(error).__name__}: {error}"))
             return
-        self._record_batch(sequences, time.perf_counter() - started)
-        for job, score in zip(live, scores):
+        await self._finish_in_flight()
+        self._in_flight = _InFlight(live, pending, started)
+
+    async def _finish_in_flight(self) -> None:
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        try:
+            scores = await asyncio.get_running_loop().run_in_executor(self._worker, self._forward.collect,
+                                                                      flight.pending)
+        except Exception as error:
+            log.exception("forward pass failed for a batch of %d items", len(flight.jobs))
+            self._fail(flight.jobs, Internal(f"the forward pass failed: {type(error).__name__}: {error}"))
+            return
+        self._record_batch([job.input_ids for job in flight.jobs], time.perf_counter() - flight.started)
+        for job, score in zip(flight.jobs, scores):
             if not job.future.done():
                 job.future.set_result(score)
 
@@ -178,8 +255,9 @@ class Batcher:
         metrics.OOM_SPLITS.inc()
         log.warning("out of memory on a batch of %d items; splitting it in two", len(jobs))
         middle = len(jobs) // 2
-        await self._run_batch(jobs[:middle])
-        await self._run_batch(jobs[middle:])
+        await self._launch(jobs[:middle])
+        await self._finish_in_flight()
+        await self._launch(jobs[middle:])
 
     @staticmethod
     def _fail(jobs: list[_Job], error: Exception) -> None:

@@ -60,6 +60,9 @@ class ServeConfig(BaseSettings):
     """PEM private key of --tls-cert."""
     tokenizer_threads: int = Field(2, gt=0)
     """Threads that tokenize requests off the event loop."""
+    stand_in_forward_us: float | None = Field(None, gt=0)
+    """Benchmarking only: replace the model's forward by a stand-in that waits this many microseconds per padded
+    token, as a GPU would, and scores every item 0; measures the serving path's own overhead."""
     trust_remote_code: bool = False
     """Allow a checkpoint's own Python code to run (off: only architectures transformers ships)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -25,6 +25,7 @@ from .modeling import RewardModel
 from .normalization import RewardStatistics, RewardTransform
 from .schemas import ModelInfo
 from .service import ScoringService
+from .simulated_forward import SimulatedForward
 from .tokenization import ItemEncoder, load_tokenizer
 
 log = logging.getLogger("rewardserve")
@@ -72,7 +73,12 @@ def build_service(config: ServeConfig, model: RewardModel) -> ScoringService:
         statistics=asdict(statistics) if statistics else None,
         max_items_per_request=config.max_items_per_request, max_batch_tokens=config.max_batch_tokens,
     )
-    batcher = Batcher(model.score_batch, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
+    forward = model
+    if config.stand_in_forward_us:
+        forward = SimulatedForward(config.stand_in_forward_us)
+        log.warning("benchmark mode: %s", forward.describe())
+        info.forward = forward.describe()
+    batcher = Batcher(forward, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
     service = ScoringService(
         encoder, batcher, info, statistics=statistics, default_transform=default_transform, beta=config.beta,
         max_items_per_request=config.max_items_per_request,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import OutOfMemory
+from .errors import DeviceUnavailable, OutOfMemory
 from .normalization import RewardStatistics
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,35 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` is the first GPU when torch sees one, else the CPU (with a warning); a named GPU must exist."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("--device auto: torch %s sees no GPU (%s); running on the CPU", torch.__version__,
+                    _why_no_gpu())
+        return torch.device("cpu")
+    target = torch.device(device)
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(
+                f"--device {device}, but torch {torch.__version__} sees no GPU ({_why_no_gpu()}); run on a GPU host"
+                " (in Docker: the NVIDIA container toolkit and a GPU reservation) or pass --device cpu"
+            )
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"--device {device}, but torch sees {torch.cuda.device_count()} GPU(s);"
+                                    f" pick cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return target
+
+
+def _why_no_gpu() -> str:
+    return "a CPU-only build of torch" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build, no device visible"
+
+
+def describe_device(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """What the start-up log says about where the work runs: `cuda:0 (NVIDIA H200), bfloat16`."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    where = f"{device} ({name})"
+    return where if dtype is None else f"{where}, {str(dtype).removeprefix('torch.')}"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -48,18 +74,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(sequences: list[list[int]], pad_token_id: int, pin_memory: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pads to the longest sequence on the right: returns input_ids (B, T) and attention_mask (B, T).
+
+    pin_memory: build them in page-locked memory, so that their copy to a GPU can be asynchronous.
 
     >>> pad_right([[5, 6, 7], [8]], pad_token_id=0)[1].tolist()
     [[1, 1, 1], [1, 0, 0]]
     """
     width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
+    lengths = torch.tensor([len(s) for s in sequences])
+    flat = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.long)
+    attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()  # (B, T)
+    input_ids = torch.empty((len(sequences), width), dtype=torch.long, pin_memory=pin_memory).fill_(pad_token_id)
+    input_ids[attention_mask.bool()] = flat  # row-major order of the mask is the order of the tokens
+    if pin_memory:
+        attention_mask = attention_mask.pin_memory()
     return input_ids, attention_mask
 
 
@@ -220,6 +251,7 @@ class RewardModel:
     def load(cls, path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
+        log.info("loading reward model %s on %s", path, describe_device(target, torch_dtype))
         network = load_sequence_classifier(path, torch_dtype, trust_remote_code).to(target)
         config = network.config
         pad = config.pad_token_id if config.pad_token_id is not None else 0
@@ -236,14 +268,45 @@ class RewardModel:
     def architecture(self) -> str:
         return type(self.network).__name__
 
+    # -- the forward, in two halves so the batcher can overlap host work with the device -----------------------
     @torch.inference_mode()
-    def score_batch(self, sequences: list[list[int]]) -> list[float]:
-        input_ids, attention_mask = pad_right(sequences, self.pad_token_id)
+    def launch(self, sequences: list[list[int]]) -> "PendingScores":
+        """Pads on the host, copies, runs the forward and starts the copy of the scores back, without waiting.
+
+        On a GPU every step here is queued asynchronously (pinned host memory, non-blocking copies, an event after
+        the scores' copy), so the caller can prepare and launch the next batch while this one runs; on the CPU the
+        work is done by the time it returns.
+        """
+        pinned = self.device.type == "cuda"
+        input_ids, attention_mask = pad_right(sequences, self.pad_token_id, pin_memory=pinned)
         try:
-            scores = sequence_scores(self.network, input_ids.to(self.device), attention_mask.to(self.device))
+            scores = sequence_scores(self.network, input_ids.to(self.device, non_blocking=pinned),
+                                     attention_mask.to(self.device, non_blocking=pinned))
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
-        return scores.tolist()  # one device-to-host sync per batch
+        if not pinned:
+            return PendingScores(scores, None)
+        host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+        host.copy_(scores, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingScores(host, done)
+
+    @staticmethod
+    def collect(pending: "PendingScores") -> list[float]:
+        """Waits for that batch alone (the one host synchronisation per batch) and returns its scores."""
+        if pending.done is not None:
+            pending.done.synchronize()
+        return pending.scores.tolist()
+
+    def score_batch(self, sequences: list[list[int]]) -> list[float]:
+        return self.collect(self.launch(sequences))
+
+
+@dataclass
+class PendingScores:
+    scores: torch.Tensor  # (B,) on the host (pinned on a GPU machine), complete once `done` has fired
+    done: "torch.cuda.Event | None"
 
 
 def _model_name(path: str) -> str:

@@ -122,6 +122,7 @@ class ModelInfo(BaseModel):
     statistics: RewardStatisticsOut | None = None
     max_items_per_request: int
     max_batch_tokens: int
+    forward: str = Field("model", description="`model`, or the stand-in a benchmark replaced its forward with")
 
 
 class OpenRLHFRewardRequest(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliPositionalArg, NoDecode, SettingsConfigDict
 
 
 def _split_commas(value):
@@ -158,8 +158,14 @@ class PPOConfig(_Settings):
     """Output folder: metrics.jsonl, plots, checkpoints/, policy/."""
     batch_size: int = Field(16, gt=0)
     """Rollouts per step."""
-    generation_batch_size: int = Field(8, gt=0)
-    """Rollouts generated at once; each chunk is scored while the next one is generated."""
+    generation_batch_size: int | None = Field(None, gt=0)
+    """Rollouts sampled at once; default: the whole batch in one generation (chunks only where memory needs
+    them). Each chunk's responses go to the server while the next chunk is sampled."""
+    forward_batch_tokens: int = Field(16384, gt=0)
+    """Tokens (rows x width) per forward when reading the rollouts' log-probs and values."""
+    compile_decode: bool | None = None
+    """Compile the decode step with CUDA graphs (default: on CUDA); it falls back to eager, with a warning, if it
+    fails."""
     mini_batch_size: int = Field(8, gt=0)
     """Rollouts per gradient step of the update."""
     ppo_epochs: int = Field(2, gt=0)
@@ -221,7 +227,7 @@ class PPOConfig(_Settings):
     @model_validator(mode="after")
     def _sizes_divide(self) -> "PPOConfig":
         for name in ("generation_batch_size", "mini_batch_size"):
-            if self.batch_size % getattr(self, name):
+            if getattr(self, name) is not None and self.batch_size % getattr(self, name):
                 raise ValueError(f"--batch-size {self.batch_size} must divide by --{name.replace('_', '-')}")
         return self
 
@@ -288,3 +294,42 @@ class DemoConfig(_Settings):
     """auto, cpu or cuda:N."""
     seed: int = 0
     """Seed of every stage."""
+
+
+class BenchConfig(_Settings):
+    part: CliPositionalArg[Literal["serve", "train", "ppo", "all"]]
+    """What to measure: serve (anchors, the scoring core, the server over HTTP and gRPC), train (ours against TRL's
+    RewardTrainer), ppo (rollouts and updates against the server), or all three."""
+    out: str
+    """Folder for bench.json (every figure, the machine, the versions, the flags) and bench.md (the tables)."""
+    shapes: CommaList = ["135M", "1B"]
+    """Random-weight Llama shapes to build and measure: tiny, 135M, 1B, 8B (ignored with --model)."""
+    model: str | None = None
+    """Measure this real checkpoint instead of shapes (a reward model, or a causal LM/encoder that gets a fresh head;
+    `smollm2` for the embedded one)."""
+    tokenizer: str = "smollm2"
+    """Tokenizer folder the shapes use (its vocabulary sizes them); `smollm2` for the embedded SmolLM2's."""
+    budget_s: float = Field(240.0, gt=0)
+    """Seconds for optional repetitions; every row always gets a warm-up and two timed passes."""
+    peer: bool = True
+    """Also run the peer (TRL's RewardTrainer) in the train part."""
+    sequences: int | None = Field(None, gt=0, le=512)
+    """Sequences of workload W to use (its first N). Default: all 512 on a GPU (the reference figures), 64 on a
+    CPU."""
+    stand_in_forward_us: float | None = Field(None, gt=0)
+    """serve only: replace the model's forward by a stand-in that waits this many microseconds per padded token
+    (5 is the H200's 1B figure), to measure the serving path's own overhead on a machine without a GPU."""
+    data_dir: str = "../shared/data"
+    """Folder holding pandalm/pairs.jsonl for the train part (a synthetic set of the same size when absent)."""
+    train_pairs: int | None = Field(None, gt=0)
+    """Use at most this many pairs in the train part. Default: all on a GPU, 160 on a CPU."""
+    ppo_rollouts: int | None = Field(None, gt=0)
+    """Rollouts per PPO step in the ppo part. Default: 64 on a GPU (the reference), 16 on a CPU."""
+    ppo_new_tokens: int | None = Field(None, gt=0)
+    """New tokens per rollout in the ppo part. Default: 128 on a GPU (the reference), 32 on a CPU."""
+    train_max_length: int = Field(1024, gt=8)
+    """Sequence length of both trainers."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda:N."""
+    cache: str | None = None
+    """Folder where built shapes are kept (default: the rewardserve cache)."""

@@ -73,11 +73,10 @@ def train(config: DemoConfig, out: Path) -> None:
 def ppo(config: DemoConfig, out: Path) -> None:
     from .ppo import main as ppo_main
 
-    # Two chunks per step when the batch splits evenly, so scoring overlaps generation.
     chunk = config.ppo_batch_size // 2 if config.ppo_batch_size % 2 == 0 else config.ppo_batch_size
     with reward_server(out / "rm", out / "server.log") as url:
         ppo_main(PPOConfig(reward_url=[url], policy=config.policy, out=str(out / "ppo"), steps=config.ppo_steps,
-                           batch_size=config.ppo_batch_size, generation_batch_size=chunk,
+                           batch_size=config.ppo_batch_size,
                            mini_batch_size=chunk, ppo_epochs=1, lr=config.ppo_lr,
                            max_new_tokens=config.max_new_tokens, device=config.device, seed=config.seed,
                            save_every=max(1, config.ppo_steps // 2)))

@@ -1,8 +1,8 @@
 """PPO against a remote reward server, in the CleanRL RLHF order. Each step:
 
 1. sample prompts             -> PromptSampler.batch
-2. roll out                   -> generate_rollout, in chunks
-3. score (overlapped with 2)  -> the reward server, by URL, while the next chunk is generated
+2. roll out                   -> generate_rollout: one batched generation, then log-probs and values
+3. score (overlapped with 2)  -> the reward server, by URL, while the log-probs are read
 4. KL-penalised rewards       -> per_token_rewards(score at the last token, -beta * KL at every token)
 5. advantages                 -> gae + whitening
 6. update                     -> K epochs of clipped policy and value losses over minibatches
@@ -27,12 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rewardserve.server.embedded import resolve_model_path
+from rewardserve.server.modeling import describe_device
 from .client import RetryPolicy, RewardClient, RewardUnavailable
 from .config import PPOConfig
 from .distributed import Ranks, setup_ranks, teardown
 from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
                        clipped_value_loss, explained_variance, gae, kl_penalty, masked_mean, masked_whiten,
                        per_token_rewards)
+from .generation import RolloutEngine, Sampling
 from .rollout import ActorCritic, Rollout, generate_rollout, policy_forward
 from .tracking import JsonlLog, plot_curves
 
@@ -67,9 +69,9 @@ class PromptSampler:
         return self.prompts[order[offset]]
 
 
-def scoring_items(rollout: Rollout) -> list[dict]:
+def scoring_items(prompts: list, responses: list[str]) -> list[dict]:
     items = []
-    for prompt, response in zip(rollout.prompts, rollout.responses):
+    for prompt, response in zip(prompts, responses):
         if isinstance(prompt, str):
             items.append({"prompt": prompt, "response": response})
         else:
@@ -85,32 +87,43 @@ class ScoredRollout:
     generated: int
     dropped: int
     timings: dict
+    generation: dict  # decode_steps, tokens, path
 
 
-def rollout_and_score(model, reference, tokenizer, prompts: list, client: RewardClient, pool: ThreadPoolExecutor,
-                      config: PPOConfig, device) -> ScoredRollout:
-    """Phases 2 and 3: chunk k is scored on the server while chunk k + 1 is generated here."""
-    gen = {"temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens}
-    timings = {"generate": 0.0, "score_wait": 0.0}
+def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompts: list, client: RewardClient,
+                      pool: ThreadPoolExecutor, config: PPOConfig, device) -> ScoredRollout:
+    """Phases 2 and 3: the whole batch is sampled in one generation (or in --generation-batch-size chunks), and its
+    responses are scored on the server while the log-probs and values are read here."""
+    sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p)
+    timings = {"generate": 0.0, "logprobs": 0.0, "score_wait": 0.0}
+    generation = {"decode_steps": 0, "tokens": 0}
     in_flight: list[tuple[Rollout, Future]] = []
-    for start in range(0, len(prompts), config.generation_batch_size):
+    chunk = config.generation_batch_size or len(prompts)
+    for start in range(0, len(prompts), chunk):
+        futures: list[Future] = []
         began = time.perf_counter()
-        chunk = generate_rollout(model, reference, tokenizer, prompts[start:start + config.generation_batch_size],
-                                 gen, config.max_prompt_length, device)
-        timings["generate"] += time.perf_counter() - began
-        in_flight.append((chunk, pool.submit(client.score, scoring_items(chunk))))
+        rollout, stats = generate_rollout(
+            model, reference, engine, tokenizer, prompts[start:start + chunk], sampling, config.max_prompt_length,
+            device, config.forward_batch_tokens,
+            on_sampled=lambda p, texts: futures.append(pool.submit(client.score, scoring_items(p, texts))))
+        timings["generate"] += stats.seconds
+        timings["logprobs"] += time.perf_counter() - began - stats.seconds
+        generation["decode_steps"] += stats.decode_steps
+        generation["tokens"] += stats.tokens
+        generation["path"] = stats.path
+        in_flight.append((rollout, futures[0]))
     kept, scores, dropped = [], [], 0
-    for chunk, future in in_flight:
+    for chunk_rollout, future in in_flight:
         began = time.perf_counter()
         try:
             scores += future.result().rewards
-            kept.append(chunk)
+            kept.append(chunk_rollout)
         except RewardUnavailable as error:
-            dropped += len(chunk.responses)
-            tqdm.write(f"dropped {len(chunk.responses)} rollouts the server could not score: {error}")
+            dropped += len(chunk_rollout.responses)
+            tqdm.write(f"dropped {len(chunk_rollout.responses)} rollouts the server could not score: {error}")
         timings["score_wait"] += time.perf_counter() - began
     rollout = Rollout.concat(kept, tokenizer.pad_token_id) if kept else None
-    return ScoredRollout(rollout, torch.tensor(scores), len(prompts), dropped, timings)
+    return ScoredRollout(rollout, torch.tensor(scores), len(prompts), dropped, timings, generation)
 
 
 def shape_scores(scores: torch.Tensor, reached_eos: torch.Tensor, moments: RunningMoments, config: PPOConfig,
@@ -219,7 +232,8 @@ def build_models(config: PPOConfig, device):
     reference = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.reference or config.policy)).to(device)
     reference.eval().requires_grad_(False)
     model.policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model, reference
+    engine = RolloutEngine(model.policy, tokenizer.eos_token_id, tokenizer.pad_token_id, config.compile_decode)
+    return tokenizer, model, reference, engine
 
 
 def main(config: PPOConfig) -> dict:
@@ -228,7 +242,9 @@ def main(config: PPOConfig) -> dict:
         print("rewardserve ppo " + json.dumps(config.printable(), indent=2), flush=True)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, model, reference = build_models(config, device)
+    if ranks.is_main:
+        print(f"ppo: policy, reference and value head on {describe_device(device)}", flush=True)
+    tokenizer, model, reference, engine = build_models(config, device)
     trainable = DistributedDataParallel(model) if ranks.active else model  # generation uses `model` directly
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     kl_controller = (AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon) if config.adaptive_kl
@@ -251,7 +267,7 @@ def main(config: PPOConfig) -> dict:
             torch.manual_seed(config.seed * 1_000_003 + step * ranks.world_size + ranks.rank)  # resumable sampling
             prompts = sampler.batch(step)  # 1
             model.eval()
-            scored = rollout_and_score(model, reference, tokenizer, prompts, client, pool, config, device)  # 2, 3
+            scored = rollout_and_score(model, reference, engine, tokenizer, prompts, client, pool, config, device)  # 2, 3
             counters["generated"] += ranks.total(scored.generated)
             counters["dropped"] += ranks.total(scored.dropped)
             check_dropped(counters, config)
@@ -299,13 +315,16 @@ def step_metrics(step, scored, shaped, kl, beta, rollout, returns, update, timin
         "response_length": lengths.mean().item(), "eos_rate": rollout.reached_eos.float().mean().item(),
         "explained_variance": explained_variance(rollout.values, returns, mask), **update,
         "score_wait_share": timings["score_wait"] / timings["step"],
+        "generation/tokens_per_s": scored.generation["tokens"] / timings["generate"],
+        "generation/decode_steps": scored.generation["decode_steps"],
+        "generation/tokens": scored.generation["tokens"],
         **{f"time/{k}": v for k, v in timings.items()},
     }
     return {"step": step, **ranks.mean(numbers), "beta": beta, "ranks": ranks.world_size,
             "rollouts": int(ranks.total(len(rollout.responses))),
             "tokens_per_s": ranks.total(lengths.sum().item() / timings["step"]),
             "dropped_total": counters["dropped"], "skipped_updates_total": counters["skipped_updates"],
-            "sample_response": sample}
+            "generation/path": scored.generation.get("path"), "sample_response": sample}
 
 
 def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict) -> dict:

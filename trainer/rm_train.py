@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from rewardserve.server.embedded import resolve_model_path
-from rewardserve.server.modeling import (context_size, init_reward_model_from_base, is_decoder_reward_model, resolve_device,
+from rewardserve.server.modeling import (context_size, describe_device, init_reward_model_from_base, is_decoder_reward_model, resolve_device,
                                          save_reward_model, sequence_scores)
 from rewardserve.server.normalization import RewardStatistics
 from rewardserve.server.tokenization import ItemEncoder, load_tokenizer
@@ -155,6 +155,11 @@ def train_step(model, optimizer, pairs: list[EncodedPair], config: RMTrainConfig
     return {"loss": loss_value, "accuracy": sum(accuracies) / len(pairs), "grad_norm": grad_norm, "skipped": False}
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _on(tensor, device):
     return None if tensor is None else tensor.to(device)
 
@@ -182,6 +187,8 @@ def main(config: RMTrainConfig) -> dict:
     print("rewardserve train " + json.dumps(config.printable(), indent=2), flush=True)
     torch.manual_seed(config.seed)
     out, device = Path(config.out), resolve_device(config.device)
+    print(f"train: on {describe_device(device)}, float32 weights{' and bf16 autocast' if device.type == 'cuda' else ''}",
+          flush=True)
     base = resolve_model_path(config.base)
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -202,6 +209,7 @@ def main(config: RMTrainConfig) -> dict:
     log = JsonlLog(work / "train_log.jsonl", fresh=not config.resume)
     log.drop_after(start)
     model.train()
+    loop_began, trained_pairs = time.perf_counter(), 0
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
     for step in progress:
         started = time.perf_counter()
@@ -214,9 +222,14 @@ def main(config: RMTrainConfig) -> dict:
         progress.set_postfix(loss=f"{result['loss']:.3f}", acc=f"{result['accuracy']:.2f}")
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
             log.write(result)
+        trained_pairs += len(batch)
         if (step + 1) % config.save_every == 0 and step + 1 < total_steps:
             save_train_state(work, model, optimizer, step + 1)
-    return finish(config, model, tokenizer, data, log, device)
+    synchronize(device)
+    loop = {"seconds": time.perf_counter() - loop_began, "pairs": trained_pairs, "steps": total_steps - start}
+    print(f"train: {loop['steps']} steps, {loop['pairs']} pairs in {loop['seconds']:.1f} s"
+          f" ({loop['pairs'] / loop['seconds']:.1f} pairs/s)", flush=True)
+    return finish(config, model, tokenizer, data, log, device) | {"train_loop": loop}
 
 
 def finish(config: RMTrainConfig, model, tokenizer, data: PreparedData, log: JsonlLog, device) -> dict:

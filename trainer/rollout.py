@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .generation import RolloutEngine, Sampling
 from .ppo_math import entropy_from_logits, gather_logprobs
+
+PROMPT_WIDTH_MULTIPLE = 16
 
 
 class ActorCritic(nn.Module):
@@ -56,9 +61,10 @@ def encode_prompt(tokenizer, prompt: str | list[dict], max_prompt_length: int) -
     return list(ids)[-max_prompt_length:]
 
 
-def pad_left(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding for generation: every prompt ends at the same column, where sampling starts."""
-    width = max(len(s) for s in sequences)
+def pad_left(sequences: list[list[int]], pad_token_id: int, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding for generation: every prompt ends at the same column, where sampling starts. The width is
+    rounded up to `multiple_of`, so a compiled decode step sees few distinct shapes."""
+    width = -(-max(len(s) for s in sequences) // multiple_of) * multiple_of
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
@@ -120,36 +126,63 @@ class Rollout:
                        responses=[r for part in parts for r in part.responses])
 
 
-@torch.no_grad()
-def generate_rollout(model: ActorCritic, reference: nn.Module, tokenizer, prompts: list, gen: dict,
-                     max_prompt_length: int, device: torch.device) -> Rollout:
-    """Samples one response per prompt, then reads old log-probs, reference log-probs and values in one pass each.
+@dataclass
+class GenerationStats:
+    seconds: float  # sampling alone, until the tokens are on the host
+    decode_steps: int  # forward passes of the policy while sampling
+    tokens: int  # response tokens, up to and including EOS
+    path: str  # the decode path that ran (see generation.RolloutEngine)
 
-    gen: temperature, top_p, max_new_tokens. Log-probabilities use logits / temperature for both models, so they
-    are those of the distribution that was actually sampled.
+
+@torch.no_grad()
+def generate_rollout(model: ActorCritic, reference: nn.Module, engine: RolloutEngine, tokenizer, prompts: list,
+                     sampling: Sampling, max_prompt_length: int, device: torch.device, forward_tokens: int,
+                     on_sampled: Callable[[list, list[str]], None] | None = None) -> tuple[Rollout, GenerationStats]:
+    """Prompts in; sampled responses, their masks, old and reference log-probs and values out.
+
+    `on_sampled(prompts, texts)` is called as soon as the responses are decoded, so the caller can send them to the
+    reward server while the log-probs are computed here. Log-probabilities use logits / temperature for both
+    models, so they are those of the distribution that was actually sampled.
     """
+    began = time.perf_counter()
     prompt_ids, prompt_mask = pad_left([encode_prompt(tokenizer, p, max_prompt_length) for p in prompts],
-                                       tokenizer.pad_token_id)
+                                       tokenizer.pad_token_id, multiple_of=PROMPT_WIDTH_MULTIPLE)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    sequences = model.policy.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=gen["temperature"],
-        top_p=gen["top_p"], top_k=0, max_new_tokens=gen["max_new_tokens"], eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # (B, P + R)
-    width = prompt_ids.shape[1]
-    responses = sequences[:, width:]
+    generated = engine.generate(prompt_ids, prompt_mask, sampling)
+    responses = generated.responses
     response_mask, reached_eos = response_mask_until_eos(responses, tokenizer.eos_token_id)
+    host_responses, host_mask = responses.cpu(), response_mask.cpu()  # the one wait for the sampled tokens
+    lengths = host_mask.sum(-1).tolist()
+    stats = GenerationStats(time.perf_counter() - began, generated.decode_steps, int(sum(lengths)), generated.path)
+    texts = tokenizer.batch_decode([r[:n].tolist() for r, n in zip(host_responses, lengths)], skip_special_tokens=True)
+    if on_sampled is not None:
+        on_sampled(list(prompts), texts)
+    sequences = torch.cat([prompt_ids, responses], dim=1)  # (B, P + R)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    logits, values = model(sequences, attention_mask, width)
-    old_logprobs = gather_logprobs(logits, responses, gen["temperature"])
-    ref_logits = reference(input_ids=sequences, attention_mask=attention_mask, logits_to_keep=responses.shape[1] + 1,
-                           position_ids=positions_from_mask(attention_mask)).logits[:, :-1]  # (B, R, V)
-    ref_logprobs = gather_logprobs(ref_logits, responses, gen["temperature"])
-    texts = [tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True) for r, m in zip(responses, response_mask)]
+    old_logprobs, values, ref_logprobs = token_statistics(model, reference, sequences, attention_mask,
+                                                          prompt_ids.shape[1], sampling.temperature, forward_tokens)
     mask = response_mask.float()
-    return Rollout(sequences.cpu(), attention_mask.cpu(), response_mask.cpu(), (old_logprobs * mask).cpu(),
-                   (ref_logprobs * mask).cpu(), (values * mask).cpu(), reached_eos.cpu(),
-                   list(prompts), texts)
+    rollout = Rollout(sequences.cpu(), attention_mask.cpu(), host_mask, (old_logprobs * mask).cpu(),
+                      (ref_logprobs * mask).cpu(), (values * mask).cpu(), reached_eos.cpu(), list(prompts), texts)
+    return rollout, stats
+
+
+def token_statistics(model: ActorCritic, reference: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                     prompt_width: int, temperature: float, forward_tokens: int):
+    """Old log-probs, values and reference log-probs of the responses (each (B, R)), in batches of at most
+    `forward_tokens` tokens (rows x width): one forward of each model per batch."""
+    rows = max(1, forward_tokens // sequences.shape[1])
+    old, values, ref = [], [], []
+    responses = sequences[:, prompt_width:]
+    for start in range(0, sequences.shape[0], rows):
+        ids, mask = sequences[start:start + rows], attention_mask[start:start + rows]
+        logits, value = model(ids, mask, prompt_width)
+        old.append(gather_logprobs(logits, responses[start:start + rows], temperature))
+        values.append(value)
+        ref_logits = reference(input_ids=ids, attention_mask=mask, logits_to_keep=responses.shape[1] + 1,
+                               position_ids=positions_from_mask(mask)).logits[:, :-1]  # (b, R, V)
+        ref.append(gather_logprobs(ref_logits, responses[start:start + rows], temperature))
+    return torch.cat(old), torch.cat(values), torch.cat(ref)
 
 
 def policy_forward(model: ActorCritic, rollout: Rollout, temperature: float, device: torch.device):

@@ -1,0 +1,55 @@
+"""bench.json -> the Markdown tables of bench.md (and of the terminal)."""
+from __future__ import annotations
+
+
+def markdown(result: dict) -> str:
+    env, peak = result["environment"], result["peak"]
+    lines = [f"# rewardserve bench on {env['device']}", "",
+             f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, commit "
+             f"{env['commit'] or 'unknown'}; peak {peak['flops'] / 1e12:.2f} TFLOP/s ({peak['matmul']} matmul); "
+             f"workload W: {result['workload']['sequences']} sequences, {result['workload']['tokens']:,} tokens"
+             f"{'' if result['workload']['complete'] else ' (the first of W, not all of it)'}.", ""]
+    if result.get("serve"):
+        lines += ["## serve", "", "| model | row | tokens/s | sequences/s | MFU | p50 | p99 | ratio to core | padded/real"
+                  " | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for block in result["serve"]:
+            for r in block["rows"]:
+                lines.append(f"| {block['model']} | {r['row']} | {r['tokens_per_s']:,.0f} | {r['sequences_per_s']:,.1f}"
+                             f" | {r['mfu']:.1%} | {_s(r['p50_s'])} | {_s(r['p99_s'])} | {r['ratio_to_core']:.2f} |"
+                             f" {_f(r.get('padded_per_real'))} | {r['passes']} |")
+        notes = {r["note"] for block in result["serve"] for r in block["rows"] if r["note"]}
+        lines += [""] + [f"Note: {note}." for note in sorted(notes)] + ([""] if notes else [])
+    if result.get("ppo"):
+        paths = {s.get("generation/path") for p in result["ppo"] for s in p["steps"]}
+        lines_note = f"Decode path: {', '.join(sorted(str(p) for p in paths))}."
+    if result.get("train"):
+        lines += ["## train (one epoch, 16 pairs a step, lr 1e-5)", "",
+                  "| model | data | train pairs | ours pairs/s | TRL pairs/s | speed-up | ours accuracy | TRL accuracy"
+                  " | length-only accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+        for t in result["train"]:
+            trl = t["trl"]
+            lines.append(f"| {t['model']} | {t['data']} | {t['train_pairs']} | {t['ours']['pairs_per_s']:.1f} |"
+                         f" {_f(trl.get('pairs_per_s'), 1) if 'pairs_per_s' in trl else trl.get('skipped', '-')} |"
+                         f" {_f(t['speedup'], 2, 'x')} | {_f(t['ours']['accuracy'], 3)} | {_f(trl.get('accuracy'), 3)}"
+                         f" | {_f(t['ours']['length_only_accuracy'], 3)} |")
+        lines.append("")
+    if result.get("ppo"):
+        lines += ["## ppo (after one warm-up step)", "",
+                  "| model | rollouts x new tokens | step | generation tokens/s | decode steps | generate s | score wait s"
+                  " | update s | step s |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in result["ppo"]:
+            for s in p["steps"]:
+                lines.append(f"| {p['model']} | {p['rollouts']} x {p['max_new_tokens']} | {s['step']} |"
+                             f" {_f(s['generation/tokens_per_s'], 0)} |"
+                             f" {s['generation/decode_steps']} | {_f(s['time/generate'], 2)} | {_f(s['time/score_wait'], 2)}"
+                             f" | {_f(s['time/update'], 2)} | {_f(s['time/step'], 2)} |")
+        lines += ["", lines_note, ""]
+    return "\n".join(lines)
+
+
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.0f} ms"
+
+
+def _f(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:,.{digits}f}{suffix}"

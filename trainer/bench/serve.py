@@ -1,0 +1,169 @@
+"""`rewardserve bench serve`: workload W through two transformers anchors, the project's scoring core in process,
+and the real server in its own process over HTTP and gRPC, side by side in one run.
+
+Rows (see docs/benchmarks.md): anchor naive b16, anchor sorted 64k, core (server default budget), core 64k budget,
+HTTP 16x32, gRPC 16x32, HTTP 128x1, HTTP text 16x32. Server rows count the real tokens the server itself reports
+(its `rewardserve_tokens_total`), so text items, which it tokenizes, count what it scored.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import torch
+
+from rewardserve.server.batcher import plan_batches, score_in_batches
+from rewardserve.server.config import ServeConfig
+from rewardserve.server.modeling import RewardModel, pad_right, resolve_dtype
+from rewardserve.server.simulated_forward import SimulatedForward
+
+from .common import Budget, ServerProcess, best_of_passes, percentile, synchronize
+from .models import BenchModels, non_embedding_parameters
+
+DEFAULT_BUDGET = ServeConfig.model_fields["max_batch_tokens"].default
+
+
+def run(models: BenchModels, sequences: list[list[int]], device: torch.device, peak: float, budget: Budget,
+        stand_in_us: float | None, progress) -> list[dict]:
+    rows: list[dict] = []
+    model = RewardModel.load(str(models.reward), device=str(device))
+    parameters = non_embedding_parameters(model.network)
+    real_tokens = sum(len(s) for s in sequences)
+
+    def add(name: str, best: dict, passes: int, note: str = "") -> None:
+        tokens = best.get("tokens", real_tokens)
+        row = {"row": name, "tokens_per_s": tokens / best["seconds"], "sequences_per_s": len(sequences) / best["seconds"],
+               "mfu": 2 * parameters * tokens / best["seconds"] / peak, "passes": passes, "seconds": best["seconds"],
+               "tokens": tokens, "p50_s": percentile(best.get("latencies", []), 50),
+               "p99_s": percentile(best.get("latencies", []), 99), "note": note}
+        if "padded_tokens" in best:
+            row["padded_per_real"] = best["padded_tokens"] / tokens
+        rows.append(row)
+        progress(f"serve {models.name}: {name}: {row['tokens_per_s']:,.0f} tokens/s")
+
+    if stand_in_us is None:
+        anchor = _anchor_model(models, device)
+        lengths = [len(s) for s in sequences]
+        naive = [list(range(i, min(i + 16, len(sequences)))) for i in range(0, len(sequences), 16)]
+        add("anchor naive b16", *best_of_passes(lambda: _anchor_pass(anchor, sequences, naive, model.pad_token_id,
+                                                                       device), budget))
+        sorted_64k = plan_batches(lengths, 65536)
+        add("anchor sorted 64k", *best_of_passes(lambda: _anchor_pass(anchor, sequences, sorted_64k,
+                                                                        model.pad_token_id, device), budget))
+        del anchor
+        forward, note = model, ""
+    else:
+        forward = SimulatedForward(stand_in_us)
+        note = forward.describe()
+    add("core", *best_of_passes(lambda: _core_pass(forward, sequences, DEFAULT_BUDGET, device), budget), note)
+    add("core 64k budget", *best_of_passes(lambda: _core_pass(forward, sequences, 65536, device), budget), note)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    flags = ["--device", str(device)] + (["--stand-in-forward-us", str(stand_in_us)] if stand_in_us else [])
+    with ServerProcess(str(models.reward), *flags) as server:
+        texts = _texts(models, sequences)
+        for name, protocol, clients, per_request, form in (
+            ("HTTP 16x32", "http", 16, 32, "input_ids"), ("gRPC 16x32", "grpc", 16, 32, "input_ids"),
+            ("HTTP 128x1", "http", 128, 1, "input_ids"), ("HTTP text 16x32", "http", 16, 32, "text"),
+        ):
+            items = [{"input_ids": s} for s in sequences] if form == "input_ids" else [{"text": t} for t in texts]
+            requests = [items[i:i + per_request] for i in range(0, len(items), per_request)]
+            add(name, *best_of_passes(lambda: _server_pass(server, protocol, clients, requests), budget), note)
+    core = next(r for r in rows if r["row"] == "core")
+    for row in rows:
+        row["ratio_to_core"] = row["tokens_per_s"] / core["tokens_per_s"]
+    return rows
+
+
+# -- anchors: transformers as its users run it ----------------------------------------------------------------------
+def _anchor_model(models: BenchModels, device: torch.device):
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = resolve_dtype("auto", device)
+    return AutoModelForSequenceClassification.from_pretrained(str(models.reward), dtype=dtype).to(device).eval()
+
+
+@torch.inference_mode()
+def _anchor_pass(model, sequences, batches, pad_token_id: int, device) -> dict:
+    began, padded = time.perf_counter(), 0
+    for batch in batches:
+        input_ids, attention_mask = pad_right([sequences[i] for i in batch], pad_token_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logits.float().cpu()
+        padded += input_ids.numel()
+    return {"seconds": time.perf_counter() - began, "padded_tokens": padded}
+
+
+# -- the core: what the server's forward worker runs ----------------------------------------------------------------
+def _core_pass(forward, sequences, max_batch_tokens: int, device) -> dict:
+    synchronize(device)
+    began = time.perf_counter()
+    score_in_batches(forward, sequences, max_batch_tokens)
+    padded = sum(len(b) * max(len(sequences[i]) for i in b)
+                 for b in plan_batches([len(s) for s in sequences], max_batch_tokens))
+    return {"seconds": time.perf_counter() - began, "padded_tokens": padded}
+
+
+# -- the real server --------------------------------------------------------------------------------------------------
+def _texts(models: BenchModels, sequences) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models.reward))
+    return tokenizer.batch_decode(sequences, skip_special_tokens=True)
+
+
+def _server_pass(server: ServerProcess, protocol: str, clients: int, requests: list[list[dict]]) -> dict:
+    before = server.metric("rewardserve_tokens_total")
+    began = time.perf_counter()
+    latencies = asyncio.run(_http_load(server, clients, requests) if protocol == "http"
+                            else _grpc_load(server, clients, requests))
+    seconds = time.perf_counter() - began
+    return {"seconds": seconds, "latencies": latencies, "tokens": server.metric("rewardserve_tokens_total") - before}
+
+
+async def _drive(clients: int, count: int, send) -> list[float]:
+    """`clients` concurrent clients, each sending the next unsent request until none is left."""
+    next_index, latencies = iter(range(count)), []
+
+    async def client():
+        for index in next_index:
+            began = time.perf_counter()
+            await send(index)
+            latencies.append(time.perf_counter() - began)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies
+
+
+async def _http_load(server: ServerProcess, clients: int, requests: list[list[dict]]) -> list[float]:
+    import httpx
+
+    bodies = [json.dumps({"items": items}).encode() for items in requests]  # encoded before the clock matters
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=server.http_url, limits=limits, timeout=600) as http:
+        async def send(index: int) -> None:
+            response = await http.post("/score", content=bodies[index],
+                                       headers={"content-type": "application/json"})
+            if response.status_code != 200:
+                raise RuntimeError(f"the server answered {response.status_code}: {response.text[:300]}")
+
+        return await _drive(clients, len(bodies), send)
+
+
+async def _grpc_load(server: ServerProcess, clients: int, requests: list[list[dict]]) -> list[float]:
+    import grpc
+
+    from rewardserve.proto import reward_pb2, reward_pb2_grpc
+
+    messages = [reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(input_ids=item["input_ids"]) for item in items])
+                for items in requests]
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=options) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+
+        async def send(index: int) -> None:
+            await stub.Score(messages[index], timeout=600)
+
+        return await _drive(clients, len(messages), send)
