@@ -100,6 +100,17 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - attention_mask.flip(-1).argmax(-1)  # (B,)
 
 
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, T, T) boolean mask a decoder attends with: causal, and blind to right padding.
+
+    Given ready-made, transformers uses it as it is; given the (B, T) mask, it first asks the device whether the
+    batch has any padding at all (to pick SDPA's causal fast path), a host synchronisation in every forward.
+    """
+    width = attention_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()  # (T, T)
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+
+
 def is_decoder_reward_model(model: nn.Module) -> bool:
     """Decoder reward models (Llama, Qwen2, Mistral, Gemma, GPT-2, ...) carry a linear `score` head on the trunk."""
     return isinstance(getattr(model, "score", None), nn.Linear)
@@ -110,7 +121,8 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if not is_decoder_reward_model(model):
         # Encoders pool as their class does ([CLS] + pooler); the head's inputs are cast to fp32 by a hook.
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=causal_padding_mask(attention_mask)
+                              ).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     pooled = hidden[rows, last_token_index(attention_mask)]  # (B, H): only the last token reaches the head
     return model.score(pooled.float()).squeeze(-1)  # (B,)

@@ -35,10 +35,14 @@ def bradley_terry_loss(
     return loss
 
 
+def pairwise_wins(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Pairs where the chosen response scores higher, a tie counting half, as a 0-d tensor (no host sync)."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum()
+
+
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     """Share of pairs where the chosen response scores higher; a tie counts half."""
-    wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-    return wins.mean().item()
+    return pairwise_wins(chosen, rejected).item() / len(chosen)
 
 
 def reward_statistics(scores: torch.Tensor) -> tuple[float, float]:

@@ -28,6 +28,7 @@ from .config import EvalConfig, RMTrainConfig
 from .data import (DataReport, EncodedPair, collate_pairs, encode_pairs, length_bucketed_batches, read_pairs,
                    split_train_eval)
 from .preference import (bradley_terry_loss, expected_calibration_error, length_only_accuracy, pairwise_accuracy,
+                         pairwise_wins,
                          pearson, reward_statistics)
 from .tracking import JsonlLog, format_table, plot_curves
 
@@ -135,24 +136,34 @@ def batch_for_step(step: int, data: list[EncodedPair], config: RMTrainConfig) ->
 
 
 def train_step(model, optimizer, pairs: list[EncodedPair], config: RMTrainConfig, pad_id: int, device) -> dict:
-    """One optimizer step over `pairs`, in --grad-accum micro-batches; skipped (not applied) if the loss is not finite."""
+    """One optimizer step over `pairs`, in --grad-accum micro-batches, with no host synchronisation: the loss,
+    accuracy and gradient norm stay on the device as 0-d tensors (read them on logging steps), and a step whose
+    loss is not finite is skipped by the fused optimizer itself (its `found_inf`, as GradScaler uses it)."""
     optimizer.zero_grad(set_to_none=True)
-    losses, accuracies = [], []
+    loss_sum = torch.zeros((), device=device)
+    wins = torch.zeros((), device=device)
     for start in range(0, len(pairs), config.micro_batch_size):
         batch = collate_pairs(pairs[start:start + config.micro_batch_size], pad_id, config.margin)
         chosen, rejected = pair_scores(model, batch, device)
         loss = bradley_terry_loss(chosen, rejected, _on(batch.margin, device), _on(batch.p_chosen, device),
                                   config.center_coef)
         (loss * batch.pairs / len(pairs)).backward()
-        losses.append(loss.item() * batch.pairs)
-        accuracies.append(pairwise_accuracy(chosen.detach(), rejected.detach()) * batch.pairs)
-    loss_value = sum(losses) / len(pairs)
-    if not math.isfinite(loss_value):
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "accuracy": sum(accuracies) / len(pairs), "skipped": True}
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm).item()
-    optimizer.step()
-    return {"loss": loss_value, "accuracy": sum(accuracies) / len(pairs), "grad_norm": grad_norm, "skipped": False}
+        loss_sum += loss.detach() * batch.pairs
+        wins += pairwise_wins(chosen.detach(), rejected.detach())
+    loss = loss_sum / len(pairs)
+    skipped = ~torch.isfinite(loss)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skipped.float()  # the fused AdamW leaves weights, moments and step count untouched
+        optimizer.step()
+    elif not skipped.item():  # other optimizers cannot skip on the device: ask the host
+        optimizer.step()
+    return {"loss": loss, "accuracy": wins / len(pairs), "grad_norm": grad_norm, "skipped": skipped}
+
+
+def make_optimizer(model, config: RMTrainConfig) -> torch.optim.Optimizer:
+    """Fused AdamW: one kernel for every parameter, and the only AdamW that can skip a step without the host."""
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -200,7 +211,7 @@ def main(config: RMTrainConfig) -> dict:
     print(f"data: {len(data.train)} training and {len(data.eval)} held-out pairs; {json.dumps(data.report)}", flush=True)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     total_steps = max(1, math.ceil(config.epochs * math.ceil(len(data.train) / config.batch_size)))
     warmup = round(config.warmup_ratio * total_steps)
     work = work_dir(out)
@@ -211,17 +222,20 @@ def main(config: RMTrainConfig) -> dict:
     model.train()
     loop_began, trained_pairs = time.perf_counter(), 0
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
+    logged_at, logged_step = time.perf_counter(), start
     for step in progress:
-        started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, warmup, config.lr)
         batch = [data.train[i] for i in batch_for_step(step, data.train, config)]
         result = train_step(model, optimizer, batch, config, tokenizer.pad_token_id, device)
-        result |= {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], "pairs": len(batch),
-                   "pairs_per_s": len(batch) / (time.perf_counter() - started)}
-        progress.set_postfix(loss=f"{result['loss']:.3f}", acc=f"{result['accuracy']:.2f}")
-        if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
-            log.write(result)
+        if (step + 1) % config.log_every == 0 or step + 1 == total_steps:  # the loop's one host synchronisation
+            now = time.perf_counter()
+            record = {k: (bool(v) if k == "skipped" else v.item()) for k, v in result.items()}
+            record |= {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], "pairs": len(batch),
+                       "pairs_per_s": (step + 1 - logged_step) * config.batch_size / (now - logged_at)}
+            log.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+            logged_at, logged_step = now, step + 1
         trained_pairs += len(batch)
         if (step + 1) % config.save_every == 0 and step + 1 < total_steps:
             save_train_state(work, model, optimizer, step + 1)

@@ -99,3 +99,41 @@ def test_resume_continues_to_the_same_weights(tiny_base, pairs_file, tmp_path, m
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     log = [json.loads(line) for line in (interrupted / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))  # 2 epochs x 6 batches, each step logged once
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_a_training_step_that_does_not_log_never_synchronises_with_the_host(tiny_base, monkeypatch):
+    """Every way a tensor's value reaches Python is patched to count; a step must use none of them."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
+    settings = config("b", "d", "o", batch_size=4, grad_accum=2)
+    optimizer = rm_train.make_optimizer(model, settings)
+    pairs = [EncodedPair([1, 2, 3, 9], [4, 5], None, None, False) for _ in range(4)]
+    rm_train.train_step(model, optimizer, pairs, settings, 0, torch.device("cpu"))  # first step: lazy state
+    calls = []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _name=name, _original=original, **k: (calls.append(_name),
+                                                                                   _original(self, *a, **k))[1])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = rm_train.train_step(model, optimizer, pairs, settings, 0, torch.device("cpu"))
+    monkeypatch.undo()
+    assert calls == []
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in result.values())
+    assert not bool(result["skipped"]) and any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_by_the_optimizer(tiny_base):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
+    settings = config("b", "d", "o", batch_size=2)
+    optimizer = rm_train.make_optimizer(model, settings)
+    pairs = [EncodedPair([1, 2, 3], [4, 5], None, None, False) for _ in range(2)]
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = rm_train.train_step(model, optimizer, pairs, settings, 0, torch.device("cpu"))
+    assert bool(result["skipped"])
+    assert all(torch.equal(before[n], p) or torch.isnan(before[n]).all() for n, p in model.named_parameters())
+    assert int(optimizer.state[model.score.weight]["step"]) == 0
