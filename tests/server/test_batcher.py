@@ -171,3 +171,54 @@ def test_a_failing_forward_fails_its_items_and_the_loop_goes_on():
         return result
 
     assert run(scenario()) == 1.0
+
+
+class RecordingEngine:
+    """A two-phase forward that records the order of launches and collections."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int]] = []
+        self.launched = 0
+
+    def launch(self, sequences):
+        self.launched += 1
+        self.events.append(("launch", self.launched))
+        return self.launched, [float(sum(s)) for s in sequences]
+
+    def collect(self, pending):
+        number, scores = pending
+        self.events.append(("collect", number))
+        return scores
+
+
+def test_the_next_batch_is_launched_before_the_previous_one_is_collected():
+    engine = RecordingEngine()
+
+    async def main():
+        batcher = Batcher(engine, max_batch_tokens=4, max_wait_ms=0, max_queue_items=100)
+        batcher.start()
+        futures = batcher.submit([[1, 1, 1, 1]] * 3)  # three batches of one row each
+        scores = await asyncio.gather(*futures)
+        await batcher.drain_and_stop()
+        return scores
+
+    assert run(main()) == [4.0, 4.0, 4.0]
+    assert engine.events == [("launch", 1), ("launch", 2), ("collect", 1), ("launch", 3), ("collect", 2),
+                             ("collect", 3)]
+
+
+def test_a_small_request_is_not_held_back_by_a_huge_one_queued_before_it():
+    model = FakeModel()
+
+    async def main():
+        batcher = Batcher(model.score_batch, max_batch_tokens=100, max_wait_ms=0, max_queue_items=10_000)
+        huge = batcher.submit([[1] * 100] * 40)  # 40 budgets' worth of work
+        small = batcher.submit([[7, 7]])
+        batcher.start()
+        await small[0]
+        done_when_small_was = sum(f.done() for f in huge)
+        await asyncio.gather(*huge)
+        await batcher.drain_and_stop()
+        return done_when_small_was
+
+    assert run(main()) <= 4  # the small item rode in the first cycle, not after the 40 big ones
