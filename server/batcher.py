@@ -96,13 +96,19 @@ def score_in_batches(forward: ForwardEngine, sequences: list[list[int]], max_bat
     batches, each launched before the previous one is collected. The in-process ceiling the server is measured
     against (`rewardserve bench serve`)."""
     scores: list[float] = [0.0] * len(sequences)
-    in_flight: tuple[list[int], Any] | None = None
-    for batch in plan_batches([len(s) for s in sequences], max_batch_tokens) + [None]:
-        pending = forward.launch([sequences[i] for i in batch]) if batch is not None else None
+
+    def deliver(batch: list[int], pending: Any) -> None:
+        for index, score in zip(batch, forward.collect(pending)):
+            scores[index] = score
+
+    in_flight = None
+    for batch in plan_batches([len(s) for s in sequences], max_batch_tokens):
+        pending = forward.launch([sequences[i] for i in batch])
         if in_flight is not None:
-            for index, score in zip(in_flight[0], forward.collect(in_flight[1])):
-                scores[index] = score
-        in_flight = (batch, pending) if batch is not None else None
+            deliver(*in_flight)
+        in_flight = (batch, pending)
+    if in_flight is not None:
+        deliver(*in_flight)
     return scores
 
 

@@ -56,6 +56,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return target
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on the CPU); only for timings and at the ends of loops."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _why_no_gpu() -> str:
     return "a CPU-only build of torch" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build, no device visible"
 

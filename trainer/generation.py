@@ -105,8 +105,10 @@ class RolloutEngine:
                 break
             logits, path = self._decode(tokens[:, None], (prompt_lengths + step)[:, None], mask, cache, path)
             forwards += 1
-        used = int((responses != self.pad_token_id).any(0).nonzero().max().item()) + 1 if forwards else 0
-        return Generated(responses[:, :max(used, 1)], forwards, path)
+        # Columns after the last real token are padding in every row (the loop checks only every few steps).
+        real = (responses[:, :step + 1] != self.pad_token_id).any(0).nonzero()
+        width = int(real.max()) + 1 if len(real) else step + 1
+        return Generated(responses[:, :width], forwards, path)
 
     def _forward_last(self, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
         """Logits of the last position (B, V)."""

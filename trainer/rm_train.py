@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.modeling import (context_size, describe_device, init_reward_model_from_base, is_decoder_reward_model, resolve_device,
-                                         save_reward_model, sequence_scores)
+                                         save_reward_model, sequence_scores, synchronize)
 from rewardserve.server.normalization import RewardStatistics
 from rewardserve.server.tokenization import ItemEncoder, load_tokenizer
 
@@ -166,11 +166,6 @@ def make_optimizer(model, config: RMTrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _on(tensor, device):
     return None if tensor is None else tensor.to(device)
 
@@ -222,21 +217,21 @@ def main(config: RMTrainConfig) -> dict:
     model.train()
     loop_began, trained_pairs = time.perf_counter(), 0
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
-    logged_at, logged_step = time.perf_counter(), start
+    logged_at, logged_pairs = time.perf_counter(), 0
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, warmup, config.lr)
         batch = [data.train[i] for i in batch_for_step(step, data.train, config)]
         result = train_step(model, optimizer, batch, config, tokenizer.pad_token_id, device)
+        trained_pairs += len(batch)
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:  # the loop's one host synchronisation
             now = time.perf_counter()
             record = {k: (bool(v) if k == "skipped" else v.item()) for k, v in result.items()}
             record |= {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], "pairs": len(batch),
-                       "pairs_per_s": (step + 1 - logged_step) * config.batch_size / (now - logged_at)}
+                       "pairs_per_s": (trained_pairs - logged_pairs) / (now - logged_at)}
             log.write(record)
             progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-            logged_at, logged_step = now, step + 1
-        trained_pairs += len(batch)
+            logged_at, logged_pairs = now, trained_pairs
         if (step + 1) % config.save_every == 0 and step + 1 < total_steps:
             save_train_state(work, model, optimizer, step + 1)
     synchronize(device)

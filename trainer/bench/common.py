@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from rewardserve.server.modeling import synchronize
+
 MAX_PASSES = 5
 
 # Llama-architecture shapes: hidden, intermediate, layers, attention heads, KV heads (vocabulary: the tokenizer's).
@@ -50,11 +52,6 @@ def workload_w(count: int = 512) -> list[list[int]]:
 # -- the machine ----------------------------------------------------------------------------------------------------
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_peak(device: torch.device) -> dict:

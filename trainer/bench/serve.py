@@ -15,10 +15,10 @@ import torch
 
 from rewardserve.server.batcher import plan_batches, score_in_batches
 from rewardserve.server.config import ServeConfig
-from rewardserve.server.modeling import RewardModel, pad_right, resolve_dtype
+from rewardserve.server.modeling import RewardModel, pad_right, resolve_dtype, synchronize
 from rewardserve.server.simulated_forward import SimulatedForward
 
-from .common import Budget, ServerProcess, best_of_passes, percentile, synchronize
+from .common import Budget, ServerProcess, best_of_passes, percentile
 from .models import BenchModels, non_embedding_parameters
 
 DEFAULT_BUDGET = ServeConfig.model_fields["max_batch_tokens"].default
@@ -56,8 +56,9 @@ def run(models: BenchModels, sequences: list[list[int]], device: torch.device, p
     else:
         forward = SimulatedForward(stand_in_us)
         note = forward.describe()
-    add("core", *best_of_passes(lambda: _core_pass(forward, sequences, DEFAULT_BUDGET, device), budget), note)
-    add("core 64k budget", *best_of_passes(lambda: _core_pass(forward, sequences, 65536, device), budget), note)
+    for name, max_batch_tokens in (("core", DEFAULT_BUDGET), ("core 64k budget", 65536)):
+        best, passes = best_of_passes(lambda: _core_pass(forward, sequences, max_batch_tokens, device), budget)
+        add(name, best | {"padded_tokens": _padded_tokens(sequences, max_batch_tokens)}, passes, note)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -101,9 +102,14 @@ def _core_pass(forward, sequences, max_batch_tokens: int, device) -> dict:
     synchronize(device)
     began = time.perf_counter()
     score_in_batches(forward, sequences, max_batch_tokens)
-    padded = sum(len(b) * max(len(sequences[i]) for i in b)
-                 for b in plan_batches([len(s) for s in sequences], max_batch_tokens))
-    return {"seconds": time.perf_counter() - began, "padded_tokens": padded}
+    synchronize(device)
+    return {"seconds": time.perf_counter() - began}
+
+
+def _padded_tokens(sequences, max_batch_tokens: int) -> int:
+    """Rows x longest row over the batches the core forms (the work a padded forward does)."""
+    return sum(len(b) * max(len(sequences[i]) for i in b)
+               for b in plan_batches([len(s) for s in sequences], max_batch_tokens))
 
 
 # -- the real server --------------------------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import RMTrainConfig
-from ..data import DataReport, encode_pairs, read_pairs
-from ..rm_train import evaluation_report, main as train_ours, score_all_pairs
+from ..config import EvalConfig, RMTrainConfig
+from ..rm_train import evaluate_checkpoint, main as train_ours
 from .models import BenchModels
 
 RECIPE = dict(epochs=1, batch_size=16, lr=1e-5)
@@ -73,18 +72,6 @@ def _split(rows: list[str]) -> tuple[list[str], list[str]]:
     return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
 
 
-def evaluate(checkpoint: Path, eval_file: Path, max_length: int) -> dict:
-    """Held-out accuracy of any checkpoint, read the way the server reads it."""
-    from rewardserve.server.modeling import RewardModel
-    from rewardserve.server.tokenization import ItemEncoder, load_tokenizer
-
-    model = RewardModel.load(str(checkpoint))
-    encoder = ItemEncoder(load_tokenizer(str(checkpoint)), max_length, append_eos=model.is_decoder)
-    pairs = encode_pairs(read_pairs([str(eval_file)], DataReport()), encoder, DataReport())
-    chosen, rejected = score_all_pairs(model.network, pairs, model.pad_token_id, 32, model.device)
-    return evaluation_report(pairs, chosen, rejected)
-
-
 def _run_trl(models: BenchModels, train_rows: list[str], eval_file: Path, out: Path, max_length: int) -> dict:
     try:
         from datasets import Dataset
@@ -117,5 +104,6 @@ def _run_trl(models: BenchModels, train_rows: list[str], eval_file: Path, out: P
     accuracy = None
     if not models.random_weights:
         trainer.save_model(str(out))
-        accuracy = evaluate(out, eval_file, max_length)["accuracy"]
+        accuracy = evaluate_checkpoint(EvalConfig(model=str(out), data=[str(eval_file)], max_length=max_length,
+                                                  batch_size=32))["accuracy"]
     return {"pairs_per_s": len(records) / seconds, "seconds": seconds, "accuracy": accuracy}
