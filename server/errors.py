@@ -107,6 +107,14 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-class DeviceUnavailable(RuntimeError):
-    """A start-up error, not a request's: the device asked for does not exist here. The CLI prints it as one line
-    and exits non-zero."""
+class StartupError(ValueError):
+    """A configuration the process cannot start with, not a request's error. The CLI prints it as one line and
+    exits non-zero, so the message must say what is wrong and what to do."""
+
+
+class DeviceUnavailable(StartupError):
+    """The device asked for does not exist here."""
+
+
+class NotARewardModel(StartupError):
+    """The checkpoint cannot be served as a reward model (a causal LM, a classifier of several labels, no head)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DeviceUnavailable, OutOfMemory
+from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory
 from .normalization import RewardStatistics
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,15 @@ def load_sequence_classifier(
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     openrlhf_prefix = getattr(config, "value_head_prefix", None)
+    architectures = ", ".join(config.architectures or [])
+    if "ForCausalLM" in architectures and not openrlhf_prefix:
+        raise NotARewardModel(
+            f"{path} is a causal language model ({architectures}) with no trained reward head; train a reward model"
+            f" on it with `rewardserve train --base {path} --data <pairs.jsonl> --out <folder>` and serve that"
+        )
     if getattr(config, "num_labels", 1) != 1 and not openrlhf_prefix:
-        raise ValueError(f"{path}: a reward model has one label, this checkpoint has {config.num_labels}")
+        raise NotARewardModel(f"{path}: a reward model has one label, this checkpoint ({architectures}) has"
+                              f" {config.num_labels}; serve a one-label reward checkpoint")
     config.num_labels = 1
     with quiet_transformers():  # the OpenRLHF layout's head is "newly initialized" until we copy it in
         model, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -210,7 +217,7 @@ def load_sequence_classifier(
     if openrlhf_prefix and openrlhf_prefix != "score":
         _copy_openrlhf_head(model, Path(path), openrlhf_prefix)
     elif any(k.split(".")[0] in ("score", "classifier") for k in loading["missing_keys"]):
-        raise ValueError(
+        raise NotARewardModel(
             f"{path} has no trained reward head (its score/classifier weights are missing); train one with"
             " `rewardserve train --base ...`"
         )

@@ -10,7 +10,7 @@ import sys
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
 from rewardserve.server.config import ServeConfig
-from rewardserve.server.errors import DeviceUnavailable
+from rewardserve.server.errors import StartupError
 
 from .config import BenchConfig, DemoConfig, EvalConfig, LabelConfig, PPOConfig, RMTrainConfig, ScoreConfig
 
@@ -134,7 +134,7 @@ class RewardServeCommand(BaseSettings):
 def main(argv: list[str] | None = None) -> None:
     try:
         CliApp.run(RewardServeCommand, cli_args=sys.argv[1:] if argv is None else argv)
-    except DeviceUnavailable as error:
+    except StartupError as error:
         raise SystemExit(f"rewardserve: {error}") from None
 
 

@@ -1,4 +1,5 @@
-"""The device is never chosen silently: `--device cuda` without a GPU is refused at once, in one line."""
+"""Start-up errors are one line and a non-zero exit: `--device cuda` without a GPU (the device is never chosen
+silently), and a folder that is not a reward model."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +9,7 @@ import time
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 
 
 def run_cli(*args: str, env_device: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
@@ -23,30 +24,47 @@ def run_cli(*args: str, env_device: str | None = None) -> tuple[subprocess.Compl
     return result, time.perf_counter() - began
 
 
-def assert_refused_in_one_line(result: subprocess.CompletedProcess) -> None:
+def assert_refused_in_one_line(result: subprocess.CompletedProcess, *phrases: str) -> None:
     assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and " INFO " not in line]
     assert len(lines) == 1, result.stderr
-    assert "sees no GPU" in lines[0] and "--device cpu" in lines[0]
+    assert all(phrase in lines[0] for phrase in phrases), lines[0]
     assert "Traceback" not in result.stderr
 
 
+@no_gpu
 def test_serve_refuses_cuda_without_a_gpu_before_loading_anything(tmp_path):
     # The folder does not exist: a refusal that came after loading would complain about it instead.
     result, seconds = run_cli("serve", "--model", str(tmp_path / "absent"), "--device", "cuda", "--http-port", "0")
-    assert_refused_in_one_line(result)
+    assert_refused_in_one_line(result, "sees no GPU", "--device cpu")
     assert seconds < 60
 
 
+@no_gpu
 def test_ppo_refuses_cuda_from_the_environment_without_a_gpu(tmp_path):
     result, _ = run_cli("ppo", "--reward-url", "http://127.0.0.1:9", "--policy", str(tmp_path / "absent"),
                         "--out", str(tmp_path / "run"), env_device="cuda")
-    assert_refused_in_one_line(result)
+    assert_refused_in_one_line(result, "sees no GPU", "--device cpu")
 
 
+@no_gpu
 def test_auto_falls_back_to_the_cpu_with_a_warning(caplog):
     from rewardserve.server.modeling import resolve_device
 
     with caplog.at_level("WARNING"):
         assert resolve_device("auto").type == "cpu"
     assert any("sees no GPU" in record.getMessage() for record in caplog.records)
+
+
+def test_serving_a_causal_lm_says_what_it_is_and_what_to_do(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from ..conftest import tiny_config
+
+    folder = tmp_path / "causal-lm"
+    AutoModelForCausalLM.from_config(tiny_config("llama", len(smol_tokenizer), smol_tokenizer.pad_token_id)
+                                     ).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    result, _ = run_cli("serve", "--model", str(folder), "--device", "cpu", "--http-port", "0", "--grpc-port", "0")
+    assert_refused_in_one_line(result, "is a causal language model (LlamaForCausalLM)",
+                               f"rewardserve train --base {folder}")
