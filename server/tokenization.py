@@ -52,6 +52,11 @@ class ItemEncoder:
         self.vocab_size = len(tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self._special_ids = set(tokenizer.all_special_ids)
+        self._special_tokens = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
+        # No token covers more characters than the longest vocabulary entry, so a text this long holds more than
+        # max_length tokens (16 to spare for the cut's ragged edge): the rest of it can only be cut away.
+        longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        self.max_chars = (max_length + 16) * max(1, longest_token)
 
     # -- formatting -------------------------------------------------------------------------------------------
     def format_prompt_response(self, prompt: str, response: str) -> str:
@@ -103,15 +108,30 @@ class ItemEncoder:
         return encoded
 
     def _encode_text(self, text: str, add_special_tokens: bool) -> EncodedItem:
-        ids = self.tokenizer(self._finish(text), add_special_tokens=add_special_tokens)["input_ids"]
+        text = self._cut_to_tail(self._finish(text))
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         if not ids:
             raise InvalidInput("the text tokenizes to nothing; send some text to score")
         return self._fit(ids)
 
+    def _cut_to_tail(self, text: str) -> str:
+        """Keeps only the end of a text too long to fit, before tokenizing it: the same tokens survive truncation,
+        and a 14 MiB text costs what its last `max_chars` characters cost. A leading special token is kept, as
+        truncation keeps it."""
+        if len(text) <= self.max_chars:
+            return text
+        if self.on_overflow == "error":
+            raise InputTooLong(
+                f"{len(text)} characters, so more than max_length {self.max_length} tokens; shorten it, or let the"
+                " server cut the prompt (start it with --on-overflow truncate)"
+            )
+        head = next((token for token in self._special_tokens if token and text.startswith(token)), "")
+        return head + text[len(text) - self.max_chars:]
+
     def _checked_ids(self, ids: list[int]) -> list[int]:
-        too_big = [i for i in ids if i >= self.vocab_size]
-        if too_big:
-            raise InvalidInput(f"`input_ids` holds token id {too_big[0]}, outside the vocabulary of {self.vocab_size}")
+        largest = max(ids)
+        if largest >= self.vocab_size:
+            raise InvalidInput(f"`input_ids` holds token id {largest}, outside the vocabulary of {self.vocab_size}")
         return ids
 
     def _fit(self, ids: list[int]) -> EncodedItem:

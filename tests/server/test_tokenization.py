@@ -59,3 +59,31 @@ def test_encoder_models_keep_cls_and_sep(minilm_dir):
     assert full.input_ids[0] == tokenizer.cls_token_id and full.input_ids[-1] == tokenizer.sep_token_id
     with pytest.raises(InvalidInput, match="no chat template"):
         encoder.encode(ScoreItem(messages=[{"role": "user", "content": "x"}]))
+
+
+@pytest.mark.parametrize("form", ["text", "prompt_response"])
+def test_a_huge_text_is_cut_before_tokenizing_into_the_same_tokens(smol_tokenizer, form):
+    """The shortcut must give exactly what tokenizing everything and truncating gives."""
+    encoder = ItemEncoder(smol_tokenizer, max_length=64)
+    words = " ".join(f"w{i % 97}-é{i % 13}" for i in range(20000))  # far over max_chars, some multi-byte text
+    assert len(words) > 2 * encoder.max_chars
+    item = ScoreItem(text=words) if form == "text" else ScoreItem(prompt=words, response="The answer is 42.")
+    fast = encoder.encode(item)
+    encoder.max_chars = 10**9  # the slow way: no cut
+    assert fast == encoder.encode(item) and fast.truncated and len(fast.input_ids) == 64
+
+
+def test_a_huge_text_is_cut_the_same_way_for_an_encoder(minilm_dir):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    encoder = ItemEncoder(tokenizer, max_length=32, append_eos=False)
+    item = ScoreItem(text=" ".join(f"token{i % 50} word" for i in range(5000)))
+    fast = encoder.encode(item)
+    encoder.max_chars = 10**9
+    slow = encoder.encode(item)
+    assert fast == slow and fast.input_ids[0] == tokenizer.cls_token_id
+
+
+def test_a_huge_text_with_overflow_error_is_refused_without_tokenizing(smol_tokenizer):
+    encoder = ItemEncoder(smol_tokenizer, max_length=64, on_overflow="error")
+    with pytest.raises(InputTooLong, match="characters, so more than max_length 64 tokens"):
+        encoder.encode(ScoreItem(text="x" * (encoder.max_chars + 1)))
