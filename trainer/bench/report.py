@@ -15,7 +15,7 @@ def markdown(result: dict) -> str:
         for block in result["serve"]:
             for r in block["rows"]:
                 lines.append(f"| {block['model']} | {r['row']} | {r['tokens_per_s']:,.0f} | {r['sequences_per_s']:,.1f}"
-                             f" | {r['mfu']:.1%} | {_s(r['p50_s'])} | {_s(r['p99_s'])} | {r['ratio_to_core']:.2f} |"
+                             f" | {_f(r['mfu'] and 100 * r['mfu'], 1, '%')} | {_s(r['p50_s'])} | {_s(r['p99_s'])} | {r['ratio_to_core']:.2f} |"
                              f" {_f(r.get('padded_per_real'))} | {r['passes']} |")
         notes = {r["note"] for block in result["serve"] for r in block["rows"] if r["note"]}
         lines += [""] + [f"Note: {note}." for note in sorted(notes)] + ([""] if notes else [])
