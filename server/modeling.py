@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory
 from .normalization import RewardStatistics
+from .packing import pack, packed_scores, supports_packing, to_device
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ class RewardModel:
     pad_token_id: int
     max_positions: int
     statistics: RewardStatistics | None
+    packs: bool = False  # padding-free forwards (server/packing.py) for the architectures that support them
 
     @classmethod
     def load(cls, path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
@@ -283,7 +285,7 @@ class RewardModel:
         if isinstance(pad, list):
             pad = pad[0]
         return cls(network, _model_name(path), target, torch_dtype, int(pad), context_size(config),
-                   read_statistics(config))
+                   read_statistics(config), packs=supports_packing(network))
 
     @property
     def is_decoder(self) -> bool:
@@ -296,17 +298,21 @@ class RewardModel:
     # -- the forward, in two halves so the batcher can overlap host work with the device -----------------------
     @torch.inference_mode()
     def launch(self, sequences: list[list[int]]) -> "PendingScores":
-        """Pads on the host, copies, runs the forward and starts the copy of the scores back, without waiting.
+        """Packs (or pads) on the host, copies, runs the forward and starts the copy of the scores back, without
+        waiting.
 
         On a GPU every step here is queued asynchronously (pinned host memory, non-blocking copies, an event after
         the scores' copy), so the caller can prepare and launch the next batch while this one runs; on the CPU the
         work is done by the time it returns.
         """
         pinned = self.device.type == "cuda"
-        input_ids, attention_mask = pad_right(sequences, self.pad_token_id, pin_memory=pinned)
         try:
-            scores = sequence_scores(self.network, input_ids.to(self.device, non_blocking=pinned),
-                                     attention_mask.to(self.device, non_blocking=pinned))
+            if self.packs:
+                scores = packed_scores(self.network, to_device(pack(sequences, pin_memory=pinned), self.device))
+            else:
+                input_ids, attention_mask = pad_right(sequences, self.pad_token_id, pin_memory=pinned)
+                scores = sequence_scores(self.network, input_ids.to(self.device, non_blocking=pinned),
+                                         attention_mask.to(self.device, non_blocking=pinned))
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
         if not pinned:
