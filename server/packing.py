@@ -89,12 +89,12 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each KV head serves several query heads
         repeats = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
-    if query.device.type in FLEX_DEVICES and _flex is not False:
+    if query.device.type in FLEX_DEVICES and _flex is not False and dropout == 0:
         output = _flex_attention(query, key, value, rewardserve_documents, causal, scaling)
         if output is not None:
             return output.transpose(1, 2).contiguous(), None
     parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=causal,
-                                            scale=scaling) for s, e in rewardserve_documents.spans()]
+                                            dropout_p=dropout, scale=scaling) for s, e in rewardserve_documents.spans()]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -19,6 +19,7 @@ import torch
 
 from rewardserve.server.errors import InvalidInput
 from rewardserve.server.modeling import pad_right
+from rewardserve.server.packing import PackedBatch, pack
 from rewardserve.server.schemas import ScoreItem
 from rewardserve.server.tokenization import ItemEncoder
 
@@ -193,26 +194,31 @@ def length_bucketed_batches(pairs: list[EncodedPair], batch_size: int, seed: int
 
 @dataclass
 class PairBatch:
-    input_ids: torch.Tensor  # (2B, T): the B chosen sequences, then the B rejected ones
-    attention_mask: torch.Tensor  # (2B, T)
+    """The B chosen sequences, then the B rejected ones: padded (2B, T), or packed end to end in one row."""
+
+    pairs: int
     margin: torch.Tensor | None  # (B,)
     p_chosen: torch.Tensor | None  # (B,)
+    input_ids: torch.Tensor | None = None  # (2B, T) when padded
+    attention_mask: torch.Tensor | None = None  # (2B, T) when padded
+    packed: PackedBatch | None = None  # when packed
 
-    @property
-    def pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
 
-
-def collate_pairs(pairs: list[EncodedPair], pad_token_id: int, use_margin: bool = True) -> PairBatch:
-    """Chosen and rejected in one padded batch, so one forward pass scores both sides of every pair.
+def collate_pairs(pairs: list[EncodedPair], pad_token_id: int, use_margin: bool = True, packed: bool = False,
+                  pin_memory: bool = False) -> PairBatch:
+    """Chosen and rejected in one batch, so one forward pass scores both sides of every pair; packed without
+    padding for the architectures that support it (server/packing.py), else padded on the right.
 
     A missing margin counts as 0 and a missing p_chosen as 1 (a hard label) when others in the batch have one.
+    pin_memory: page-locked host tensors, so that the copy to a GPU is asynchronous.
     """
-    input_ids, attention_mask = pad_right([p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
-                                          pad_token_id)
+    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     margins = [p.margin for p in pairs]
     soft = [p.p_chosen for p in pairs]
     margin = (torch.tensor([m or 0.0 for m in margins]) if use_margin and any(m is not None for m in margins)
               else None)
     p_chosen = torch.tensor([1.0 if s is None else s for s in soft]) if any(s is not None for s in soft) else None
-    return PairBatch(input_ids, attention_mask, margin, p_chosen)
+    if packed:
+        return PairBatch(len(pairs), margin, p_chosen, packed=pack(sequences, pin_memory))
+    input_ids, attention_mask = pad_right(sequences, pad_token_id, pin_memory)
+    return PairBatch(len(pairs), margin, p_chosen, input_ids, attention_mask)

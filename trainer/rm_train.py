@@ -12,6 +12,7 @@ import math
 import shutil
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.modeling import (context_size, describe_device, init_reward_model_from_base, is_decoder_reward_model, resolve_device,
                                          save_reward_model, sequence_scores, synchronize)
 from rewardserve.server.normalization import RewardStatistics
+from rewardserve.server.packing import packed_scores, supports_packing, to_device
 from rewardserve.server.tokenization import ItemEncoder, load_tokenizer
 
 from .config import EvalConfig, RMTrainConfig
-from .data import (DataReport, EncodedPair, collate_pairs, encode_pairs, length_bucketed_batches, read_pairs,
+from .data import (DataReport, EncodedPair, PairBatch, collate_pairs, encode_pairs, length_bucketed_batches, read_pairs,
                    split_train_eval)
 from .preference import (bradley_terry_loss, expected_calibration_error, length_only_accuracy, pairwise_accuracy,
                          pairwise_wins,
@@ -47,11 +49,24 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-def pair_scores(model, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over chosen and rejected together: returns (chosen (B,), rejected (B,))."""
+    non_blocking = device.type == "cuda"
     with autocast_for(device):
-        scores = sequence_scores(model, batch.input_ids.to(device), batch.attention_mask.to(device))  # (2B,)
+        if batch.packed is not None:
+            scores = packed_scores(model, to_device(batch.packed, device))  # (2B,)
+        else:
+            scores = sequence_scores(model, batch.input_ids.to(device, non_blocking=non_blocking),
+                                     batch.attention_mask.to(device, non_blocking=non_blocking))
     return scores[: batch.pairs], scores[batch.pairs:]
+
+
+def collate_step(pairs: list[EncodedPair], config: RMTrainConfig, pad_id: int, model, device) -> list[PairBatch]:
+    """A step's --grad-accum micro-batches, ready for the device (packed where the model allows, pinned on CUDA).
+    Runs on a background thread while the previous step trains."""
+    return [collate_pairs(pairs[start:start + config.micro_batch_size], pad_id, config.margin,
+                          packed=supports_packing(model), pin_memory=device.type == "cuda")
+            for start in range(0, len(pairs), config.micro_batch_size)]
 
 
 @torch.no_grad()
@@ -63,7 +78,8 @@ def score_all_pairs(model, pairs: list[EncodedPair], pad_token_id: int, batch_si
     chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        c, r = pair_scores(model, collate_pairs([pairs[i] for i in index], pad_token_id), device)
+        batch = collate_pairs([pairs[i] for i in index], pad_token_id, packed=supports_packing(model))
+        c, r = pair_scores(model, batch, device)
         chosen[index], rejected[index] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
     return chosen, rejected
@@ -135,22 +151,22 @@ def batch_for_step(step: int, data: list[EncodedPair], config: RMTrainConfig) ->
     return length_bucketed_batches(data, config.batch_size, seed=config.seed + epoch)[index]
 
 
-def train_step(model, optimizer, pairs: list[EncodedPair], config: RMTrainConfig, pad_id: int, device) -> dict:
-    """One optimizer step over `pairs`, in --grad-accum micro-batches, with no host synchronisation: the loss,
+def train_step(model, optimizer, batches: list[PairBatch], config: RMTrainConfig, device) -> dict:
+    """One optimizer step over a step's micro-batches (`collate_step`), with no host synchronisation: the loss,
     accuracy and gradient norm stay on the device as 0-d tensors (read them on logging steps), and a step whose
     loss is not finite is skipped by the fused optimizer itself (its `found_inf`, as GradScaler uses it)."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     wins = torch.zeros((), device=device)
-    for start in range(0, len(pairs), config.micro_batch_size):
-        batch = collate_pairs(pairs[start:start + config.micro_batch_size], pad_id, config.margin)
+    total = sum(batch.pairs for batch in batches)
+    for batch in batches:
         chosen, rejected = pair_scores(model, batch, device)
         loss = bradley_terry_loss(chosen, rejected, _on(batch.margin, device), _on(batch.p_chosen, device),
                                   config.center_coef)
-        (loss * batch.pairs / len(pairs)).backward()
+        (loss * batch.pairs / total).backward()
         loss_sum += loss.detach() * batch.pairs
         wins += pairwise_wins(chosen.detach(), rejected.detach())
-    loss = loss_sum / len(pairs)
+    loss = loss_sum / total
     skipped = ~torch.isfinite(loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     if optimizer.defaults.get("fused"):
@@ -158,7 +174,7 @@ def train_step(model, optimizer, pairs: list[EncodedPair], config: RMTrainConfig
         optimizer.step()
     elif not skipped.item():  # other optimizers cannot skip on the device: ask the host
         optimizer.step()
-    return {"loss": loss, "accuracy": wins / len(pairs), "grad_norm": grad_norm, "skipped": skipped}
+    return {"loss": loss, "accuracy": wins / total, "grad_norm": grad_norm, "skipped": skipped}
 
 
 def make_optimizer(model, config: RMTrainConfig) -> torch.optim.Optimizer:
@@ -218,22 +234,35 @@ def main(config: RMTrainConfig) -> dict:
     loop_began, trained_pairs = time.perf_counter(), 0
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
     logged_at, logged_pairs = time.perf_counter(), 0
-    for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, warmup, config.lr)
-        batch = [data.train[i] for i in batch_for_step(step, data.train, config)]
-        result = train_step(model, optimizer, batch, config, tokenizer.pad_token_id, device)
-        trained_pairs += len(batch)
-        if (step + 1) % config.log_every == 0 or step + 1 == total_steps:  # the loop's one host synchronisation
-            now = time.perf_counter()
-            record = {k: (bool(v) if k == "skipped" else v.item()) for k, v in result.items()}
-            record |= {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], "pairs": len(batch),
-                       "pairs_per_s": (trained_pairs - logged_pairs) / (now - logged_at)}
-            log.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-            logged_at, logged_pairs = now, trained_pairs
-        if (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            save_train_state(work, model, optimizer, step + 1)
+
+    def prepare(step: int) -> list[PairBatch]:
+        pairs = [data.train[i] for i in batch_for_step(step, data.train, config)]
+        return collate_step(pairs, config, tokenizer.pad_token_id, model, device)
+
+    prefetcher = ThreadPoolExecutor(1, thread_name_prefix="collate")  # step k + 1's batches while step k trains
+    upcoming = prefetcher.submit(prepare, start)
+    try:
+        for step in progress:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup, config.lr)
+            batches = upcoming.result()
+            if step + 1 < total_steps:
+                upcoming = prefetcher.submit(prepare, step + 1)
+            result = train_step(model, optimizer, batches, config, device)
+            trained_pairs += sum(batch.pairs for batch in batches)
+            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:  # the loop's one host synchronisation
+                now = time.perf_counter()
+                record = {k: (bool(v) if k == "skipped" else v.item()) for k, v in result.items()}
+                record |= {"step": step + 1, "lr": optimizer.param_groups[0]["lr"],
+                           "pairs": sum(batch.pairs for batch in batches),
+                           "pairs_per_s": (trained_pairs - logged_pairs) / (now - logged_at)}
+                log.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+                logged_at, logged_pairs = now, trained_pairs
+            if (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+                save_train_state(work, model, optimizer, step + 1)
+    finally:
+        prefetcher.shutdown(cancel_futures=True)
     synchronize(device)
     loop = {"seconds": time.perf_counter() - loop_began, "pairs": trained_pairs, "steps": total_steps - start}
     print(f"train: {loop['steps']} steps, {loop['pairs']} pairs in {loop['seconds']:.1f} s"

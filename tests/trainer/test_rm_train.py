@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rewardserve.server.modeling import RewardModel
 from rewardserve.trainer import rm_train
 from rewardserve.trainer.config import RMTrainConfig
-from rewardserve.trainer.data import EncodedPair
+from rewardserve.trainer.data import EncodedPair, collate_pairs
+from rewardserve.trainer.preference import bradley_terry_loss
 
 from ..conftest import tiny_config
 
@@ -50,8 +51,9 @@ def test_one_forward_scores_both_sides_of_every_pair(tiny_base, smol_tokenizer):
                                                with_kwargs=True)
     pairs = [EncodedPair([1, 2, 3], [4, 5], None, None, False) for _ in range(4)]
     optimizer = torch.optim.AdamW(model.parameters())
-    result = rm_train.train_step(model, optimizer, pairs, config("b", "d", "o", batch_size=4), 0, torch.device("cpu"))
-    assert calls == [torch.Size([8, 3])] and not result["skipped"]
+    settings, cpu = config("b", "d", "o", batch_size=4), torch.device("cpu")
+    result = rm_train.train_step(model, optimizer, rm_train.collate_step(pairs, settings, 0, model, cpu), settings, cpu)
+    assert calls == [torch.Size([1, 4 * 3 + 4 * 2])] and not result["skipped"]  # both sides packed in one row
 
 
 def test_lr_schedule_by_hand():
@@ -110,7 +112,9 @@ def test_a_training_step_that_does_not_log_never_synchronises_with_the_host(tiny
     settings = config("b", "d", "o", batch_size=4, grad_accum=2)
     optimizer = rm_train.make_optimizer(model, settings)
     pairs = [EncodedPair([1, 2, 3, 9], [4, 5], None, None, False) for _ in range(4)]
-    rm_train.train_step(model, optimizer, pairs, settings, 0, torch.device("cpu"))  # first step: lazy state
+    cpu = torch.device("cpu")
+    batches = rm_train.collate_step(pairs, settings, 0, model, cpu)
+    rm_train.train_step(model, optimizer, batches, settings, cpu)  # first step: lazy state
     calls = []
     for name in SYNCS:
         original = getattr(torch.Tensor, name)
@@ -118,7 +122,7 @@ def test_a_training_step_that_does_not_log_never_synchronises_with_the_host(tiny
                             lambda self, *a, _name=name, _original=original, **k: (calls.append(_name),
                                                                                    _original(self, *a, **k))[1])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = rm_train.train_step(model, optimizer, pairs, settings, 0, torch.device("cpu"))
+    result = rm_train.train_step(model, optimizer, batches, settings, cpu)
     monkeypatch.undo()
     assert calls == []
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in result.values())
@@ -133,7 +137,23 @@ def test_a_step_with_a_non_finite_loss_is_skipped_by_the_optimizer(tiny_base):
     with torch.no_grad():
         model.score.weight.fill_(float("nan"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = rm_train.train_step(model, optimizer, pairs, settings, 0, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    result = rm_train.train_step(model, optimizer, rm_train.collate_step(pairs, settings, 0, model, cpu), settings, cpu)
     assert bool(result["skipped"])
     assert all(torch.equal(before[n], p) or torch.isnan(before[n]).all() for n, p in model.named_parameters())
     assert int(optimizer.state[model.score.weight]["step"]) == 0
+
+
+def test_packed_and_padded_pairs_give_the_same_scores_and_loss(tiny_base):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1).eval()
+    pairs = [EncodedPair(list(range(5, 5 + n)), list(range(40, 40 + m)), 0.5, None, False)
+             for n, m in ((3, 9), (17, 2), (1, 30), (12, 12))]
+    cpu = torch.device("cpu")
+    results = {}
+    for packed in (False, True):
+        batch = collate_pairs(pairs, 0, packed=packed)
+        assert (batch.packed is not None) == packed
+        chosen, rejected = rm_train.pair_scores(model, batch, cpu)
+        results[packed] = (chosen, rejected, bradley_terry_loss(chosen, rejected, batch.margin))
+    for padded, packed in zip(results[False], results[True]):
+        assert torch.allclose(padded, packed, atol=1e-4)
