@@ -286,9 +286,11 @@ def finish(config: RMTrainConfig, model, tokenizer, data: PreparedData, log: Jso
     (out / "eval_report.json").write_text(json.dumps(report, indent=2))
     shutil.move(log.path, out / "train_log.jsonl")
     shutil.rmtree(work_dir(out), ignore_errors=True)
+    print_report(report, f"held-out evaluation of {out}")
+    # After the checkpoint, never before: a fresh machine's matplotlib first builds its font cache (up to a minute).
+    print(f"train: checkpoint saved to {out}; drawing {out / 'training.png'}", flush=True)
     plot_curves(JsonlLog(out / "train_log.jsonl", fresh=False).records(), ["loss", "accuracy"], out / "training.png",
                 f"reward model: {out.name}")
-    print_report(report, f"held-out evaluation of {out}")
     return report
 
 
