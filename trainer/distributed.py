@@ -44,6 +44,14 @@ class Ranks:
         dist.all_reduce(tensor)
         return tensor.item()
 
+    def any_on_device(self, flag: torch.Tensor) -> torch.Tensor:
+        """A 0-d bool tensor, true on every rank when it is true on any, without a host synchronisation."""
+        if not self.active:
+            return flag
+        reduced = flag.float()
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return reduced > 0
+
     def all_true(self, flag: bool) -> bool:
         return self.total(0.0 if flag else 1.0) == 0.0
 

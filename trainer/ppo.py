@@ -152,35 +152,45 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
                ranks: Ranks = Ranks()) -> dict:
     """Phase 6: K epochs of minibatch steps on the clipped objectives; stops early past --max-approx-kl.
 
-    Under DDP every rank runs the same number of minibatches, and skips or stops only when all agree to."""
+    The rollout goes to the device once, and a minibatch step never waits for it: statistics stay on the device
+    until the epoch's one read (the early-stop check), and a step whose loss is not finite (on any rank) is skipped
+    by the fused optimizer itself. Under DDP every rank runs the same minibatches and stops only when all agree to.
+    """
+    batch = rollout.tensors(device) | {"advantages": advantages.to(device), "returns": returns.to(device)}
     stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
-    skipped, count = 0, len(rollout.responses)
+    applied: list[torch.Tensor] = []  # 1.0 for each minibatch step taken, 0.0 for each skipped
+    count = len(rollout.responses)
     for _epoch in range(config.ppo_epochs):
         for index in torch.randperm(count).split(config.mini_batch_size):
-            mini = rollout.select(index.tolist())
-            mask = mini.response_mask.float().to(device)
-            logprobs, values, entropy = policy_forward(model, mini, config.temperature, device)
-            policy = clipped_policy_loss(logprobs, mini.old_logprobs.to(device), advantages[index].to(device), mask,
-                                         config.cliprange)
-            value_loss, vf_clipfrac = clipped_value_loss(values, mini.values.to(device), returns[index].to(device),
-                                                         mask, config.cliprange_value)
+            mini = {name: tensor[index.to(device)] for name, tensor in batch.items()}
+            mask = mini["response_mask"].float()
+            logprobs, values, entropy = policy_forward(model, mini["input_ids"], mini["attention_mask"],
+                                                       rollout.prompt_width, config.temperature)
+            policy = clipped_policy_loss(logprobs, mini["old_logprobs"], mini["advantages"], mask, config.cliprange)
+            value_loss, vf_clipfrac = clipped_value_loss(values, mini["values"], mini["returns"], mask,
+                                                         config.cliprange_value)
             loss = policy.loss + config.vf_coef * value_loss
             optimizer.zero_grad(set_to_none=True)
-            if not ranks.all_true(bool(torch.isfinite(loss))):
-                skipped += 1  # never apply a non-finite update
-                continue
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            not_finite = ranks.any_on_device(~torch.isfinite(loss.detach()))
+            optimizer.found_inf = not_finite.float()  # never apply a non-finite update
             optimizer.step()
+            applied.append(1.0 - not_finite.float())
             for name, value in (("policy_loss", policy.loss), ("value_loss", value_loss), ("clipfrac", policy.clipfrac),
                                 ("vf_clipfrac", vf_clipfrac), ("approx_kl", policy.approx_kl),
                                 ("entropy", masked_mean(entropy, mask))):
-                stats[name].append(value.item())
-        mean_kl = sum(stats["approx_kl"]) / len(stats["approx_kl"]) if stats["approx_kl"] else 0.0
-        if ranks.mean({"approx_kl": mean_kl})["approx_kl"] > config.max_approx_kl:
-            break
-    summary = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    return summary | {"skipped_updates": skipped}
+                stats[name].append(value.detach().float().nan_to_num(0.0))
+        if ranks.mean({"approx_kl": applied_mean(stats["approx_kl"], applied)})["approx_kl"] > config.max_approx_kl:
+            break  # the epoch's one host read
+    summary = {k: applied_mean(v, applied) for k, v in stats.items()}
+    return summary | {"skipped_updates": int(len(applied) - torch.stack(applied).sum().item())}
+
+
+def applied_mean(values: list[torch.Tensor], applied: list[torch.Tensor]) -> float:
+    """The mean of a statistic over the minibatch steps that were applied (0 when none was)."""
+    weights = torch.stack(applied[:len(values)])
+    return (torch.stack(values) * weights).sum().item() / max(weights.sum().item(), 1.0)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
@@ -246,7 +256,7 @@ def main(config: PPOConfig) -> dict:
         print(f"ppo: policy, reference and value head on {describe_device(device)}", flush=True)
     tokenizer, model, reference, engine = build_models(config, device)
     trainable = DistributedDataParallel(model) if ranks.active else model  # generation uses `model` directly
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, fused=True)  # fused: it can skip on the device
     kl_controller = (AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon) if config.adaptive_kl
                      else FixedKLController(config.beta))
     moments = RunningMoments()

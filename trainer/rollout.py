@@ -100,11 +100,10 @@ class Rollout:
     def prompt_width(self) -> int:
         return self.input_ids.shape[1] - self.response_mask.shape[1]
 
-    def select(self, keep: list[int]) -> "Rollout":
-        index = torch.tensor(keep, dtype=torch.long)
-        return Rollout(*(getattr(self, f)[index] for f in ("input_ids", "attention_mask", "response_mask",
-                                                           "old_logprobs", "ref_logprobs", "values", "reached_eos")),
-                       [self.prompts[i] for i in keep], [self.responses[i] for i in keep])
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every per-sequence tensor, moved to the device in one go."""
+        return {name: getattr(self, name).to(device) for name in ("input_ids", "attention_mask", "response_mask",
+                                                                  "old_logprobs", "ref_logprobs", "values")}
 
     @staticmethod
     def concat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
@@ -185,10 +184,9 @@ def token_statistics(model: ActorCritic, reference: nn.Module, sequences: torch.
     return torch.cat(old), torch.cat(values), torch.cat(ref)
 
 
-def policy_forward(model: ActorCritic, rollout: Rollout, temperature: float, device: torch.device):
+def policy_forward(model: ActorCritic, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,
+                   temperature: float):
     """New log-probs, values and entropies of a (mini)batch's responses under the current weights, with grad."""
-    input_ids, attention_mask = rollout.input_ids.to(device), rollout.attention_mask.to(device)
-    width = rollout.prompt_width
     logits, values = model(input_ids, attention_mask, width)
     tokens = input_ids[:, width:]
     return gather_logprobs(logits, tokens, temperature), values, entropy_from_logits(logits.detach(), temperature)
