@@ -58,9 +58,11 @@ def run(models: BenchModels, sequences: list[list[int]], device: torch.device, p
     else:
         forward = SimulatedForward(stand_in_us)
         note = forward.describe()
+    packs = stand_in_us is None and model.packs  # a packed forward reads the real tokens alone
     for name, max_batch_tokens in (("core", DEFAULT_BUDGET), ("core 64k budget", 65536)):
         best, passes = best_of_passes(lambda: _core_pass(forward, sequences, max_batch_tokens, device), budget)
-        add(name, best | {"padded_tokens": _padded_tokens(sequences, max_batch_tokens)}, passes, note)
+        padded = real_tokens if packs else _padded_tokens(sequences, max_batch_tokens)
+        add(name, best | {"padded_tokens": padded}, passes, note)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
