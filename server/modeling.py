@@ -108,14 +108,17 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The (B, 1, T, T) boolean mask a decoder attends with: causal, and blind to right padding.
+    """The (B, 1, T, T) boolean mask a decoder attends with: causal, and blind to padding on either side.
 
     Given ready-made, transformers uses it as it is; given the (B, T) mask, it first asks the device whether the
-    batch has any padding at all (to pick SDPA's causal fast path), a host synchronisation in every forward.
+    batch has any padding at all (to pick SDPA's causal fast path), a host synchronisation in every forward. A
+    padding position attends to itself alone, so that no row of the mask is empty (SDPA would return NaN there);
+    no real token ever attends to it.
     """
     width = attention_mask.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()  # (T, T)
-    return causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+    diagonal = torch.eye(width, dtype=torch.bool, device=attention_mask.device)
+    return (causal[None, None] & attention_mask.bool()[:, None, None, :]) | diagonal  # (B, 1, T, T)
 
 
 def is_decoder_reward_model(model: nn.Module) -> bool:

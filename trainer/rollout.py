@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from rewardserve.server.modeling import causal_padding_mask
+
 from .generation import RolloutEngine, Sampling
 from .ppo_math import entropy_from_logits, gather_logprobs
 
@@ -34,12 +36,13 @@ class ActorCritic(nn.Module):
         runs on those positions alone (the prompt's logits would cost a vocabulary-sized matmul each and go unused).
         """
         position_ids = positions_from_mask(attention_mask)
-        hidden = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask,
+        mask = causal_padding_mask(attention_mask)  # ready-made: no padding probe on the host per forward
+        hidden = self.policy.base_model(input_ids=input_ids, attention_mask=mask,
                                         position_ids=position_ids).last_hidden_state  # (B, P + R, H)
         before_response = slice(prompt_width - 1, input_ids.shape[1] - 1)
         logits = self.policy.get_output_embeddings()(hidden[:, before_response])  # (B, R, V)
         if self.critic_trunk is not None:
-            hidden = self.critic_trunk(input_ids=input_ids, attention_mask=attention_mask,
+            hidden = self.critic_trunk(input_ids=input_ids, attention_mask=mask,
                                        position_ids=position_ids).last_hidden_state
         values = self.value_head(hidden[:, before_response].float()).squeeze(-1)  # (B, R), fp32 like the reward head
         return logits, values
@@ -178,7 +181,8 @@ def token_statistics(model: ActorCritic, reference: nn.Module, sequences: torch.
         logits, value = model(ids, mask, prompt_width)
         old.append(gather_logprobs(logits, responses[start:start + rows], temperature))
         values.append(value)
-        ref_logits = reference(input_ids=ids, attention_mask=mask, logits_to_keep=responses.shape[1] + 1,
+        ref_logits = reference(input_ids=ids, attention_mask=causal_padding_mask(mask),
+                               logits_to_keep=responses.shape[1] + 1,
                                position_ids=positions_from_mask(mask)).logits[:, :-1]  # (b, R, V)
         ref.append(gather_logprobs(ref_logits, responses[start:start + rows], temperature))
     return torch.cat(old), torch.cat(values), torch.cat(ref)

@@ -1,0 +1,82 @@
+"""The PPO update reads the device once per epoch, not once per minibatch, and still learns and skips safely."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from rewardserve.trainer.config import PPOConfig
+from rewardserve.trainer.generation import RolloutEngine, Sampling
+from rewardserve.trainer.ppo import ppo_update
+from rewardserve.trainer.rollout import ActorCritic, generate_rollout
+
+from ..conftest import build_tiny_policy
+from .test_rm_train import SYNCS
+
+
+def rollout_of(policy, tokenizer, count: int):
+    engine = RolloutEngine(policy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = ActorCritic(policy)
+    rollout, _ = generate_rollout(model, copy.deepcopy(policy), engine, tokenizer, ["Hello there"] * count,
+                                  Sampling(8), 32, torch.device("cpu"), forward_tokens=4096)
+    return model, rollout
+
+
+def count_syncs(monkeypatch, run) -> int:
+    calls = []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _n=name, _o=original, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    try:
+        run()
+    finally:
+        monkeypatch.undo()
+    return len(calls)
+
+
+def test_host_reads_do_not_grow_with_the_number_of_minibatches(tmp_path, smol_tokenizer, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(build_tiny_policy(tmp_path / "policy", smol_tokenizer))
+    model, rollout = rollout_of(policy, smol_tokenizer, 8)
+    advantages = torch.randn(rollout.response_mask.shape) * rollout.response_mask
+    returns = torch.randn(rollout.response_mask.shape)
+    counts, results = {}, {}
+    for mini in (8, 2):  # 1 and then 4 minibatches per epoch
+        config = PPOConfig(reward_url=["http://127.0.0.1:9"], batch_size=8, mini_batch_size=mini, ppo_epochs=2,
+                           max_approx_kl=1e9)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        counts[mini] = count_syncs(monkeypatch, lambda: results.__setitem__(mini, ppo_update(
+            model, optimizer, rollout, advantages, returns, config, torch.device("cpu"))))
+    assert counts[2] == counts[8], counts  # the reads are per epoch and per summary, never per minibatch
+    assert results[2]["skipped_updates"] == 0 and results[2]["policy_loss"] == results[2]["policy_loss"]  # not NaN
+
+
+def test_a_non_finite_minibatch_is_skipped_and_left_out_of_the_statistics(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(build_tiny_policy(tmp_path / "policy", smol_tokenizer))
+    model, rollout = rollout_of(policy, smol_tokenizer, 4)
+    advantages = torch.full(rollout.response_mask.shape, float("nan"))  # every loss is NaN
+    returns = torch.zeros(rollout.response_mask.shape)
+    config = PPOConfig(reward_url=["http://127.0.0.1:9"], batch_size=4, mini_batch_size=2, ppo_epochs=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = ppo_update(model, optimizer, rollout, advantages, returns, config, torch.device("cpu"))
+    assert result["skipped_updates"] == 2 and result["policy_loss"] == 0.0
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_the_ready_made_mask_gives_transformers_own_logits_on_left_padded_rows(tmp_path, smol_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from rewardserve.trainer.rollout import encode_prompt, pad_left, positions_from_mask
+
+    policy = AutoModelForCausalLM.from_pretrained(build_tiny_policy(tmp_path / "policy", smol_tokenizer)).eval()
+    ids, mask = pad_left([encode_prompt(smol_tokenizer, p, 64) for p in ("Hi", "Tell me about the sea, please")],
+                         smol_tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours, _ = ActorCritic(policy)(ids, mask, prompt_width=2)  # (B, R, V) for the last positions
+        theirs = policy(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, 1:-1]
+    assert torch.allclose(ours, theirs, atol=1e-4)
