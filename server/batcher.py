@@ -217,9 +217,10 @@ class Batcher:
         over workload W: 1.13x the real tokens instead of 1.24x). Items enter the window in turn across requests,
         and the first to enter goes first, so no item waits behind more than a window's worth of batches.
         """
-        for job in [job for job in self._window if job.future.cancelled()]:
-            metrics.CANCELLED.inc()
-            self._leave_queue([job])
+        gone = [job for job in self._window if job.future.cancelled()]
+        if gone:
+            metrics.CANCELLED.inc(len(gone))
+            self._leave_queue(gone)
         if not self._window:
             return []
         batches = plan_batches([len(job.input_ids) for job in self._window], self.max_batch_tokens)
