@@ -232,6 +232,7 @@ def main(config: RMTrainConfig) -> dict:
     log.drop_after(start)
     model.train()
     loop_began, trained_pairs = time.perf_counter(), 0
+    warm_at, warm_pairs = loop_began, 0
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
     logged_at, logged_pairs = time.perf_counter(), 0
 
@@ -250,6 +251,9 @@ def main(config: RMTrainConfig) -> dict:
                 upcoming = prefetcher.submit(prepare, step + 1)
             result = train_step(model, optimizer, batches, config, device)
             trained_pairs += sum(batch.pairs for batch in batches)
+            if step == start:  # one extra sync: the first step holds the warm-up (compilation, autotuning)
+                synchronize(device)
+                warm_at, warm_pairs = time.perf_counter(), trained_pairs
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:  # the loop's one host synchronisation
                 now = time.perf_counter()
                 record = {k: (bool(v) if k == "skipped" else v.item()) for k, v in result.items()}
@@ -264,7 +268,9 @@ def main(config: RMTrainConfig) -> dict:
     finally:
         prefetcher.shutdown(cancel_futures=True)
     synchronize(device)
-    loop = {"seconds": time.perf_counter() - loop_began, "pairs": trained_pairs, "steps": total_steps - start}
+    ended = time.perf_counter()
+    loop = {"seconds": ended - loop_began, "pairs": trained_pairs, "steps": total_steps - start,
+            "after_first_step": {"seconds": ended - warm_at, "pairs": trained_pairs - warm_pairs}}
     print(f"train: {loop['steps']} steps, {loop['pairs']} pairs in {loop['seconds']:.1f} s"
           f" ({loop['pairs'] / loop['seconds']:.1f} pairs/s)", flush=True)
     return finish(config, model, tokenizer, data, log, device) | {"train_loop": loop}

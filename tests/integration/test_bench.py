@@ -48,6 +48,8 @@ def test_train_compares_ours_with_trl_on_the_same_pairs(bench_result):
     assert train["ours"]["pairs_per_s"] > 0
     if "pairs_per_s" in train["trl"]:
         assert train["speedup"] == pytest.approx(train["ours"]["pairs_per_s"] / train["trl"]["pairs_per_s"])
+        assert train["speedup_after_first_step"] == pytest.approx(
+            train["ours"]["pairs_per_s_after_first_step"] / train["trl"]["pairs_per_s_after_first_step"])
     assert train["ours"]["accuracy"] is None  # random weights measure speed only
 
 
