@@ -15,28 +15,36 @@ class Message(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ScoreItem(_message.Message):
-    __slots__ = ("prompt", "response", "messages", "text", "input_ids")
+    __slots__ = ("prompt", "response", "messages", "text", "input_ids", "safety")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     response: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     text: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., text: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    safety: bool
+    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., text: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., safety: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("items", "transform", "request_id")
+    __slots__ = ("items", "transform", "request_id", "model", "models", "combination")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    COMBINATION_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoreItem]
     transform: str
     request_id: str
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., transform: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    combination: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., transform: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., combination: _Optional[str] = ...) -> None: ...
 
 class RewardStatistics(_message.Message):
     __slots__ = ("mean", "std", "source")
@@ -48,29 +56,88 @@ class RewardStatistics(_message.Message):
     source: str
     def __init__(self, mean: _Optional[float] = ..., std: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
+class LengthFit(_message.Message):
+    __slots__ = ("slope", "mean_length", "responses")
+    SLOPE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    slope: float
+    mean_length: float
+    responses: int
+    def __init__(self, slope: _Optional[float] = ..., mean_length: _Optional[float] = ..., responses: _Optional[int] = ...) -> None: ...
+
 class Transform(_message.Message):
-    __slots__ = ("name", "statistics", "beta")
+    __slots__ = ("name", "statistics", "beta", "length_fit")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     statistics: RewardStatistics
     beta: float
-    def __init__(self, name: _Optional[str] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., beta: _Optional[float] = ...) -> None: ...
+    length_fit: LengthFit
+    def __init__(self, name: _Optional[str] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., beta: _Optional[float] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ...) -> None: ...
+
+class Combination(_message.Message):
+    __slots__ = ("name", "kind", "models", "weights", "threshold", "conservative_lambda")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CONSERVATIVE_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    threshold: float
+    conservative_lambda: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ..., conservative_lambda: _Optional[float] = ...) -> None: ...
+
+class ComponentScores(_message.Message):
+    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    rewards: _containers.RepeatedScalarFieldContainer[float]
+    truncated: _containers.RepeatedScalarFieldContainer[bool]
+    transform: Transform
+    model_version: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model", "scores", "rewards", "truncated", "transform")
+    __slots__ = ("model", "scores", "rewards", "truncated", "transform", "model_version", "components", "combination", "chosen", "std")
+    class ComponentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ComponentScores
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ComponentScores, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    COMBINATION_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
     model: str
     scores: _containers.RepeatedScalarFieldContainer[float]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     truncated: _containers.RepeatedScalarFieldContainer[bool]
     transform: Transform
-    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ...) -> None: ...
+    model_version: str
+    components: _containers.MessageMap[str, ComponentScores]
+    combination: Combination
+    chosen: _containers.RepeatedScalarFieldContainer[str]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Mapping[str, ComponentScores]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "type", "message")

@@ -40,6 +40,7 @@ ScoreBatch = Callable[[list[list[int]]], list[float]]
 class _Job:
     input_ids: list[int]
     future: asyncio.Future
+    engine: "ForwardEngine"
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
@@ -90,6 +91,7 @@ class _CallableForward:
 @dataclass
 class _InFlight:
     jobs: list[_Job]
+    engine: ForwardEngine
     pending: Any
     started: float
 
@@ -137,8 +139,9 @@ class Batcher:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="rewardserve-batcher")
 
-    def submit(self, sequences: list[list[int]]) -> list[asyncio.Future]:
-        """Queues the sequences as one unit and returns a future per sequence (its score)."""
+    def submit(self, sequences: list[list[int]], engine: ForwardEngine | None = None) -> list[asyncio.Future]:
+        """Queues the sequences as one unit for `engine` (the batcher's own by default) and returns a future per
+        sequence (its score)."""
         if self._draining:
             raise NotReady("the server is shutting down; send this request to another replica or retry shortly")
         if self._queued_items + len(sequences) > self.max_queue_items:
@@ -148,7 +151,8 @@ class Batcher:
                 retry_after=self._retry_after(),
             )
         loop = asyncio.get_running_loop()
-        unit = deque(_Job(ids, loop.create_future()) for ids in sequences)
+        engine = engine if engine is not None else self._forward
+        unit = deque(_Job(ids, loop.create_future(), engine) for ids in sequences)
         self._units.append(unit)
         self._queued_items += len(unit)
         self._queued_tokens += sum(len(ids) for ids in sequences)
@@ -223,9 +227,11 @@ class Batcher:
             self._leave_queue(gone)
         if not self._window:
             return []
-        batches = plan_batches([len(job.input_ids) for job in self._window], self.max_batch_tokens)
-        chosen = next(batch for batch in batches if 0 in batch)  # the item longest in the window
-        jobs = [self._window[i] for i in chosen]
+        engine = self._window[0].engine  # the item longest in the window: its model goes next
+        candidates = [job for job in self._window if job.engine is engine]
+        batches = plan_batches([len(job.input_ids) for job in candidates], self.max_batch_tokens)
+        chosen = next(batch for batch in batches if 0 in batch)  # the batch holding that oldest item
+        jobs = [candidates[i] for i in chosen]
         self._leave_queue(jobs)
         return jobs
 
@@ -246,8 +252,9 @@ class Batcher:
         for job in live:
             metrics.QUEUE_LATENCY.observe(started - job.submitted_at)
         loop = asyncio.get_running_loop()
+        engine = live[0].engine
         try:
-            pending = await loop.run_in_executor(self._worker, self._forward.launch, [j.input_ids for j in live])
+            pending = await loop.run_in_executor(self._worker, engine.launch, [j.input_ids for j in live])
         except OutOfMemory:
             await self._finish_in_flight()
             await self._split_after_oom(live)
@@ -257,14 +264,14 @@ class Batcher:
             self._fail(live, Internal(f"the forward pass failed: {type(error).__name__}: {error}"))
             return
         await self._finish_in_flight()
-        self._in_flight = _InFlight(live, pending, started)
+        self._in_flight = _InFlight(live, engine, pending, started)
 
     async def _finish_in_flight(self) -> None:
         flight, self._in_flight = self._in_flight, None
         if flight is None:
             return
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(self._worker, self._forward.collect,
+            scores = await asyncio.get_running_loop().run_in_executor(self._worker, flight.engine.collect,
                                                                       flight.pending)
         except Exception as error:
             log.exception("forward pass failed for a batch of %d items", len(flight.jobs))

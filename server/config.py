@@ -2,10 +2,24 @@
 (`REWARDSERVE_MAX_BATCH_TOKENS`). Validated at start and printed at start with the API key redacted."""
 from __future__ import annotations
 
-from typing import Literal
+import re
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .combinations import Combination
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """`NAME=DIR` -> (NAME, DIR); a bare `DIR` is named after its last folder, as a one-model server always was."""
+    name, equals, path = spec.partition("=")
+    if equals and MODEL_NAME.match(name) and path and not Path(spec).exists():
+        return name, path
+    return Path(spec).name or spec, spec
 
 
 class ServeConfig(BaseSettings):
@@ -14,8 +28,16 @@ class ServeConfig(BaseSettings):
         extra="ignore",
     )
 
-    model: str
-    """Reward checkpoint: a local folder (HF sequence-classification or OpenRLHF layout), or a hub id."""
+    model: Annotated[list[str], NoDecode]
+    """Reward checkpoint: a local folder (HF sequence-classification or OpenRLHF layout), or a hub id. Repeat it as
+    NAME=DIR to serve several models in one process (`--model helpful=DIR --model safety=DIR`); the environment
+    variable takes them separated by spaces or commas."""
+    combination: list[str] = []
+    """A named combination of the models, repeatable: "safe=llama2 helpful=H safety=S [threshold=0.15]",
+    "mix=sum 0.7*H 0.3*S" or "ens=ensemble A B C [lambda=0.5]" (README: when to use which)."""
+    default_reward: str | None = None
+    """The model or combination that answers requests naming neither (and the compatible endpoints); default: the
+    first model."""
     host: str = "127.0.0.1"
     """Address to bind; 0.0.0.0 to serve beyond this machine (then set an API key)."""
     http_port: int = Field(8000, ge=0, le=65535)
@@ -68,13 +90,42 @@ class ServeConfig(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level."""
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _split_models(cls, value):
+        if isinstance(value, str):
+            return [part for part in re.split(r"[\s,]+", value) if part]
+        return value
+
     @model_validator(mode="after")
     def _pairs_come_together(self) -> "ServeConfig":
+        if not self.model:
+            raise ValueError("give at least one --model")
+        names = [name for name, _ in self.model_specs()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models are named alike ({', '.join(names)}); name each one: --model NAME=DIR")
+        combinations = [c.name for c in self.combinations()]  # parses each, so a bad spec stops the start here
+        clash = set(combinations) & set(names) or len(set(combinations)) != len(combinations)
+        if clash:
+            raise ValueError(f"models and combinations need names of their own ({', '.join(names + combinations)})")
+        if self.default_reward is not None and self.default_reward not in names + combinations:
+            raise ValueError(f"--default-reward {self.default_reward!r} is neither a model nor a combination"
+                             f" ({', '.join(names + combinations)})")
+        if self.reward_mean is not None and len(names) > 1:
+            raise ValueError("--reward-mean and --reward-std set one model's statistics; with several models, store"
+                             " them in each checkpoint's config.json (`reward_statistics`)")
         if (self.reward_mean is None) != (self.reward_std is None):
             raise ValueError("give --reward-mean and --reward-std together")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give --tls-cert and --tls-key together")
         return self
+
+    def model_specs(self) -> list[tuple[str, str]]:
+        """(name, path) of each model, in the order given; the first is the default."""
+        return [parse_model_spec(spec) for spec in self.model]
+
+    def combinations(self) -> list[Combination]:
+        return [Combination.parse(spec) for spec in self.combination]
 
     def printable(self) -> dict:
         """The settings as printed at start; the API key shows only whether it is set."""

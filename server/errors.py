@@ -4,6 +4,7 @@
     ├── InvalidInput           422  INVALID_ARGUMENT   a field is missing, of the wrong type or out of range
     │   ├── MalformedRequest   400  INVALID_ARGUMENT   the body is not valid JSON / protobuf
     │   ├── TransformUnavailable 422 FAILED_PRECONDITION  a transform that needs statistics the server lacks
+    │   ├── UnknownModel       422  NOT_FOUND          a model or combination this server does not have
     │   ├── InputTooLong       413  INVALID_ARGUMENT   an item exceeds max_length and on_overflow=error
     │   └── TooManyItems       413  INVALID_ARGUMENT   more items than max_items_per_request
     ├── PayloadTooLarge        413  RESOURCE_EXHAUSTED the request body exceeds max_body_bytes
@@ -47,6 +48,10 @@ class MalformedRequest(InvalidInput):
 
 class TransformUnavailable(InvalidInput):
     http_status, grpc_code, kind = 422, "FAILED_PRECONDITION", "transform_unavailable"
+
+
+class UnknownModel(InvalidInput):
+    http_status, grpc_code, kind = 422, "NOT_FOUND", "unknown_model"
 
 
 class InputTooLong(InvalidInput):

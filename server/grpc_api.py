@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rewardserve.proto import reward_pb2
 
 from .errors import Internal, InvalidInput, Overloaded, RewardServeError, Unauthorized, describe_validation_errors
-from .schemas import ScoreRequest, ScoreResponse
+from .schemas import ScoreRequest, ScoreResponse, TransformOut
 from .service import ScoringService
 
 log = logging.getLogger(__name__)
@@ -30,31 +30,51 @@ def request_from_proto(message: reward_pb2.ScoreRequest) -> ScoreRequest:
     """Builds the same pydantic request HTTP builds, so the same rules (and messages) apply."""
     items = []
     for item in message.items:
-        fields = {name: getattr(item, name) for name in ("prompt", "response", "text") if item.HasField(name)}
+        fields = {name: getattr(item, name) for name in ("prompt", "response", "text", "safety") if item.HasField(name)}
         if item.messages:
             fields["messages"] = [{"role": m.role, "content": m.content} for m in item.messages]
         if item.input_ids:
             fields["input_ids"] = list(item.input_ids)
         items.append(fields)
+    target = {name: getattr(message, name) for name in ("model", "combination") if message.HasField(name)}
+    if message.models:
+        target["models"] = list(message.models)
     try:
-        return ScoreRequest.model_validate({"items": items, "transform": message.transform or None})
+        return ScoreRequest.model_validate({"items": items, "transform": message.transform or None, **target})
     except ValidationError as error:
         raise InvalidInput(describe_validation_errors(error.errors())) from error
 
 
+def transform_to_proto(described: TransformOut) -> reward_pb2.Transform:
+    transform = reward_pb2.Transform(name=described.name)
+    if described.statistics is not None:
+        transform.statistics.CopyFrom(reward_pb2.RewardStatistics(**described.statistics.model_dump()))
+    if described.beta is not None:
+        transform.beta = described.beta
+    if described.length_fit is not None:
+        transform.length_fit.CopyFrom(reward_pb2.LengthFit(**described.length_fit.model_dump()))
+    return transform
+
+
 def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
-    transform = reward_pb2.Transform(name=response.transform.name)
-    if response.transform.statistics is not None:
-        transform.statistics.CopyFrom(reward_pb2.RewardStatistics(**response.transform.statistics.model_dump()))
-    if response.transform.beta is not None:
-        transform.beta = response.transform.beta
-    return reward_pb2.ScoreResponse(
+    message = reward_pb2.ScoreResponse(
         model=response.model,
         scores=response.scores,
         rewards=response.rewards,
         truncated=response.truncated,
-        transform=transform,
+        transform=transform_to_proto(response.transform),
+        model_version=response.model_version,
+        chosen=response.chosen or [],
+        std=response.std or [],
     )
+    for name, part in (response.components or {}).items():
+        message.components[name].CopyFrom(reward_pb2.ComponentScores(
+            scores=part.scores, rewards=part.rewards, truncated=part.truncated,
+            transform=transform_to_proto(part.transform), model_version=part.model_version))
+    if response.combination is not None:
+        message.combination.CopyFrom(reward_pb2.Combination(
+            **response.combination.model_dump(exclude_none=True)))
+    return message
 
 
 def error_to_proto(error: RewardServeError) -> reward_pb2.Error:

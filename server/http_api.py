@@ -26,7 +26,7 @@ from .errors import (
     RewardServeError,
     describe_validation_errors,
 )
-from .schemas import ModelInfo, OpenRLHFRewardRequest, OpenRLHFRewardResponse, ScoreItem, ScoreRequest, ScoreResponse
+from .schemas import OpenRLHFRewardRequest, OpenRLHFRewardResponse, ScoreItem, ScoreRequest, ScoreResponse, ServerInfo
 from .service import ScoringService
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
     @app.post("/get_reward", response_model=OpenRLHFRewardResponse, dependencies=[Depends(authorized)])
     async def get_reward(body: OpenRLHFRewardRequest) -> OpenRLHFRewardResponse:
         """OpenRLHF's remote reward model: each `query` is a whole templated text, scored as given."""
-        result = await service.score(ScoreRequest(items=[ScoreItem(text=q) for q in body.query]))
+        result = await service.score(ScoreRequest(items=[ScoreItem(text=q) for q in body.query], model=body.model,
+                                                  combination=body.combination))
         return OpenRLHFRewardResponse(rewards=result.rewards, scores=result.scores)
 
     @app.get("/health")
@@ -63,8 +64,8 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
-    @app.get("/info", response_model=ModelInfo, dependencies=[Depends(authorized)])
-    async def info() -> ModelInfo:
+    @app.get("/info", response_model=ServerInfo, dependencies=[Depends(authorized)])
+    async def info() -> ServerInfo:
         return service.info()
 
     @app.get("/metrics", include_in_schema=False)

@@ -1,4 +1,4 @@
-"""The composition root of the server: load the model, warm it up, build Batcher -> ScoringService -> both
+"""The composition root of the server: load the models, warm them up, build Batcher -> ScoringService -> both
 adapters, and run uvicorn and grpc.aio on one asyncio loop, so both protocols share one batcher.
 
 Shutdown (SIGTERM or SIGINT): stop taking new work (503 / UNAVAILABLE), finish what is queued, then close both
@@ -21,8 +21,10 @@ from .batcher import Batcher
 from .config import ServeConfig
 from .grpc_api import create_grpc_server, set_serving
 from .http_api import create_app
+from .errors import StartupError
 from .modeling import RewardModel
 from .normalization import RewardStatistics, RewardTransform
+from .registry import ModelRegistry, ServedModel
 from .schemas import ModelInfo
 from .service import ScoringService
 from .simulated_forward import SimulatedForward
@@ -49,8 +51,10 @@ def default_max_length(tokenizer, max_positions: int) -> int:
     return min(trained, max_positions) if isinstance(trained, int) and trained < 1_000_000 else max_positions
 
 
-def build_service(config: ServeConfig, model: RewardModel) -> ScoringService:
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
+    """Loads one checkpoint with its tokenizer, statistics, length fit and default transform, and warms it up."""
+    model = RewardModel.load(path, config.dtype, config.device, config.trust_remote_code)
+    tokenizer = load_tokenizer(path, config.trust_remote_code)
     max_length = config.max_length or default_max_length(tokenizer, model.max_positions)
     append_eos = model.is_decoder if config.append_eos is None else config.append_eos
     encoder = ItemEncoder(tokenizer, max_length, config.on_overflow, append_eos=append_eos)
@@ -61,38 +65,53 @@ def build_service(config: ServeConfig, model: RewardModel) -> ScoringService:
     if transform == "auto":
         transform = "whiten" if statistics else "raw"
     if transform == "whiten" and statistics is None:
-        raise SystemExit(
-            f"--transform whiten needs reward statistics, and {config.model} has none in its config;"
+        raise StartupError(
+            f"--transform whiten needs reward statistics, and {path} has none in its config;"
             " pass --reward-mean and --reward-std, or choose --transform raw"
         )
     default_transform = RewardTransform(transform, statistics if transform == "whiten" else None, config.beta)
     info = ModelInfo(
-        model=model.name, architecture=model.architecture, dtype=str(model.dtype).removeprefix("torch."),
-        device=str(model.device), max_length=max_length, on_overflow=config.on_overflow,
-        chat_template=encoder.has_chat_template, default_transform=default_transform.describe(),
-        statistics=asdict(statistics) if statistics else None,
+        model=name, path=str(path), version=model.version, architecture=model.architecture,
+        dtype=str(model.dtype).removeprefix("torch."), device=str(model.device), max_length=max_length,
+        on_overflow=config.on_overflow, chat_template=encoder.has_chat_template,
+        default_transform=default_transform.describe(), statistics=asdict(statistics) if statistics else None,
         max_items_per_request=config.max_items_per_request, max_batch_tokens=config.max_batch_tokens,
+        length_fit=asdict(model.length_fit) if model.length_fit else None,
     )
-    forward = model
+    engine = model
     if config.stand_in_forward_us:
-        forward = SimulatedForward(config.stand_in_forward_us)
-        log.warning("benchmark mode: %s", forward.describe())
-        info.forward = forward.describe()
-    batcher = Batcher(forward, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
-    service = ScoringService(
-        encoder, batcher, info, statistics=statistics, default_transform=default_transform, beta=config.beta,
+        engine = SimulatedForward(config.stand_in_forward_us)
+        log.warning("benchmark mode: %s", engine.describe())
+        info.forward = engine.describe()
+    model.score_batch([[model.pad_token_id] * 8])  # warm-up: the first forward pays for kernels and allocations
+    log.info("model %s ready: %s, version %s", name, path, model.version)
+    return ServedModel(name, engine, encoder, statistics, model.length_fit, default_transform, info, model.version,
+                       str(path))
+
+
+def build_service(config: ServeConfig, models: list[ServedModel]) -> ScoringService:
+    combinations = config.combinations()
+    statistics = {model.name: model.statistics for model in models}
+    for combination in combinations:
+        try:
+            combination.check(statistics)
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+    batcher = Batcher(models[0].engine, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
+    return ScoringService(
+        ModelRegistry(models, combinations, config.default_reward), batcher, beta=config.beta,
         max_items_per_request=config.max_items_per_request,
         api_key=config.api_key.get_secret_value() if config.api_key else None,
         tokenizer_threads=config.tokenizer_threads, rate_limit=config.rate_limit,
     )
-    return service
 
 
 async def serve(config: ServeConfig) -> None:
     started = time.perf_counter()
-    model = RewardModel.load(config.model, config.dtype, config.device, config.trust_remote_code)
-    service = build_service(config, model)
-    await asyncio.get_running_loop().run_in_executor(None, model.score_batch, [[model.pad_token_id] * 8])  # warm-up
+    loop = asyncio.get_running_loop()
+    models = [await loop.run_in_executor(None, load_served_model, name, path, config)
+              for name, path in config.model_specs()]
+    service = build_service(config, models)
     service.batcher.start()
 
     http = _UvicornWithoutSignals(uvicorn.Config(
@@ -117,7 +136,7 @@ async def serve(config: ServeConfig) -> None:
     http_port = http.servers[0].sockets[0].getsockname()[1]
     service.mark_ready()
     log.info(
-        "rewardserve ready: model=%s http=%s://%s:%d grpc=%s (%.1f s to start)", model.name,
+        "rewardserve ready: model=%s http=%s://%s:%d grpc=%s (%.1f s to start)", ",".join(service.registry.names),
         "https" if config.tls_cert else "http", config.host, http_port,
         f"{config.host}:{grpc_port}{' (TLS)' if config.tls_cert else ''}" if grpc_server else "off",
         time.perf_counter() - started,

@@ -20,19 +20,22 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory
-from .normalization import RewardStatistics
+from .normalization import LengthFit, RewardStatistics
 from .packing import pack, packed_scores, supports_packing, to_device
 
 log = logging.getLogger(__name__)
 
 STATISTICS_KEY = "reward_statistics"  # config.json entry written by `rewardserve train`
+LENGTH_FIT_KEY = "reward_length_fit"  # likewise: the least-squares line of score on response length
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -168,6 +171,13 @@ def read_statistics(config) -> RewardStatistics | None:
     return None
 
 
+def read_length_fit(config) -> LengthFit | None:
+    fit = getattr(config, LENGTH_FIT_KEY, None)
+    if not fit:
+        return None
+    return LengthFit(float(fit["slope"]), float(fit["mean_length"]), int(fit.get("responses", 0)))
+
+
 def _copy_openrlhf_head(model: nn.Module, path: Path, prefix: str) -> None:
     """OpenRLHF names the head by `value_head_prefix` (`value_head` in older releases); move it into `score`."""
     from safetensors import safe_open
@@ -244,8 +254,10 @@ def init_reward_model_from_base(base: str | os.PathLike, dtype: torch.dtype = to
     return model
 
 
-def save_reward_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, statistics: RewardStatistics | None):
-    """Writes an HF checkpoint (safetensors + tokenizer) with the whitening statistics in its config.
+def save_reward_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, statistics: RewardStatistics | None,
+                      length_fit: LengthFit | None = None):
+    """Writes an HF checkpoint (safetensors + tokenizer) with the whitening statistics and the length fit in its
+    config.
 
     Written to a sibling temp folder and renamed, so a reader never sees half a checkpoint.
     """
@@ -254,6 +266,8 @@ def save_reward_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, s
     shutil.rmtree(staging, ignore_errors=True)
     if statistics is not None:
         setattr(model.config, STATISTICS_KEY, {"mean": statistics.mean, "std": statistics.std})
+    if length_fit is not None:
+        setattr(model.config, LENGTH_FIT_KEY, asdict(length_fit))
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(staging, safe_serialization=True)
@@ -276,6 +290,9 @@ class RewardModel:
     max_positions: int
     statistics: RewardStatistics | None
     packs: bool = False  # padding-free forwards (server/packing.py) for the architectures that support them
+    length_fit: LengthFit | None = None
+    weights_hash: str = ""  # checkpoint_hash(path): what the model is; with loaded_at, its version
+    loaded_at: float = field(default_factory=time.time)
 
     @classmethod
     def load(cls, path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
@@ -288,7 +305,13 @@ class RewardModel:
         if isinstance(pad, list):
             pad = pad[0]
         return cls(network, _model_name(path), target, torch_dtype, int(pad), context_size(config),
-                   read_statistics(config), packs=supports_packing(network))
+                   read_statistics(config), packs=supports_packing(network), length_fit=read_length_fit(config),
+                   weights_hash=checkpoint_hash(path, config))
+
+    @property
+    def version(self) -> str:
+        """A short hash of the weights and config, and the load time: `3f2a9c1e07@20261126T021005Z`."""
+        return f"{self.weights_hash}@{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(self.loaded_at))}"
 
     @property
     def is_decoder(self) -> bool:
@@ -341,6 +364,24 @@ class RewardModel:
 class PendingScores:
     scores: torch.Tensor  # (B,) on the host (pinned on a GPU machine), complete once `done` has fired
     done: "torch.cuda.Event | None"
+
+
+def checkpoint_hash(path: str | os.PathLike, config=None) -> str:
+    """BLAKE2b over config.json and the weight files (10 hex digits), so two loads of the same checkpoint agree
+    and any change to the weights or config shows. A hub id hashes the id and the commit it resolved to."""
+    folder = Path(path)
+    digest = hashlib.blake2b(digest_size=5)
+    if not folder.is_dir():
+        digest.update(f"{path}@{getattr(config, '_commit_hash', None)}".encode())
+        return digest.hexdigest()
+    files = [folder / "config.json"] + sorted(f for pattern in ("*.safetensors", "*.bin") for f in folder.glob(pattern))
+    for file in files:
+        if file.is_file():
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                while chunk := handle.read(1 << 23):
+                    digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _model_name(path: str) -> str:

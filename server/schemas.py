@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-TransformChoice = Literal["raw", "whiten", "logsigmoid"]
+TransformChoice = Literal["raw", "whiten", "logsigmoid", "debias"]
 
 
 def _valid_unicode(text: str) -> str:
@@ -48,6 +48,8 @@ class ScoreItem(BaseModel):
     messages: list[Message] | None = None
     text: Text | None = None
     input_ids: list[int] | None = None
+    safety: bool | None = Field(None, description="flags the item safety-relevant, for a llama2 combination: its"
+                                                   " safety model's score is used whatever it is")
 
     @model_validator(mode="after")
     def _exactly_one_form(self) -> "ScoreItem":
@@ -84,8 +86,20 @@ class ScoreRequest(BaseModel):
 
     items: list[ScoreItem] = Field(min_length=1, description="the items to score, at least one")
     transform: TransformChoice | None = Field(
-        default=None, description="raw, whiten or logsigmoid; the server's default when left out"
+        default=None, description="raw, whiten, logsigmoid or debias; the model's default when left out (a"
+                                  " combination fixes its own)"
     )
+    model: str | None = Field(None, description="score with this one model (GET /info lists them)")
+    models: list[str] | None = Field(None, min_length=1, description="score with each of these models; the response"
+                                                                       " has every model's scores in `components`")
+    combination: str | None = Field(None, description="score with this combination declared at start")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "ScoreRequest":
+        named = [name for name in ("model", "models", "combination") if getattr(self, name) is not None]
+        if len(named) > 1:
+            raise ValueError(f"name one of `model`, `models` or `combination`, not {' and '.join(named)}")
+        return self
 
 
 class RewardStatisticsOut(BaseModel):
@@ -94,24 +108,63 @@ class RewardStatisticsOut(BaseModel):
     source: str
 
 
+class LengthFitOut(BaseModel):
+    slope: float
+    mean_length: float
+    responses: int
+
+
 class TransformOut(BaseModel):
     name: TransformChoice
     statistics: RewardStatisticsOut | None = None
     beta: float | None = None
+    length_fit: LengthFitOut | None = None
+
+
+class CombinationOut(BaseModel):
+    name: str
+    kind: Literal["llama2", "sum", "ensemble"]
+    models: list[str]
+    weights: list[float] | None = None
+    threshold: float | None = None
+    conservative_lambda: float | None = None
+
+
+class ComponentScores(BaseModel):
+    """One model's part of a `models` or `combination` answer."""
+
+    scores: list[float]
+    rewards: list[float]
+    truncated: list[bool]
+    transform: TransformOut
+    model_version: str
 
 
 class ScoreResponse(BaseModel):
-    """Parallel lists, one entry per item, in the order the items came."""
+    """Parallel lists, one entry per item, in the order the items came.
 
-    model: str
+    One model: its raw `scores` and transformed `rewards`. `models`: the first model's at the top, every model's in
+    `components`. A combination: `rewards` is the combined reward, `scores` the value before its last step (llama2:
+    the chosen raw score; sum: the sum; ensemble: the mean), and `components` each model's raw and whitened scores.
+    """
+
+    model: str = Field(description="the model or combination that gave `rewards`")
     scores: list[float] = Field(description="raw scores of the reward model")
     rewards: list[float] = Field(description="scores after the transform")
     truncated: list[bool] = Field(description="whether the item was cut to max_length (prompt cut from the left)")
     transform: TransformOut
+    model_version: str = Field(description="the version of the model that scored (hash of weights and config @ load"
+                                           " time); for several, `name=version` joined by commas")
+    components: dict[str, ComponentScores] | None = None
+    combination: CombinationOut | None = None
+    chosen: list[str] | None = Field(None, description="llama2: the model whose score each item got")
+    std: list[float] | None = Field(None, description="ensemble: the std of the models' whitened scores")
 
 
 class ModelInfo(BaseModel):
     model: str
+    path: str = ""
+    version: str = ""
     architecture: str
     dtype: str
     device: str
@@ -123,6 +176,16 @@ class ModelInfo(BaseModel):
     max_items_per_request: int
     max_batch_tokens: int
     forward: str = Field("model", description="`model`, or the stand-in a benchmark replaced its forward with")
+    length_fit: LengthFitOut | None = None
+
+
+class ServerInfo(ModelInfo):
+    """GET /info: the default model's fields at the top (as a one-model server has always answered), then every
+    model, the combinations and the default."""
+
+    models: list[ModelInfo]
+    combinations: list[CombinationOut]
+    default: str
 
 
 class OpenRLHFRewardRequest(BaseModel):
@@ -131,6 +194,8 @@ class OpenRLHFRewardRequest(BaseModel):
     query: list[str] = Field(min_length=1)
     prompts: list[str] | None = None
     labels: list | None = None
+    model: str | None = Field(None, description="rewardserve's addition: one of the server's models")
+    combination: str | None = Field(None, description="rewardserve's addition: one of the server's combinations")
 
 
 class OpenRLHFRewardResponse(BaseModel):

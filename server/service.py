@@ -1,7 +1,9 @@
-"""The protocol-independent scoring core. HTTP and gRPC both call `ScoringService.score`; neither sees the model.
+"""The protocol-independent scoring core. HTTP and gRPC both call `ScoringService.score`; neither sees a model.
 
-score(request): check the limits that depend on configuration -> tokenize in a thread pool -> submit to the
-batcher -> await one future per item -> apply the reward transform -> assemble the response.
+score(request): check the limits that depend on configuration -> find the model(s) the request names -> tokenize
+with each model's tokenizer in a thread pool -> submit to the one batcher, each model's items to its engine ->
+await one future per item -> apply each model's transform, and the combination if one was named -> assemble the
+response.
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import metrics
 from .batcher import Batcher
-from .errors import (Internal, NotReady, RateLimited, RewardServeError, TooManyItems, TransformUnavailable,
-                     Unauthorized)
-from .normalization import RewardStatistics, RewardTransform
+from .combinations import combine
+from .errors import (Internal, InvalidInput, NotReady, RateLimited, RewardServeError, TooManyItems,
+                     TransformUnavailable, Unauthorized)
+from .normalization import RewardTransform
 from .rate_limit import RateLimiter
-from .schemas import ModelInfo, ScoreRequest, ScoreResponse, TransformChoice
-from .tokenization import ItemEncoder
+from .registry import ModelRegistry, ServedModel, Target
+from .schemas import (CombinationOut, ComponentScores, ScoreRequest, ScoreResponse, ServerInfo, TransformChoice,
+                      TransformOut)
+from .tokenization import EncodedItem
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +32,17 @@ log = logging.getLogger(__name__)
 class ScoringService:
     def __init__(
         self,
-        encoder: ItemEncoder,
+        registry: ModelRegistry,
         batcher: Batcher,
-        info: ModelInfo,
-        statistics: RewardStatistics | None,
-        default_transform: RewardTransform,
         beta: float = 1.0,
         max_items_per_request: int = 1024,
         api_key: str | None = None,
         tokenizer_threads: int = 2,
         rate_limit: float = 0.0,
     ):
-        self.encoder = encoder
+        self.registry = registry
         self.batcher = batcher
-        self._info = info
-        self.statistics = statistics
         self.beta = beta
-        self.default_transform = default_transform
         self.max_items_per_request = max_items_per_request
         self._api_key = api_key.encode() if api_key else None
         self._tokenizer_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="rewardserve-tokenize")
@@ -61,8 +60,13 @@ class ScoringService:
     def is_ready(self) -> bool:
         return self._ready and not self._draining
 
-    def info(self) -> ModelInfo:
-        return self._info
+    def info(self) -> ServerInfo:
+        models = [model.info for model in self.registry.models()]
+        default = self.registry.default
+        first = (self.registry.get(default) if default not in self.registry.combinations
+                 else self.registry.get(self.registry.combinations[default].models[0]))
+        return ServerInfo(**first.info.model_dump(), models=models, default=default,
+                          combinations=[CombinationOut(**c.describe()) for c in self.registry.combinations.values()])
 
     def check_api_key(self, presented: str | None) -> None:
         """Constant-time comparison, so response timing does not leak how much of a guessed key was right."""
@@ -82,13 +86,21 @@ class ScoringService:
             self.record_error(error)
             raise error
 
-    def transform_for(self, name: TransformChoice) -> RewardTransform:
-        if name == "whiten" and self.statistics is None:
+    def transform_for(self, model: ServedModel, name: TransformChoice | None) -> RewardTransform:
+        if name is None:
+            return model.default_transform
+        if name == "whiten" and model.statistics is None:
             raise TransformUnavailable(
-                "whitened rewards need reward statistics, and this checkpoint has none; ask for `raw`, or start the"
-                " server with --reward-mean and --reward-std"
+                f"whitened rewards need reward statistics, and model {model.name!r} has none; ask for `raw`, or"
+                " start the server with --reward-mean and --reward-std"
             )
-        return RewardTransform(name, self.statistics if name == "whiten" else None, self.beta)
+        if name == "debias" and model.length_fit is None:
+            raise TransformUnavailable(
+                f"the length-debiased reward needs the checkpoint's length fit, and model {model.name!r} has none;"
+                " checkpoints from `rewardserve train` store it (`reward_length_fit` in config.json)"
+            )
+        return RewardTransform(name, model.statistics if name == "whiten" else None, self.beta,
+                               model.length_fit if name == "debias" else None)
 
     # -- scoring --------------------------------------------------------------------------------------------------
     async def score(self, request: ScoreRequest, request_id: str | None = None) -> ScoreResponse:
@@ -118,28 +130,60 @@ class ScoringService:
                 f"{len(request.items)} items in one request, over the limit of {self.max_items_per_request};"
                 " split the request"
             )
-        transform = self.transform_for(request.transform) if request.transform else self.default_transform
-        encoded = await self._tokenize(request)
-        futures = self.batcher.submit([item.input_ids for item in encoded])
+        target = self.registry.target(request)  # read once: a reload meanwhile does not touch this request
+        if target.combination is not None and request.transform is not None:
+            raise InvalidInput(f"combination {target.name!r} whitens each model's score itself; leave out `transform`")
+        transforms = [self.transform_for(model, "whiten" if target.combination else request.transform)
+                      for model in target.models]
+        encoded = await asyncio.gather(*(self._tokenize(model, request, transform.needs_lengths)
+                                         for model, transform in zip(target.models, transforms)))
+        futures = [self.batcher.submit([item.input_ids for item in items], model.engine)
+                   for model, items in zip(target.models, encoded)]
         try:
-            scores = await asyncio.gather(*futures)
+            scores = await asyncio.gather(*(asyncio.gather(*model_futures) for model_futures in futures))
         except BaseException:
-            for future in futures:  # the client has gone or a sibling failed: spare the forward passes
-                future.cancel()
+            for future in (f for model_futures in futures for f in model_futures):
+                future.cancel()  # the client has gone or a sibling failed: spare the forward passes
             raise
-        metrics.TRUNCATED.inc(sum(item.truncated for item in encoded))
-        return ScoreResponse(
-            model=self._info.model,
-            scores=scores,
-            rewards=transform.apply(scores),
-            truncated=[item.truncated for item in encoded],
-            transform=transform.describe(),
-        )
+        metrics.TRUNCATED.inc(sum(item.truncated for items in encoded for item in items))
+        components = [self._component(items, list(s), transform, model)
+                      for model, items, s, transform in zip(target.models, encoded, scores, transforms)]
+        return self._response(target, request, components)
 
-    async def _tokenize(self, request: ScoreRequest):
+    @staticmethod
+    def _component(items: list[EncodedItem], scores: list[float], transform: RewardTransform,
+                   model: ServedModel) -> ComponentScores:
+        lengths = [item.response_length for item in items] if transform.needs_lengths else None
+        return ComponentScores(scores=scores, rewards=transform.apply(scores, lengths),
+                               truncated=[item.truncated for item in items],
+                               transform=TransformOut(**transform.describe()), model_version=model.version)
+
+    @staticmethod
+    def _response(target: Target, request: ScoreRequest, components: list[ComponentScores]) -> ScoreResponse:
+        first = components[0]
+        if target.kind == "model":
+            return ScoreResponse(model=target.name, scores=first.scores, rewards=first.rewards,
+                                 truncated=first.truncated, transform=first.transform, model_version=first.model_version)
+        by_name = {model.name: part for model, part in zip(target.models, components)}
+        versions = ",".join(f"{name}={part.model_version}" for name, part in by_name.items())
+        truncated = [any(flags) for flags in zip(*(part.truncated for part in components))]
+        if target.kind == "models":
+            return ScoreResponse(model=target.name, scores=first.scores, rewards=first.rewards, truncated=truncated,
+                                 transform=first.transform, model_version=versions, components=by_name)
+        combination = target.combination
+        combined = combine(combination, {name: part.scores for name, part in by_name.items()},
+                           {model.name: model.statistics for model in target.models},
+                           flagged=[bool(item.safety) for item in request.items])
+        return ScoreResponse(model=combination.name, scores=combined.scores, rewards=combined.rewards,
+                             truncated=truncated, transform=TransformOut(name="whiten"), model_version=versions,
+                             components=by_name, combination=CombinationOut(**combination.describe()),
+                             chosen=combined.chosen, std=combined.std)
+
+    async def _tokenize(self, model: ServedModel, request: ScoreRequest, response_lengths: bool) -> list[EncodedItem]:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._tokenizer_pool, self.encoder.encode_all, request.items)
+        encoded = await loop.run_in_executor(self._tokenizer_pool, model.encoder.encode_all, request.items,
+                                             response_lengths)
         metrics.TOKENIZE_LATENCY.observe(time.perf_counter() - started)
         return encoded
 

@@ -27,6 +27,7 @@ OnOverflow = Literal["truncate", "error"]
 class EncodedItem:
     input_ids: list[int]
     truncated: bool
+    response_length: int | None = None  # the response's own tokens, counted when a length-debiased reward needs it
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -98,14 +99,30 @@ class ItemEncoder:
             return self._encode_text(text, add_special_tokens=False)
         return self.encode_prompt_response(item.prompt or "", item.response)
 
-    def encode_all(self, items: list[ScoreItem]) -> list[EncodedItem]:
+    def encode_all(self, items: list[ScoreItem], response_lengths: bool = False) -> list[EncodedItem]:
+        """response_lengths: also count each response's own tokens (the length a debiased reward corrects for)."""
         encoded = []
         for index, item in enumerate(items):
             try:
-                encoded.append(self.encode(item))
+                one = self.encode(item)
+                if response_lengths:
+                    one = EncodedItem(one.input_ids, one.truncated, self.response_length(item))
+                encoded.append(one)
             except InvalidInput as error:
                 raise type(error)(f"items[{index}]: {error.message}") from error
         return encoded
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def response_length(self, item: ScoreItem) -> int:
+        """Tokens of the response alone: `response`, or the content of a final assistant message."""
+        if item.response is not None:
+            return self.count_tokens(item.response)
+        if item.messages and item.messages[-1].role == "assistant":
+            return self.count_tokens(item.messages[-1].content)
+        raise InvalidInput("the length-debiased reward needs to know which part is the response: send `prompt` +"
+                           " `response`, or `messages` ending with the assistant turn")
 
     def _encode_text(self, text: str, add_special_tokens: bool) -> EncodedItem:
         text = self._cut_to_tail(self._finish(text))

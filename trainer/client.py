@@ -27,7 +27,7 @@ from .transports import (
 )
 
 __all__ = ["AsyncRewardClient", "RequestRejected", "RetryPolicy", "RewardClient", "RewardClientError",
-           "RewardUnavailable", "ScoreResult"]
+           "RewardUnavailable", "RewardTarget", "ScoreResult"]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,32 @@ class ScoreResult:
     truncated: list[bool]
     transform: dict
     model: str
+    model_version: str = ""
+    components: dict | None = None  # name -> {scores, rewards, truncated, transform, model_version}
+    combination: dict | None = None
+    chosen: list[str] | None = None
+    std: list[float] | None = None
 
     @classmethod
     def from_response(cls, body: dict) -> "ScoreResult":
-        return cls(body["scores"], body["rewards"], body["truncated"], body["transform"], body["model"])
+        return cls(body["scores"], body["rewards"], body["truncated"], body["transform"], body["model"],
+                   body.get("model_version", ""), body.get("components"), body.get("combination"),
+                   body.get("chosen"), body.get("std"))
+
+
+@dataclass(frozen=True)
+class RewardTarget:
+    """Which of a server's models answers: one (`model`), several side by side (`models`), or a combination
+    declared at the server's start; all None for the server's default."""
+
+    model: str | None = None
+    models: tuple[str, ...] | None = None
+    combination: str | None = None
+
+    def fields(self) -> dict:
+        fields = {"model": self.model, "models": list(self.models) if self.models else None,
+                  "combination": self.combination}
+        return {key: value for key, value in fields.items() if value}
 
 
 @dataclass(frozen=True)
@@ -60,10 +82,11 @@ class RetryPolicy:
         return min(self.max_delay, self.base_delay * 2**attempt) * rng.uniform(0.5, 1.0)
 
 
-def build_request(items: list[dict], transform: str | None) -> dict:
+def build_request(items: list[dict], transform: str | None, target: RewardTarget | None = None) -> dict:
     if not items:
         raise ValueError("score() needs at least one item")
-    return {"items": items, "transform": transform} if transform else {"items": items}
+    request = {"items": items} | (target.fields() if target else {})
+    return request | {"transform": transform} if transform else request
 
 
 def _split_urls(urls: str | list[str]) -> list[str]:
@@ -116,8 +139,8 @@ class _ClientCore:
 
 
 class RewardClient(_ClientCore):
-    def score(self, items: list[dict], transform: str | None = None) -> ScoreResult:
-        return ScoreResult.from_response(self._with_retries(build_request(items, transform)))
+    def score(self, items: list[dict], transform: str | None = None, target: RewardTarget | None = None) -> ScoreResult:
+        return ScoreResult.from_response(self._with_retries(build_request(items, transform, target)))
 
     def _with_retries(self, request: dict) -> dict:
         for attempt in range(self.retry.max_attempts):
@@ -147,8 +170,9 @@ class RewardClient(_ClientCore):
 class AsyncRewardClient(_ClientCore):
     _make_transport = staticmethod(make_async_transport)
 
-    async def score(self, items: list[dict], transform: str | None = None) -> ScoreResult:
-        return ScoreResult.from_response(await self._with_retries(build_request(items, transform)))
+    async def score(self, items: list[dict], transform: str | None = None,
+                    target: RewardTarget | None = None) -> ScoreResult:
+        return ScoreResult.from_response(await self._with_retries(build_request(items, transform, target)))
 
     async def _with_retries(self, request: dict) -> dict:
         for attempt in range(self.retry.max_attempts):

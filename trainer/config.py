@@ -146,6 +146,12 @@ class PPOConfig(_Settings):
     reward_retries: int = Field(8, gt=0)
     """Attempts per scoring request (exponential backoff with jitter, Retry-After honoured) before a rollout batch
     is dropped and counted."""
+    reward_model: CommaList | None = None
+    """Which of the server's models scores: one name, or several (comma-separated; the first gives the reward, each
+    is logged as reward/<name>). Default: the server's default."""
+    reward_combination: str | None = None
+    """A combination declared at the server's start (llama2, sum or ensemble); each of its models is logged as
+    reward/<name>, an ensemble's disagreement as reward/ensemble_std."""
     policy: str = "smollm2"
     """Policy to fine-tune: a local causal LM folder, a hub id, or `smollm2` (the embedded SmolLM2-135M-Instruct)."""
     reference: str | None = None
@@ -226,6 +232,8 @@ class PPOConfig(_Settings):
 
     @model_validator(mode="after")
     def _sizes_divide(self) -> "PPOConfig":
+        if self.reward_model and self.reward_combination:
+            raise ValueError("give --reward-model or --reward-combination, not both")
         for name in ("generation_batch_size", "mini_batch_size"):
             if getattr(self, name) is not None and self.batch_size % getattr(self, name):
                 raise ValueError(f"--batch-size {self.batch_size} must divide by --{name.replace('_', '-')}")

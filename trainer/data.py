@@ -42,6 +42,8 @@ class EncodedPair:
     margin: float | None
     p_chosen: float | None
     truncated: bool
+    chosen_response_length: int = 0  # the responses' own tokens: what the length fit regresses scores on
+    rejected_response_length: int = 0
 
     @property
     def length(self) -> int:
@@ -156,7 +158,8 @@ def encode_pairs(pairs: list[PreferencePair], encoder: ItemEncoder, report: Data
         except InvalidInput as error:
             report.skip(f"cannot format: {error.message}")
             continue
-        if _response_overflows(encoder, pair):
+        response_lengths = encoder.count_tokens(pair.chosen), encoder.count_tokens(pair.rejected)
+        if max(response_lengths) + 8 > encoder.max_length:  # room for the template's turn markers and some prompt
             report.skip("too long after truncation (a response alone fills max_length)")
             continue
         if chosen.input_ids == rejected.input_ids:
@@ -164,14 +167,9 @@ def encode_pairs(pairs: list[PreferencePair], encoder: ItemEncoder, report: Data
             continue
         report.truncated += chosen.truncated or rejected.truncated
         encoded.append(EncodedPair(chosen.input_ids, rejected.input_ids, pair.margin, pair.p_chosen,
-                                   chosen.truncated or rejected.truncated))
+                                   chosen.truncated or rejected.truncated, *response_lengths))
     report.used += len(encoded)
     return encoded
-
-
-def _response_overflows(encoder: ItemEncoder, pair: PreferencePair) -> bool:
-    longest = max(len(encoder.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in (pair.chosen, pair.rejected))
-    return longest + 8 > encoder.max_length  # room for the template's turn markers and a little prompt
 
 
 # -- batching -------------------------------------------------------------------------------------------------------

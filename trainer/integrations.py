@@ -5,10 +5,15 @@ TRL (GRPOTrainer, RLOOTrainer: `reward_funcs` takes callables):
     from rewardserve.trainer.integrations import RewardServerFunction
     trainer = GRPOTrainer(..., reward_funcs=[RewardServerFunction("http://rm:8000")])
 
+    # one of a server's models, or a combination it declared: RewardServerFunction(url, combination="safe")
+
 verl (`custom_reward_function.path` pointing at this file, `custom_reward_function.name=compute_score`), with the
 server's URL in the REWARDSERVE_REWARD_URL environment variable.
 
 slime (`--custom-rm-path rewardserve.trainer.integrations.slime_reward --rm-url http://rm:8000`).
+
+verl and slime read the model or combination to ask for from REWARDSERVE_REWARD_MODEL or
+REWARDSERVE_REWARD_COMBINATION (the server's default when neither is set).
 """
 from __future__ import annotations
 
@@ -16,7 +21,12 @@ import os
 
 import asyncio
 
-from .client import AsyncRewardClient, RewardClient
+from .client import AsyncRewardClient, RewardClient, RewardTarget
+
+
+def _target_from_environment() -> RewardTarget:
+    return RewardTarget(model=os.environ.get("REWARDSERVE_REWARD_MODEL") or None,
+                        combination=os.environ.get("REWARDSERVE_REWARD_COMBINATION") or None)
 
 
 def _as_item(prompt, completion) -> dict:
@@ -30,18 +40,20 @@ def _as_item(prompt, completion) -> dict:
 class RewardServerFunction:
     """A TRL reward function: `(prompts, completions, **kwargs) -> list[float]`, one request per call.
 
-    `transform` picks the server's transform (raw, whiten, logsigmoid); None uses the server's default.
+    `transform` picks the server's transform (raw, whiten, logsigmoid, debias); None uses the model's default.
+    `model` or `combination` picks one of the server's models or combinations; None uses the server's default.
     """
 
     def __init__(self, urls: str | list[str], transform: str | None = None, timeout: float = 120.0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, model: str | None = None, combination: str | None = None):
         self.client = RewardClient(urls, timeout=timeout, api_key=api_key)
         self.transform = transform
-        self.__name__ = "rewardserve"  # TRL names the logged reward column after the function
+        self.target = RewardTarget(model=model, combination=combination)
+        self.__name__ = f"rewardserve_{combination or model}" if combination or model else "rewardserve"
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         items = [_as_item(p, c) for p, c in zip(prompts, completions)]
-        return self.client.score(items, self.transform).rewards
+        return self.client.score(items, self.transform, self.target).rewards
 
 
 _verl_client: RewardClient | None = None
@@ -56,7 +68,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> f
             raise RuntimeError("set REWARDSERVE_REWARD_URL to the reward server's URL for verl's reward function")
         _verl_client = RewardClient(url, api_key=os.environ.get("REWARDSERVE_REWARD_API_KEY"))
     prompt = (extra_info or {}).get("prompt", "")
-    return _verl_client.score([_as_item(prompt, solution_str)]).rewards[0]
+    return _verl_client.score([_as_item(prompt, solution_str)], target=_target_from_environment()).rewards[0]
 
 
 _slime_clients: dict[tuple[str, int], AsyncRewardClient] = {}
@@ -77,4 +89,4 @@ async def slime_reward(args, sample, **kwargs) -> float:
     prompt = sample.prompt
     item = ({"text": prompt + sample.response} if isinstance(prompt, str)
             else {"messages": prompt + [{"role": "assistant", "content": sample.response}]})
-    return (await _slime_clients[key].score([item])).rewards[0]
+    return (await _slime_clients[key].score([item], target=_target_from_environment())).rewards[0]

@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.modeling import describe_device
-from .client import RetryPolicy, RewardClient, RewardUnavailable
+from .client import RetryPolicy, RewardClient, RewardTarget, RewardUnavailable
 from .config import PPOConfig
 from .distributed import Ranks, setup_ranks, teardown
 from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
@@ -83,11 +83,21 @@ def scoring_items(prompts: list, responses: list[str]) -> list[dict]:
 @dataclass
 class ScoredRollout:
     rollout: Rollout | None  # None when every chunk was dropped
-    scores: torch.Tensor  # (B,) raw rewards from the server
+    scores: torch.Tensor  # (B,) rewards from the server
     generated: int
     dropped: int
     timings: dict
     generation: dict  # decode_steps, tokens, path
+    components: dict[str, list[float]] = field(default_factory=dict)  # each model's rewards, when several scored
+    ensemble_std: list[float] | None = None
+    chosen: list[str] | None = None  # llama2: the model whose score each rollout got
+    versions: list[str] = field(default_factory=list)  # the model versions that scored this batch
+
+
+def reward_target(config: PPOConfig) -> RewardTarget:
+    names = config.reward_model or []
+    return RewardTarget(model=names[0] if len(names) == 1 else None, models=tuple(names) if len(names) > 1 else None,
+                        combination=config.reward_combination)
 
 
 def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompts: list, client: RewardClient,
@@ -105,25 +115,43 @@ def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompt
         rollout, stats = generate_rollout(
             model, reference, engine, tokenizer, prompts[start:start + chunk], sampling, config.max_prompt_length,
             device, config.forward_batch_tokens,
-            on_sampled=lambda p, texts: futures.append(pool.submit(client.score, scoring_items(p, texts))))
+            on_sampled=lambda p, texts: futures.append(pool.submit(client.score, scoring_items(p, texts),
+                                                                    target=reward_target(config))))
         timings["generate"] += stats.seconds
         timings["logprobs"] += time.perf_counter() - began - stats.seconds
         generation["decode_steps"] += stats.decode_steps
         generation["tokens"] += stats.tokens
         generation["path"] = stats.path
         in_flight.append((rollout, futures[0]))
-    kept, scores, dropped = [], [], 0
+    kept, results, dropped = [], [], 0
     for chunk_rollout, future in in_flight:
         began = time.perf_counter()
         try:
-            scores += future.result().rewards
+            results.append(future.result())
             kept.append(chunk_rollout)
         except RewardUnavailable as error:
             dropped += len(chunk_rollout.responses)
             tqdm.write(f"dropped {len(chunk_rollout.responses)} rollouts the server could not score: {error}")
         timings["score_wait"] += time.perf_counter() - began
     rollout = Rollout.concat(kept, tokenizer.pad_token_id) if kept else None
-    return ScoredRollout(rollout, torch.tensor(scores), len(prompts), dropped, timings, generation)
+    scored = ScoredRollout(rollout, torch.tensor([r for result in results for r in result.rewards]), len(prompts),
+                           dropped, timings, generation)
+    return scored_parts(scored, results)
+
+
+def scored_parts(scored: ScoredRollout, results: list) -> ScoredRollout:
+    """Gathers, over a batch's scoring answers, each model's rewards, an ensemble's std, llama2's choices and the
+    versions that scored."""
+    for result in results:
+        for name, part in (result.components or {}).items():
+            scored.components.setdefault(name, []).extend(part["rewards"])
+        if result.std is not None:
+            scored.ensemble_std = (scored.ensemble_std or []) + list(result.std)
+        if result.chosen is not None:
+            scored.chosen = (scored.chosen or []) + list(result.chosen)
+        if result.model_version not in scored.versions:
+            scored.versions.append(result.model_version)
+    return scored
 
 
 def shape_scores(scores: torch.Tensor, reached_eos: torch.Tensor, moments: RunningMoments, config: PPOConfig,
@@ -334,7 +362,20 @@ def step_metrics(step, scored, shaped, kl, beta, rollout, returns, update, timin
             "rollouts": int(ranks.total(len(rollout.responses))),
             "tokens_per_s": ranks.total(lengths.sum().item() / timings["step"]),
             "dropped_total": counters["dropped"], "skipped_updates_total": counters["skipped_updates"],
-            "generation/path": scored.generation.get("path"), "sample_response": sample}
+            "generation/path": scored.generation.get("path"), "sample_response": sample,
+            **reward_parts(scored)}
+
+
+def reward_parts(scored: ScoredRollout) -> dict:
+    """reward/<model>: the mean of each model's part; reward/ensemble_std: the mean disagreement of an ensemble;
+    reward/chosen/<model>: the share of rollouts a llama2 rule gave that model's score; model_version."""
+    parts = {f"reward/{name}": sum(values) / len(values) for name, values in scored.components.items() if values}
+    if scored.ensemble_std:
+        parts["reward/ensemble_std"] = sum(scored.ensemble_std) / len(scored.ensemble_std)
+    if scored.chosen:
+        for name in sorted(set(scored.chosen)):
+            parts[f"reward/chosen/{name}"] = scored.chosen.count(name) / len(scored.chosen)
+    return parts | {"model_version": ",".join(scored.versions)}
 
 
 def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict) -> dict:

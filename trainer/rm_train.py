@@ -22,7 +22,7 @@ from tqdm import tqdm
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.modeling import (context_size, describe_device, init_reward_model_from_base, is_decoder_reward_model, resolve_device,
                                          save_reward_model, sequence_scores, synchronize)
-from rewardserve.server.normalization import RewardStatistics
+from rewardserve.server.normalization import LengthFit, RewardStatistics, debias, fit_length
 from rewardserve.server.packing import packed_scores, supports_packing, to_device
 from rewardserve.server.tokenization import ItemEncoder, load_tokenizer
 
@@ -86,8 +86,11 @@ def score_all_pairs(model, pairs: list[EncodedPair], pad_token_id: int, batch_si
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
-def evaluation_report(pairs: list[EncodedPair], chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
-    """Held-out accuracy, reward gap, calibration, accuracy by margin, and the length-bias check."""
+def evaluation_report(pairs: list[EncodedPair], chosen: torch.Tensor, rejected: torch.Tensor,
+                      length_fit: LengthFit | None = None) -> dict:
+    """Held-out accuracy, reward gap, calibration, accuracy by margin, and the length-bias check: how often the
+    reward picks the longer response (what a length-only scorer would pick), and with `length_fit`, the same for
+    the length-debiased reward."""
     by_margin = defaultdict(list)
     for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
         by_margin["none" if pair.margin is None else f"{pair.margin:.2f}"].append(1.0 if c > r else 0.5 if c == r else 0.0)
@@ -101,7 +104,31 @@ def evaluation_report(pairs: list[EncodedPair], chosen: torch.Tensor, rejected: 
         "accuracy_by_margin": {k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_margin.items())},
         "length_reward_correlation": pearson(chosen_lengths + rejected_lengths, chosen.tolist() + rejected.tolist()),
         "length_only_accuracy": length_only_accuracy(chosen_lengths, rejected_lengths),
-    }
+    } | length_bias_report(pairs, chosen.tolist(), rejected.tolist(), length_fit)
+
+
+def length_bias_report(pairs: list[EncodedPair], chosen: list[float], rejected: list[float],
+                       length_fit: LengthFit | None) -> dict:
+    """Response lengths in tokens. `agrees_with_length`: the share of pairs (with responses of different lengths)
+    where the reward prefers the longer response; 0.5 is no length preference. `length_slope`: the least-squares
+    slope of score on response length over these responses."""
+    lengths = [(p.chosen_response_length, p.rejected_response_length) for p in pairs]
+
+    def bias(c_scores: list[float], r_scores: list[float]) -> dict:
+        votes = [(c > r) == (lc > lr) for (lc, lr), c, r in zip(lengths, c_scores, r_scores) if lc != lr and c != r]
+        slope = fit_length([n for pair in lengths for n in pair],
+                           [s for pair in zip(c_scores, r_scores) for s in pair]).slope if lengths else 0.0
+        return {"agrees_with_length": sum(votes) / len(votes) if votes else 0.5, "length_slope": slope}
+
+    report = {"raw": bias(chosen, rejected), "debiased": None, "length_fit": None}
+    if length_fit is not None:
+        c_debiased = [debias(s, lc, length_fit) for s, (lc, _) in zip(chosen, lengths)]
+        r_debiased = [debias(s, lr, length_fit) for s, (_, lr) in zip(rejected, lengths)]
+        report["debiased"] = bias(c_debiased, r_debiased) | {
+            "accuracy": sum(1.0 if c > r else 0.5 if c == r else 0.0
+                            for c, r in zip(c_debiased, r_debiased)) / max(1, len(pairs))}
+        report["length_fit"] = {"slope": length_fit.slope, "mean_length": length_fit.mean_length}
+    return {"length_bias": report}
 
 
 def print_report(report: dict, title: str) -> None:
@@ -109,6 +136,13 @@ def print_report(report: dict, title: str) -> None:
             ("length-only accuracy", f"{report['length_only_accuracy']:.3f}"),
             ("mean reward gap", f"{report['mean_reward_gap']:.3f}"), ("calibration error (ECE)", f"{report['ece']:.3f}"),
             ("corr(reward, length)", f"{report['length_reward_correlation']:.3f}")]
+    bias = report["length_bias"]
+    rows.append(("prefers the longer response, raw", f"{bias['raw']['agrees_with_length']:.3f}"))
+    if bias["debiased"] is not None:
+        rows += [("prefers the longer response, debiased", f"{bias['debiased']['agrees_with_length']:.3f}"),
+                 ("accuracy, debiased", f"{bias['debiased']['accuracy']:.3f}"),
+                 ("score/token slope, raw -> debiased",
+                  f"{bias['raw']['length_slope']:.4f} -> {bias['debiased']['length_slope']:.4f}")]
     rows += [(f"accuracy, margin {k}", f"{v['accuracy']:.3f} ({v['pairs']} pairs)")
              for k, v in report["accuracy_by_margin"].items()]
     print(format_table(rows, title), flush=True)
@@ -277,18 +311,21 @@ def main(config: RMTrainConfig) -> dict:
 
 
 def finish(config: RMTrainConfig, model, tokenizer, data: PreparedData, log: JsonlLog, device) -> dict:
-    """Evaluate, compute the whitening statistics over the training responses, save the checkpoint and report."""
+    """Evaluate, compute the whitening statistics and the length fit over the training responses, save the
+    checkpoint and report."""
     out = Path(config.out)
     chosen, rejected = score_all_pairs(model, data.eval, tokenizer.pad_token_id, config.micro_batch_size * 2, device)
-    report = evaluation_report(data.eval, chosen, rejected) | {"data": data.report}
     train_chosen, train_rejected = score_all_pairs(model, data.train, tokenizer.pad_token_id,
                                                    config.micro_batch_size * 2, device)
     mean, std = reward_statistics(torch.cat([train_chosen, train_rejected]))
+    length_fit = fit_length([n for p in data.train for n in (p.chosen_response_length, p.rejected_response_length)],
+                            [s for pair in zip(train_chosen.tolist(), train_rejected.tolist()) for s in pair])
+    report = evaluation_report(data.eval, chosen, rejected, length_fit) | {"data": data.report}
     report["statistics"] = {"mean": mean, "std": std, "over": f"{2 * len(data.train)} training responses"}
     model.to("cpu")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    save_reward_model(model, tokenizer, out, RewardStatistics(mean, std, source="checkpoint"))
+    save_reward_model(model, tokenizer, out, RewardStatistics(mean, std, source="checkpoint"), length_fit)
     (out / "eval_report.json").write_text(json.dumps(report, indent=2))
     shutil.move(log.path, out / "train_log.jsonl")
     shutil.rmtree(work_dir(out), ignore_errors=True)
@@ -320,7 +357,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     report_counts = DataReport()
     pairs = encode_pairs(read_pairs(config.data, report_counts)[: config.max_pairs], encoder, report_counts)
     chosen, rejected = score_all_pairs(model.network, pairs, model.pad_token_id, config.batch_size, model.device)
-    report = evaluation_report(pairs, chosen, rejected) | {"data": report_counts.summary()}
+    report = evaluation_report(pairs, chosen, rejected, model.length_fit) | {"data": report_counts.summary()}
     print_report(report, f"evaluation of {config.model}")
     if config.report:
         Path(config.report).write_text(json.dumps(report, indent=2))

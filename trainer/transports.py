@@ -108,23 +108,46 @@ _CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin"), ("grpc.max_receive_m
 
 def request_to_proto(request: dict) -> reward_pb2.ScoreRequest:
     return reward_pb2.ScoreRequest(
-        items=[reward_pb2.ScoreItem(**item) for item in request["items"]], transform=request.get("transform") or ""
+        items=[reward_pb2.ScoreItem(**item) for item in request["items"]], transform=request.get("transform") or "",
+        model=request.get("model"), models=request.get("models") or [], combination=request.get("combination"),
     )
 
 
+def _transform_from_proto(transform: reward_pb2.Transform) -> dict:
+    fit = transform.length_fit
+    return {
+        "name": transform.name,
+        "statistics": {"mean": transform.statistics.mean, "std": transform.statistics.std,
+                       "source": transform.statistics.source} if transform.HasField("statistics") else None,
+        "beta": transform.beta if transform.HasField("beta") else None,
+        "length_fit": {"slope": fit.slope, "mean_length": fit.mean_length, "responses": fit.responses}
+        if transform.HasField("length_fit") else None,
+    }
+
+
 def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
-    transform = message.transform
+    """The same dict HTTP's JSON gives."""
+    combination = None
+    if message.HasField("combination"):
+        c = message.combination
+        combination = {"name": c.name, "kind": c.kind, "models": list(c.models),
+                       "weights": list(c.weights) if c.kind == "sum" else None,
+                       "threshold": c.threshold if c.HasField("threshold") else None,
+                       "conservative_lambda": c.conservative_lambda if c.HasField("conservative_lambda") else None}
+    components = {name: {"scores": list(part.scores), "rewards": list(part.rewards), "truncated": list(part.truncated),
+                         "transform": _transform_from_proto(part.transform), "model_version": part.model_version}
+                  for name, part in message.components.items()}
     return {
         "model": message.model,
         "scores": list(message.scores),
         "rewards": list(message.rewards),
         "truncated": list(message.truncated),
-        "transform": {
-            "name": transform.name,
-            "statistics": {"mean": transform.statistics.mean, "std": transform.statistics.std,
-                           "source": transform.statistics.source} if transform.HasField("statistics") else None,
-            "beta": transform.beta if transform.HasField("beta") else None,
-        },
+        "transform": _transform_from_proto(message.transform),
+        "model_version": message.model_version,
+        "components": components or None,
+        "combination": combination,
+        "chosen": list(message.chosen) or None,
+        "std": list(message.std) or None,
     }
 
 

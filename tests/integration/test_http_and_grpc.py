@@ -39,7 +39,7 @@ def test_score_over_http_equals_the_in_process_scores(running_server, in_process
     assert body["scores"] == pytest.approx(in_process_scores, abs=1e-4)
     assert body["rewards"] == pytest.approx([(s - 0.1) / 2.0 for s in body["scores"]], abs=1e-6)
     assert body["transform"] == {"name": "whiten", "statistics": {"mean": 0.1, "std": 2.0, "source": "server flags"},
-                                 "beta": None}
+                                 "beta": None, "length_fit": None}
     assert body["truncated"] == [False] * len(ITEMS) and body["model"] == running_server_model(running_server)
 
 

@@ -243,3 +243,39 @@ def test_the_planning_window_keeps_padding_low_on_the_reference_workload():
     padded = sum(len(batch) * max(len(s) for s in batch) for batch in model.batches)
     assert sorted(len(s) for batch in model.batches for s in batch) == sorted(lengths)
     assert padded / sum(lengths) < 1.15
+
+
+class Engine:
+    """A ForwardEngine that scores sum(ids) * factor and records its batches."""
+
+    def __init__(self, factor: float):
+        self.factor, self.batches = factor, []
+
+    def launch(self, sequences):
+        self.batches.append(sequences)
+        return [self.factor * sum(s) for s in sequences]
+
+    @staticmethod
+    def collect(scores):
+        return scores
+
+
+def test_several_engines_share_the_worker_and_never_share_a_batch():
+    default, other = Engine(1.0), Engine(-10.0)
+
+    async def scenario():
+        batcher = Batcher(default, max_batch_tokens=64, max_wait_ms=20, max_queue_items=200)
+        batcher.start()
+        futures = []
+        for i in range(60):  # interleaved, so every window holds both engines' items
+            engine = other if i % 3 == 0 else None
+            futures += batcher.submit([[i, 1], [i]], engine)
+        scores = await asyncio.gather(*futures)
+        await batcher.drain_and_stop()
+        return scores
+
+    scores = run(scenario())
+    expected = [factor * v for i in range(60) for factor in [(-10.0 if i % 3 == 0 else 1.0)] for v in (i + 1, i)]
+    assert scores == expected
+    assert default.batches and other.batches
+    assert sum(len(b) for b in other.batches) == 40 and sum(len(b) for b in default.batches) == 80

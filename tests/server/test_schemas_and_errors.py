@@ -19,7 +19,7 @@ BAD_REQUESTS = [
     ({"items": [{"input_ids": [3, -1]}]}, "negative token id"),
     ({"items": [{"text": 5}]}, "items[0].text: Input should be a valid string"),
     ({"items": [{"messages": [{"role": "user"}]}]}, "items[0].messages[0].content: Field required"),
-    ({"items": [{"text": "a"}], "transform": "zscore"}, "transform: Input should be 'raw', 'whiten' or 'logsigmoid'"),
+    ({"items": [{"text": "a"}], "transform": "zscore"}, "transform: Input should be 'raw', 'whiten', 'logsigmoid' or 'debias'"),
     ({"items": [{"text": "a", "colour": "red"}]}, "items[0].colour: Extra inputs are not permitted"),
 ]
 
@@ -38,7 +38,7 @@ def test_each_form_is_accepted():
     assert ScoreItem(prompt="p", response="").response == ""  # an empty rollout is still scorable
 
 
-ERROR_CLASSES = [errors.InvalidInput, errors.MalformedRequest, errors.TransformUnavailable, errors.InputTooLong,
+ERROR_CLASSES = [errors.InvalidInput, errors.MalformedRequest, errors.TransformUnavailable, errors.UnknownModel, errors.InputTooLong,
                  errors.TooManyItems, errors.PayloadTooLarge, errors.Unauthorized, errors.Overloaded, errors.RateLimited,
                  errors.NotReady, errors.Internal]
 
