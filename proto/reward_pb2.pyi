@@ -168,3 +168,25 @@ class InfoResponse(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ("model", "path")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    path: str
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ReloadResponse(_message.Message):
+    __slots__ = ("model", "path", "old_version", "new_version", "seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OLD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    path: str
+    old_version: str
+    new_version: str
+    seconds: float
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., old_version: _Optional[str] = ..., new_version: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -184,3 +184,81 @@ class RewardService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminServiceStub:
+    """Replaces a model by a checkpoint without stopping (or re-reads its own); needs the admin key in the metadata
+    `authorization: Bearer <key>`, and a path inside the server's --allow-reload-from.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Reload = channel.unary_unary(
+                '/rewardserve.v1.AdminService/Reload',
+                request_serializer=rewardserve_dot_proto_dot_reward__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=rewardserve_dot_proto_dot_reward__pb2.ReloadResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """Replaces a model by a checkpoint without stopping (or re-reads its own); needs the admin key in the metadata
+    `authorization: Bearer <key>`, and a path inside the server's --allow-reload-from.
+    """
+
+    def Reload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=rewardserve_dot_proto_dot_reward__pb2.ReloadRequest.FromString,
+                    response_serializer=rewardserve_dot_proto_dot_reward__pb2.ReloadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rewardserve.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rewardserve.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """Replaces a model by a checkpoint without stopping (or re-reads its own); needs the admin key in the metadata
+    `authorization: Bearer <key>`, and a path inside the server's --allow-reload-from.
+    """
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rewardserve.v1.AdminService/Reload',
+            rewardserve_dot_proto_dot_reward__pb2.ReloadRequest.SerializeToString,
+            rewardserve_dot_proto_dot_reward__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -76,6 +76,11 @@ class ServeConfig(BaseSettings):
     """Append EOS to formatted text before scoring (where the score is read); default: yes for decoder models."""
     api_key: SecretStr | None = None
     """Require this key (HTTP `Authorization: Bearer`, gRPC metadata `authorization`); health and metrics stay open."""
+    allow_reload_from: str | None = None
+    """Folder whose checkpoints `POST /admin/reload` (and gRPC AdminService.Reload) may load; reload by path is off
+    without it. Give --admin-key too. SIGHUP re-reads every model's own path in any case."""
+    admin_key: SecretStr | None = None
+    """Key the admin calls must present (HTTP `Authorization: Bearer`, gRPC metadata `authorization`)."""
     tls_cert: str | None = None
     """PEM certificate chain: serve HTTPS and gRPC over TLS (give with --tls-key)."""
     tls_key: str | None = None
@@ -116,6 +121,10 @@ class ServeConfig(BaseSettings):
                              " them in each checkpoint's config.json (`reward_statistics`)")
         if (self.reward_mean is None) != (self.reward_std is None):
             raise ValueError("give --reward-mean and --reward-std together")
+        if (self.allow_reload_from is None) != (self.admin_key is None):
+            raise ValueError("give --allow-reload-from and --admin-key together: reload is an authenticated call")
+        if self.allow_reload_from is not None and not Path(self.allow_reload_from).is_dir():
+            raise ValueError(f"--allow-reload-from {self.allow_reload_from} is not a folder")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give --tls-cert and --tls-key together")
         return self
@@ -129,4 +138,5 @@ class ServeConfig(BaseSettings):
 
     def printable(self) -> dict:
         """The settings as printed at start; the API key shows only whether it is set."""
-        return self.model_dump(mode="json") | {"api_key": "<set>" if self.api_key else None}
+        return self.model_dump(mode="json") | {"api_key": "<set>" if self.api_key else None,
+                                               "admin_key": "<set>" if self.admin_key else None}

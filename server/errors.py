@@ -8,7 +8,11 @@
     │   ├── InputTooLong       413  INVALID_ARGUMENT   an item exceeds max_length and on_overflow=error
     │   └── TooManyItems       413  INVALID_ARGUMENT   more items than max_items_per_request
     ├── PayloadTooLarge        413  RESOURCE_EXHAUSTED the request body exceeds max_body_bytes
-    ├── Unauthorized           401  UNAUTHENTICATED    missing or wrong API key
+    ├── Unauthorized           401  UNAUTHENTICATED    missing or wrong API key (or admin key)
+    ├── Forbidden              403  PERMISSION_DENIED  reload is off, or the path is outside --allow-reload-from
+    ├── ReloadFailed           422  FAILED_PRECONDITION the new checkpoint did not load or warm up; the old serves on
+    ├── InsufficientMemory     507  RESOURCE_EXHAUSTED both models would not fit for the switch (with the figures)
+    ├── Conflict               409  ABORTED            a reload is already running
     ├── RateLimited            429  RESOURCE_EXHAUSTED this client sent more than --rate-limit; retry after `retry_after`
     ├── Overloaded             503  UNAVAILABLE        the queue is full; retry after `retry_after` seconds
     ├── NotReady               503  UNAVAILABLE        the model is loading or the server is draining
@@ -68,6 +72,22 @@ class PayloadTooLarge(RewardServeError):
 
 class Unauthorized(RewardServeError):
     http_status, grpc_code, kind = 401, "UNAUTHENTICATED", "unauthorized"
+
+
+class Forbidden(RewardServeError):
+    http_status, grpc_code, kind = 403, "PERMISSION_DENIED", "forbidden"
+
+
+class ReloadFailed(RewardServeError):
+    http_status, grpc_code, kind = 422, "FAILED_PRECONDITION", "reload_failed"
+
+
+class InsufficientMemory(RewardServeError):
+    http_status, grpc_code, kind = 507, "RESOURCE_EXHAUSTED", "insufficient_memory"
+
+
+class Conflict(RewardServeError):
+    http_status, grpc_code, kind = 409, "ABORTED", "conflict"
 
 
 class Overloaded(RewardServeError):

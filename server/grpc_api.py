@@ -17,12 +17,13 @@ from pydantic import ValidationError
 from rewardserve.proto import reward_pb2
 
 from .errors import Internal, InvalidInput, Overloaded, RewardServeError, Unauthorized, describe_validation_errors
-from .schemas import ScoreRequest, ScoreResponse, TransformOut
+from .schemas import ReloadRequest, ScoreRequest, ScoreResponse, TransformOut
 from .service import ScoringService
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+ADMIN_SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 # -- translation ----------------------------------------------------------------------------------------------------
@@ -206,6 +207,29 @@ def reward_service_handlers(servicer: RewardServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
+def admin_service_handlers(service: ScoringService) -> grpc.GenericRpcHandler:
+    """AdminService.Reload: the admin key comes in the metadata, checked by the service (not the API-key
+    interceptor, which guards RewardService alone)."""
+    async def reload(request: reward_pb2.ReloadRequest, context):
+        metadata = dict(context.invocation_metadata() or ())
+        key = metadata.get("authorization", "").removeprefix("Bearer ").strip() or None
+        fields = {name: getattr(request, name) for name in ("model", "path") if request.HasField(name)}
+        try:
+            try:
+                body = ReloadRequest(**fields)
+            except ValidationError as error:
+                raise InvalidInput(describe_validation_errors(error.errors())) from error
+            answer = await service.reload(body, key)
+        except RewardServeError as error:
+            await abort(context, error)
+        return reward_pb2.ReloadResponse(**answer.model_dump())
+
+    handlers = {"Reload": grpc.unary_unary_rpc_method_handler(
+        reload, request_deserializer=reward_pb2.ReloadRequest.FromString,
+        response_serializer=reward_pb2.ReloadResponse.SerializeToString)}
+    return grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, handlers)
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Checks metadata `authorization: Bearer <key>` (or `x-api-key`) on RewardService calls only."""
 
@@ -245,11 +269,12 @@ async def create_grpc_server(service: ScoringService, address: str, max_message_
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
-    server.add_generic_rpc_handlers((reward_service_handlers(RewardServicer(service)),))
+    server.add_generic_rpc_handlers((reward_service_handlers(RewardServicer(service)), admin_service_handlers(service)))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server
     )
     if tls is None:
         port = server.add_insecure_port(address)

@@ -26,7 +26,8 @@ from .errors import (
     RewardServeError,
     describe_validation_errors,
 )
-from .schemas import OpenRLHFRewardRequest, OpenRLHFRewardResponse, ScoreItem, ScoreRequest, ScoreResponse, ServerInfo
+from .schemas import (OpenRLHFRewardRequest, OpenRLHFRewardResponse, ReloadRequest, ReloadResponse, ScoreItem,
+                      ScoreRequest, ScoreResponse, ServerInfo)
 from .service import ScoringService
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
         result = await service.score(ScoreRequest(items=[ScoreItem(text=q) for q in body.query], model=body.model,
                                                   combination=body.combination))
         return OpenRLHFRewardResponse(rewards=result.rewards, scores=result.scores)
+
+    @app.post("/admin/reload", response_model=ReloadResponse)
+    async def reload(body: ReloadRequest,
+                     authorization: str | None = Header(None, include_in_schema=False)) -> ReloadResponse:
+        """Loads a checkpoint beside the serving model, warms it up and switches; needs the admin key."""
+        return await service.reload(body, authorization.removeprefix("Bearer ").strip() if authorization else None)
 
     @app.get("/health")
     async def health() -> dict:

@@ -21,10 +21,12 @@ from .batcher import Batcher
 from .config import ServeConfig
 from .grpc_api import create_grpc_server, set_serving
 from .http_api import create_app
-from .errors import StartupError
-from .modeling import RewardModel
+from . import metrics
+from .errors import InsufficientMemory, RewardServeError, StartupError
+from .modeling import RewardModel, free_memory, resolve_device, resolve_dtype, weights_bytes
 from .normalization import RewardStatistics, RewardTransform
 from .registry import ModelRegistry, ServedModel
+from .reloading import Reloader
 from .schemas import ModelInfo
 from .service import ScoringService
 from .simulated_forward import SimulatedForward
@@ -89,6 +91,17 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
                        str(path))
 
 
+def check_room(config: ServeConfig, current: ServedModel, path: str) -> None:
+    """Both models are resident during a switch: refuse a reload the device cannot hold, with the figures."""
+    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype, resolve_device(config.device))
+    needed, free = weights_bytes(path, dtype), free_memory(device)
+    if needed is not None and free is not None and needed > 0.9 * free:
+        raise InsufficientMemory(
+            f"loading {path} needs {needed / 2**30:.2f} GiB on {device}, and {free / 2**30:.2f} GiB is free beside"
+            f" the serving {current.name} {current.version} (both are resident during the switch; at most 90% of"
+            " what is free is used): free memory on the device, or restart with the new checkpoint")
+
+
 def build_service(config: ServeConfig, models: list[ServedModel]) -> ScoringService:
     combinations = config.combinations()
     statistics = {model.name: model.statistics for model in models}
@@ -98,12 +111,26 @@ def build_service(config: ServeConfig, models: list[ServedModel]) -> ScoringServ
         except ValueError as error:
             raise StartupError(str(error)) from None
     batcher = Batcher(models[0].engine, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
+    registry = ModelRegistry(models, combinations, config.default_reward)
+    reloader = Reloader(registry, lambda name, path: load_served_model(name, path, config),
+                        lambda current, path: check_room(config, current, path), config.allow_reload_from)
+    for model in models:
+        metrics.MODEL_INFO.labels(model.name, model.version, model.path).set(1)
     return ScoringService(
-        ModelRegistry(models, combinations, config.default_reward), batcher, beta=config.beta,
-        max_items_per_request=config.max_items_per_request,
+        registry, batcher, beta=config.beta, max_items_per_request=config.max_items_per_request,
         api_key=config.api_key.get_secret_value() if config.api_key else None,
-        tokenizer_threads=config.tokenizer_threads, rate_limit=config.rate_limit,
+        tokenizer_threads=config.tokenizer_threads, rate_limit=config.rate_limit, reloader=reloader,
+        admin_key=config.admin_key.get_secret_value() if config.admin_key else None,
     )
+
+
+async def reload_all_from_their_paths(service: ScoringService) -> None:
+    """SIGHUP: every model re-reads its own checkpoint folder (a refresh written in place)."""
+    for name in service.registry.names:
+        try:
+            await service.reloader.reload(name)
+        except RewardServeError as error:
+            log.error("SIGHUP: %s not reloaded: %s", name, error.message)
 
 
 async def serve(config: ServeConfig) -> None:
@@ -145,6 +172,14 @@ async def serve(config: ServeConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()  # held, so a running reload is not garbage-collected
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(reload_all_from_their_paths(service))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
     await asyncio.wait([asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED)
     await shutdown(service, http, http_task, grpc_server, health)
 

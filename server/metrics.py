@@ -16,6 +16,10 @@ ERRORS = Counter("rewardserve_errors_total", "Errors answered, by kind", ["kind"
 CANCELLED = Counter("rewardserve_cancelled_items_total", "Items dropped before the forward: their client had gone")
 OOM_SPLITS = Counter("rewardserve_oom_splits_total", "Batches split in two after running out of device memory")
 
+MODEL_ITEMS = Counter("rewardserve_model_items_total", "Items scored, by model and version", ["model", "version"])
+MODEL_INFO = Gauge("rewardserve_model_info", "1 for each model version now serving", ["model", "version", "path"])
+RELOADS = Counter("rewardserve_reloads_total", "Reloads asked for, by model and outcome", ["model", "outcome"])
+
 QUEUE_DEPTH = Gauge("rewardserve_queue_depth", "Items waiting for a batch")
 BATCH_SIZE = Histogram("rewardserve_batch_size", "Items per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 BATCH_TOKENS = Histogram(

@@ -384,5 +384,34 @@ def checkpoint_hash(path: str | os.PathLike, config=None) -> str:
     return digest.hexdigest()
 
 
+def weights_bytes(path: str | os.PathLike, dtype: torch.dtype) -> int | None:
+    """What a checkpoint's weights take in `dtype` on the device, from its safetensors headers (nothing loaded);
+    None when it has none to read."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    elements = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                elements += math.prod(handle.get_slice(key).get_shape())
+    return elements * torch.empty((), dtype=dtype).element_size()
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device (a GPU's free memory, the host's MemAvailable for the CPU); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _model_name(path: str) -> str:
     return Path(path).name or str(path)

@@ -188,6 +188,22 @@ class ServerInfo(ModelInfo):
     default: str
 
 
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="the model to replace; the server's first model when left out")
+    path: str | None = Field(None, min_length=1, description="checkpoint folder inside --allow-reload-from; the"
+                                                             " model's own path (re-read) when left out")
+
+
+class ReloadResponse(BaseModel):
+    model: str
+    path: str
+    old_version: str
+    new_version: str
+    seconds: float
+
+
 class OpenRLHFRewardRequest(BaseModel):
     """OpenRLHF's remote reward-model protocol: `query` holds the full, already templated texts."""
 

@@ -13,17 +13,19 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 from . import metrics
 from .batcher import Batcher
 from .combinations import combine
-from .errors import (Internal, InvalidInput, NotReady, RateLimited, RewardServeError, TooManyItems,
+from .errors import (Forbidden, Internal, InvalidInput, NotReady, RateLimited, RewardServeError, TooManyItems,
                      TransformUnavailable, Unauthorized)
 from .normalization import RewardTransform
 from .rate_limit import RateLimiter
 from .registry import ModelRegistry, ServedModel, Target
-from .schemas import (CombinationOut, ComponentScores, ScoreRequest, ScoreResponse, ServerInfo, TransformChoice,
-                      TransformOut)
+from .reloading import Reloader
+from .schemas import (CombinationOut, ComponentScores, ReloadRequest, ReloadResponse, ScoreRequest, ScoreResponse,
+                      ServerInfo, TransformChoice, TransformOut)
 from .tokenization import EncodedItem
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,12 @@ class ScoringService:
         api_key: str | None = None,
         tokenizer_threads: int = 2,
         rate_limit: float = 0.0,
+        reloader: Reloader | None = None,
+        admin_key: str | None = None,
     ):
         self.registry = registry
+        self.reloader = reloader
+        self._admin_key = admin_key.encode() if admin_key else None
         self.batcher = batcher
         self.beta = beta
         self.max_items_per_request = max_items_per_request
@@ -74,6 +80,23 @@ class ScoringService:
             return
         if presented is None or not hmac.compare_digest(presented.encode(), self._api_key):
             raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>`")
+
+    def check_admin_key(self, presented: str | None) -> None:
+        if self._admin_key is None or self.reloader is None:
+            raise Forbidden("reload is off: start the server with --allow-reload-from DIR and --admin-key KEY")
+        if presented is None or not hmac.compare_digest(presented.encode(), self._admin_key):
+            raise Unauthorized("missing or wrong admin key: send `Authorization: Bearer <admin key>`")
+
+    async def reload(self, request: ReloadRequest, admin_key: str | None) -> ReloadResponse:
+        """Replaces one model by a checkpoint (or re-reads its own) without stopping; see server/reloading.py."""
+        try:
+            self.check_admin_key(admin_key)
+            name = request.model or self.registry.names[0]
+            outcome = await self.reloader.reload(name, request.path)
+        except RewardServeError as error:
+            self.record_error(error)
+            raise
+        return ReloadResponse(**asdict(outcome))
 
     def admit(self, client: str) -> None:
         """Per-client rate limit (--rate-limit requests/s); raises RateLimited with the wait before the next one."""
@@ -146,6 +169,8 @@ class ScoringService:
                 future.cancel()  # the client has gone or a sibling failed: spare the forward passes
             raise
         metrics.TRUNCATED.inc(sum(item.truncated for items in encoded for item in items))
+        for model in target.models:
+            metrics.MODEL_ITEMS.labels(model.name, model.version).inc(len(request.items))
         components = [self._component(items, list(s), transform, model)
                       for model, items, s, transform in zip(target.models, encoded, scores, transforms)]
         return self._response(target, request, components)

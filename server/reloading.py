@@ -1,0 +1,96 @@
+"""Hot reload: a new checkpoint loads beside the serving one, warms up, and takes its place in one step.
+
+    reload(name, path): admin key checked (by the service) -> path inside --allow-reload-from -> room for both
+    models on the device -> load and warm up in a thread (the forward worker keeps serving the old model) ->
+    combinations still satisfied -> registry.replace(new): requests that start after it use the new model.
+
+Requests already queued hold the old model (the batcher keeps each item's engine), so they finish on it and none
+fails; the old model is freed when the last of them is answered. A checkpoint that fails to load or warm up
+leaves the old model serving, and the call says why. One reload at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import metrics
+from .errors import Conflict, Forbidden, ReloadFailed, RewardServeError
+from .registry import ModelRegistry, ServedModel
+
+log = logging.getLogger(__name__)
+
+LoadModel = Callable[[str, str], ServedModel]  # (name, path) -> a loaded, warmed-up model
+CheckRoom = Callable[[ServedModel, str], None]  # raises InsufficientMemory with the figures
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    model: str
+    path: str
+    old_version: str
+    new_version: str
+    seconds: float
+
+
+class Reloader:
+    def __init__(self, registry: ModelRegistry, load: LoadModel, check_room: CheckRoom, allowed_root: str | None):
+        self.registry = registry
+        self._load = load
+        self._check_room = check_room
+        self.allowed_root = Path(allowed_root).resolve() if allowed_root else None
+        self._lock = asyncio.Lock()
+
+    def allowed_path(self, path: str) -> str:
+        """The checkpoint folder, resolved, if it lies inside --allow-reload-from; Forbidden otherwise."""
+        if self.allowed_root is None:
+            raise Forbidden("reload from a path is off: start the server with --allow-reload-from DIR and"
+                            " --admin-key KEY")
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(self.allowed_root):
+            raise Forbidden(f"{path} is outside {self.allowed_root}, the folder this server may reload from"
+                            " (--allow-reload-from)")
+        return str(resolved)
+
+    async def reload(self, name: str, path: str | None = None) -> ReloadOutcome:
+        """`path` None re-reads the model's own path (SIGHUP); a path given must pass `allowed_path`."""
+        current = self.registry.get(name)
+        target = current.path if path is None else self.allowed_path(path)
+        if self._lock.locked():
+            raise Conflict("a reload is already running; retry when it has finished")
+        async with self._lock:
+            began = time.perf_counter()
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(None, self._loaded, name, target, current)
+                self._check_combinations(new)
+            except RewardServeError as error:
+                metrics.RELOADS.labels(name, error.kind).inc()
+                log.warning("reload of %s from %s refused: %s", name, target, error.message)
+                raise
+            self.registry.replace(new)
+            metrics.MODEL_INFO.labels(name, current.version, current.path).set(0)
+            metrics.MODEL_INFO.labels(name, new.version, new.path).set(1)
+            metrics.RELOADS.labels(name, "ok").inc()
+            outcome = ReloadOutcome(name, target, current.version, new.version, time.perf_counter() - began)
+            log.info("reloaded %s: %s -> %s from %s in %.1f s", name, outcome.old_version, outcome.new_version,
+                     target, outcome.seconds)
+            return outcome
+
+    def _loaded(self, name: str, path: str, current: ServedModel) -> ServedModel:
+        try:
+            self._check_room(current, path)
+            return self._load(name, path)
+        except RewardServeError:
+            raise
+        except Exception as error:  # any failure to read, load or warm up: the old model stays
+            raise ReloadFailed(f"{path} did not load: {type(error).__name__}: {error}; {name} {current.version}"
+                               " keeps serving") from error
+
+    def _check_combinations(self, new: ServedModel) -> None:
+        for combination in self.registry.combinations.values():
+            if new.name in combination.models and new.statistics is None:
+                raise ReloadFailed(f"combination {combination.name!r} whitens {new.name}'s scores, and {new.path}"
+                                   f" has no reward statistics; {new.name} keeps its current version")
