@@ -188,8 +188,9 @@ def build_tiny_policy(out: Path, tokenizer, seed: int = 0) -> Path:
     return out
 
 
-def build_token_counting_reward_model(out: Path, tokenizer, token_id: int, seed: int = 0) -> Path:
-    """A reward model with a learnable preference: the more often `token_id` occurs, the higher the score.
+def build_token_counting_reward_model(out: Path, tokenizer, token_id: int, seed: int = 0, scale: float = 10.0) -> Path:
+    """A reward model with a learnable preference: the more often `token_id` occurs, the higher the score (with a
+    negative `scale`, the lower: a model that penalises repeating it).
 
     One Llama layer whose attention is uniform (q = k = 0) and whose value and output maps are identities averages
     the normalised embeddings of the sequence. Only `token_id`'s embedding has a component along one direction d;
@@ -215,7 +216,7 @@ def build_token_counting_reward_model(out: Path, tokenizer, token_id: int, seed:
         layer.self_attn.v_proj.weight.copy_(torch.eye(hidden))
         layer.self_attn.o_proj.weight.copy_(torch.eye(hidden))
         layer.mlp.down_proj.weight.zero_()
-        model.score.weight.copy_(10 * direction[None, :])
+        model.score.weight.copy_(scale * direction[None, :])
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

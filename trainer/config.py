@@ -61,6 +61,9 @@ class ScoreConfig(_Settings):
 class RMTrainConfig(_Settings):
     base: str = "smollm2"
     """Base model: a local folder (causal LM or encoder), a hub id, or `smollm2` for the embedded SmolLM2-135M."""
+    init_from: str | None = None
+    """Start from this reward checkpoint (trunk and trained head) instead of --base with a fresh head: how a served
+    reward model is refreshed on old plus new pairs."""
     data: CommaList
     """Preference file(s), JSON Lines; repeat the flag or separate with commas to mix several."""
     eval_data: CommaList | None = None
@@ -152,6 +155,17 @@ class PPOConfig(_Settings):
     reward_combination: str | None = None
     """A combination declared at the server's start (llama2, sum or ensemble); each of its models is logged as
     reward/<name>, an ensemble's disagreement as reward/ensemble_std."""
+    gold_reward_url: str | None = None
+    """A gold reward server (a larger or differently trained model) that scores the same rollouts every
+    --gold-every steps, never seen by the update: logged against sqrt(KL) and plotted (OUT/gold.png), with the
+    best-gold policy kept in OUT/best_gold."""
+    gold_api_key: SecretStr | None = None
+    """API key of the gold reward server."""
+    gold_every: int = Field(1, gt=0)
+    """Steps between gold evaluations."""
+    stop_on_gold_drop: int | None = Field(None, gt=0)
+    """Stop once the gold mean has fallen this many evaluations in a row while the proxy rose (needs
+    --gold-reward-url)."""
     policy: str = "smollm2"
     """Policy to fine-tune: a local causal LM folder, a hub id, or `smollm2` (the embedded SmolLM2-135M-Instruct)."""
     reference: str | None = None
@@ -234,6 +248,8 @@ class PPOConfig(_Settings):
     def _sizes_divide(self) -> "PPOConfig":
         if self.reward_model and self.reward_combination:
             raise ValueError("give --reward-model or --reward-combination, not both")
+        if self.stop_on_gold_drop is not None and self.gold_reward_url is None:
+            raise ValueError("--stop-on-gold-drop watches the gold reward: give --gold-reward-url too")
         for name in ("generation_batch_size", "mini_batch_size"):
             if getattr(self, name) is not None and self.batch_size % getattr(self, name):
                 raise ValueError(f"--batch-size {self.batch_size} must divide by --{name.replace('_', '-')}")
@@ -298,6 +314,11 @@ class DemoConfig(_Settings):
     """Rollouts per PPO step."""
     ppo_lr: float = Field(5e-6, gt=0)
     """PPO learning rate."""
+    refresh_every: int | None = Field(None, gt=0)
+    """Refresh the reward model every N PPO steps: label the current policy's completions, train the reward model
+    on old plus new pairs from where it is (--init-from), hot-reload it into the running server, and continue."""
+    refresh_prompts: int = Field(16, gt=1)
+    """Prompts labelled at each refresh."""
     device: str = "auto"
     """auto, cpu or cuda:N."""
     seed: int = 0

@@ -4,6 +4,8 @@
 2. train   a Bradley–Terry reward model on them                            -> OUT/rm/
 3. serve   the reward model, as its own process, on a free loopback port
 4. ppo     the policy against that server, over HTTP                        -> OUT/ppo/
+           with --refresh-every N, every N steps: label the current policy's completions, train the reward
+           model further on old plus new pairs, hot-reload it into the running server, continue -> OUT/refresh-K/
 5. report  what each stage achieved and where its outputs are              -> OUT/summary.json
 
 Each stage's output is cached: a second run skips what is done (--fresh redoes everything).
@@ -11,6 +13,7 @@ Each stage's output is cached: a second run skips what is done (--fresh redoes e
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import socket
 import subprocess
@@ -36,7 +39,8 @@ def main(config: DemoConfig) -> dict:
     if "train" in config.stages:
         timings["train"] = run_stage("train", out / "rm" / "config.json", lambda: train(config, out))
     if "ppo" in config.stages:
-        timings["serve+ppo"] = run_stage("ppo", out / "ppo" / "policy" / "config.json", lambda: ppo(config, out))
+        done = out / "ppo" / ("refreshes.json" if config.refresh_every else "policy/config.json")
+        timings["serve+ppo"] = run_stage("ppo", done, lambda: ppo(config, out))
     summary = report(out, timings)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -73,24 +77,78 @@ def train(config: DemoConfig, out: Path) -> None:
 def ppo(config: DemoConfig, out: Path) -> None:
     from .ppo import main as ppo_main
 
-    chunk = config.ppo_batch_size // 2 if config.ppo_batch_size % 2 == 0 else config.ppo_batch_size
+    if config.refresh_every is not None:
+        return ppo_with_refreshes(config, out)
     with reward_server(out / "rm", out / "server.log") as url:
-        ppo_main(PPOConfig(reward_url=[url], policy=config.policy, out=str(out / "ppo"), steps=config.ppo_steps,
-                           batch_size=config.ppo_batch_size,
-                           mini_batch_size=chunk, ppo_epochs=1, lr=config.ppo_lr,
-                           max_new_tokens=config.max_new_tokens, device=config.device, seed=config.seed,
-                           save_every=max(1, config.ppo_steps // 2)))
+        ppo_main(ppo_config(config, out, url, config.ppo_steps))
+
+
+def ppo_config(config: DemoConfig, out: Path, url: str, steps: int, resume: bool = False) -> PPOConfig:
+    chunk = config.ppo_batch_size // 2 if config.ppo_batch_size % 2 == 0 else config.ppo_batch_size
+    return PPOConfig(reward_url=[url], policy=config.policy, out=str(out / "ppo"), steps=steps,
+                     batch_size=config.ppo_batch_size, mini_batch_size=chunk, ppo_epochs=1, lr=config.ppo_lr,
+                     max_new_tokens=config.max_new_tokens, device=config.device, seed=config.seed,
+                     save_every=max(1, config.ppo_steps // 2), resume=resume)
+
+
+def ppo_with_refreshes(config: DemoConfig, out: Path) -> None:
+    """PPO in runs of --refresh-every steps against one server that never stops; between two runs the reward model
+    is refreshed and hot-reloaded, and PPO resumes from its checkpoint."""
+    from .ppo import main as ppo_main
+
+    admin_key = secrets.token_urlsafe(16)
+    reward_model, refreshes, done = out / "rm", [], 0
+    flags = ["--allow-reload-from", str(out), "--admin-key", admin_key]
+    with reward_server(out / "rm", out / "server.log", flags) as url:
+        while done < config.ppo_steps:
+            steps = min(config.ppo_steps, done + config.refresh_every)
+            ppo_main(ppo_config(config, out, url, steps, resume=done > 0))
+            done = steps
+            if done < config.ppo_steps:
+                reward_model, record = refresh(config, out, reward_model, url, admin_key, len(refreshes) + 1, done)
+                refreshes.append(record)
+    (out / "ppo" / "refreshes.json").write_text(json.dumps(refreshes, indent=2))
+
+
+def refresh(config: DemoConfig, out: Path, reward_model: Path, url: str, admin_key: str, number: int,
+            after_step: int) -> tuple[Path, dict]:
+    """label (the current policy's completions) -> train --init-from the served model on old + new pairs -> reload."""
+    from .labeling import main as label_main
+    from .rm_train import main as train_main
+
+    folder = out / f"refresh-{number}"
+    print(f"== refresh {number}, after PPO step {after_step}: label the policy's completions, train on old + new"
+          " pairs, reload", flush=True)
+    labels = label_main(LabelConfig(out=str(folder / "prefs.jsonl"), policy=str(out / "ppo" / "policy"),
+                                    judge=config.judge, max_prompts=config.refresh_prompts,
+                                    max_new_tokens=config.max_new_tokens, device=config.device,
+                                    seed=config.seed + number))
+    data = [str(out / "prefs.jsonl")] + [str(out / f"refresh-{k}" / "prefs.jsonl") for k in range(1, number + 1)]
+    report = train_main(RMTrainConfig(init_from=str(reward_model), data=data, out=str(folder / "rm"), epochs=1,
+                                      lr=config.rm_lr, batch_size=8, max_length=config.rm_max_length,
+                                      eval_fraction=0.15, warmup_ratio=0.1, log_every=1, device=config.device,
+                                      seed=config.seed))
+    reply = httpx.post(f"{url}/admin/reload", json={"path": str(folder / "rm")},
+                       headers={"Authorization": f"Bearer {admin_key}"}, timeout=600)
+    if reply.status_code != 200:
+        raise SystemExit(f"the refreshed reward model was not reloaded: {reply.text}")
+    reloaded = reply.json()
+    print(f"reloaded the reward model: {reloaded['old_version']} -> {reloaded['new_version']}"
+          f" in {reloaded['seconds']:.1f} s, while the server kept serving", flush=True)
+    return folder / "rm", {"after_step": after_step, "new_pairs": labels["rows_written"], "training_files": data,
+                           "held_out_accuracy": report["accuracy"], **reloaded}
 
 
 @contextmanager
-def reward_server(model: Path, log_path: Path, startup_timeout: float = 300):
+def reward_server(model: Path, log_path: Path, flags: list[str] = (), startup_timeout: float = 300):
     """`rewardserve serve` as its own process on a free loopback port; stopped (SIGTERM, drained) on exit."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "rewardserve.trainer.cli", "serve", "--model", str(model),
-                                   "--http-port", str(port), "--grpc-port", "0"], stdout=log, stderr=subprocess.STDOUT)
+                                   "--http-port", str(port), "--grpc-port", "0", *flags], stdout=log,
+                                  stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, server, startup_timeout, log_path)
@@ -130,7 +188,9 @@ def report(out: Path, timings: dict) -> dict:
         "ppo": {"steps": len(metrics),
                 "reward_start": metrics[0]["reward_mean"] if metrics else None,
                 "reward_end": metrics[-1]["reward_mean"] if metrics else None,
-                "kl_start": metrics[0]["kl"] if metrics else None, "kl_end": metrics[-1]["kl"] if metrics else None},
+                "kl_start": metrics[0]["kl"] if metrics else None, "kl_end": metrics[-1]["kl"] if metrics else None,
+                "reward_model_changed_at_steps": [m["step"] for m in metrics if m.get("model_version_changed")]},
+        "refreshes": read(out / "ppo" / "refreshes.json") or None,
         "seconds_per_stage": timings,
         "outputs": {"preferences": str(out / "prefs.jsonl"), "reward_model": str(out / "rm"),
                     "reward_model_plot": str(out / "rm" / "training.png"), "ppo_metrics": str(metrics_path),

@@ -55,6 +55,9 @@ class Ranks:
     def all_true(self, flag: bool) -> bool:
         return self.total(0.0 if flag else 1.0) == 0.0
 
+    def any_true(self, flag: bool) -> bool:
+        return self.total(1.0 if flag else 0.0) > 0.0
+
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenates every rank's 1-D tensor (their lengths may differ)."""
         if not self.active:

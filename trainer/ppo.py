@@ -29,6 +29,7 @@ from tqdm import tqdm
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.modeling import describe_device
 from .client import RetryPolicy, RewardClient, RewardTarget, RewardUnavailable
+from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, plot_gold
 from .config import PPOConfig
 from .distributed import Ranks, setup_ranks, teardown
 from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
@@ -298,6 +299,14 @@ def main(config: PPOConfig) -> dict:
     log = JsonlLog(out / "metrics.jsonl", fresh=not config.resume, tensorboard_namespace="ppo") if ranks.is_main else None
     if log:
         log.drop_after(start)
+    earlier = log.records() if log else []
+    versions = earlier[-1].get("model_version") if earlier else None
+    gold_client, monitor = None, None
+    if config.gold_reward_url and ranks.is_main:
+        gold_client = RewardClient(config.gold_reward_url, timeout=config.reward_timeout,
+                                   retry=RetryPolicy(config.reward_retries),
+                                   api_key=config.gold_api_key.get_secret_value() if config.gold_api_key else None)
+        monitor = GoldMonitor.from_records(config.gold_every, config.stop_on_gold_drop, earlier)
     with ThreadPoolExecutor(1, thread_name_prefix="score") as pool:
         steps = range(start, config.steps)
         for step in tqdm(steps, initial=start, total=config.steps, desc="ppo", disable=not ranks.is_main):
@@ -312,6 +321,11 @@ def main(config: PPOConfig) -> dict:
             if not ranks.all_true(scored.rollout is not None):
                 continue  # some rank has nothing to learn from: every rank skips, or DDP would wait forever
             rollout = scored.rollout
+            changed = ranks.any_true(versions is not None and ",".join(scored.versions) != versions)
+            if changed:  # a reloaded reward model: the trainer's own whitening starts afresh with it
+                moments = RunningMoments()
+                tqdm.write(f"step {step + 1}: the reward model changed, {versions} -> {','.join(scored.versions)}")
+            versions = ",".join(scored.versions)
             scores = shape_scores(scored.scores, rollout.reached_eos, moments, config, ranks)
             advantages, returns, kl = advantages_for(rollout, scores, kl_controller.beta, config)  # 4, 5
             model.train()
@@ -321,12 +335,26 @@ def main(config: PPOConfig) -> dict:
             timings = scored.timings | {"update": time.perf_counter() - update_began,
                                         "step": time.perf_counter() - began}
             record = step_metrics(step + 1, scored, scores, kl, kl_controller.beta, rollout, returns, update, timings,
-                                  counters, ranks)
+                                  counters, ranks) | {"model_version_changed": changed}
             kl_controller.update(record["kl"], len(rollout.responses) * ranks.world_size)  # 7
+            stop = False
+            if monitor is not None and monitor.due(step + 1):
+                verdict = evaluate_gold(gold_client, monitor, rollout, record)
+                if verdict is not None:
+                    record |= verdict.metrics
+                    if verdict.new_best:
+                        save_policy(out / "best_gold", model, tokenizer, {"step": step + 1, **verdict.metrics})
+                    stop = verdict.stop
             if log:
                 log.write(record)
-                if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stop:
                     save_checkpoint(out, step + 1, model, optimizer, kl_controller, moments, counters)
+            if ranks.any_true(stop):
+                tqdm.write(f"step {step + 1}: the gold reward fell {config.stop_on_gold_drop} evaluations in a row"
+                           f" while the proxy rose; stopping (best gold at step {monitor.best.step}, kept in"
+                           f" {out / 'best_gold'})")
+                counters["stopped_on_gold_drop"] = step + 1
+                break
     summary = finish(out, model, tokenizer, log, counters) if log else {}
     teardown(ranks)
     return summary
@@ -378,11 +406,38 @@ def reward_parts(scored: ScoredRollout) -> dict:
     return parts | {"model_version": ",".join(scored.versions)}
 
 
+def evaluate_gold(client: RewardClient, monitor: GoldMonitor, rollout: Rollout, record: dict) -> GoldVerdict | None:
+    """Scores the step's rollouts on the gold server; an unreachable gold server skips this evaluation alone."""
+    try:
+        gold = client.score(scoring_items(rollout.prompts, rollout.responses)).rewards
+    except RewardUnavailable as error:
+        tqdm.write(f"step {record['step']}: gold evaluation skipped, the gold server could not score: {error}")
+        return None
+    return monitor.observe(GoldEvaluation(record["step"], record["reward_mean"], sum(gold) / len(gold), record["kl"]))
+
+
+def save_policy(folder: Path, model, tokenizer, about: dict) -> None:
+    """An HF policy folder (what `--policy` and `rewardserve label --policy` read), written via a rename."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.policy.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "about.json").write_text(json.dumps(about, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.replace(folder)
+
+
 def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict) -> dict:
     model.policy.save_pretrained(out / "policy", safe_serialization=True)
     tokenizer.save_pretrained(out / "policy")
     records = log.records()
     plot_curves(records, ["reward_mean", "kl", "response_length"], out / "ppo.png", "PPO against the reward server")
+    gold = [GoldEvaluation(r["step"], r["reward_mean"], r["gold/reward_mean"], r["kl"])
+            for r in records if "gold/reward_mean" in r]
+    if gold:
+        plot_gold(gold, out / "gold.png")
+        best = max(gold, key=lambda e: e.gold)
+        counters = counters | {"gold_best_step": best.step, "gold_best": best.gold, "gold_last": gold[-1].gold}
     summary = {"steps": len(records), **counters}
     if records:
         summary |= {"reward_first": records[0]["reward_mean"], "reward_last": records[-1]["reward_mean"],

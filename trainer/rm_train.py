@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from rewardserve.server.embedded import resolve_model_path
-from rewardserve.server.modeling import (context_size, describe_device, init_reward_model_from_base, is_decoder_reward_model, resolve_device,
+from rewardserve.server.modeling import (context_size, describe_device, init_reward_model_from_base,
+                                         is_decoder_reward_model, load_sequence_classifier, resolve_device,
                                          save_reward_model, sequence_scores, synchronize)
 from rewardserve.server.normalization import LengthFit, RewardStatistics, debias, fit_length
 from rewardserve.server.packing import packed_scores, supports_packing, to_device
@@ -245,11 +246,15 @@ def main(config: RMTrainConfig) -> dict:
     out, device = Path(config.out), resolve_device(config.device)
     print(f"train: on {describe_device(device)}, float32 weights{' and bf16 autocast' if device.type == 'cuda' else ''}",
           flush=True)
-    base = resolve_model_path(config.base)
-    tokenizer = load_tokenizer(base)
+    source = resolve_model_path(config.init_from or config.base)
+    tokenizer = load_tokenizer(source)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         _give_distinct_pad(tokenizer)
-    model = init_reward_model_from_base(base).to(device)
+    if config.init_from:  # a refresh: the served reward model, head included, trained further
+        print(f"train: continuing from the reward model {source}", flush=True)
+        model = load_sequence_classifier(source, torch.float32).to(device)
+    else:
+        model = init_reward_model_from_base(source).to(device)
     tokenizer.model_max_length = min(config.max_length, context_size(model.config))  # the server reads it back
     encoder = ItemEncoder(tokenizer, tokenizer.model_max_length, append_eos=is_decoder_reward_model(model))
     data = prepare_data(config, encoder)

@@ -41,3 +41,22 @@ def test_demo_runs_every_stage_then_caches_them(tiny_policy, tiny_base, tmp_path
 
     second = run_demo(out, tiny_policy, tiny_base)
     assert second.count(": cached") == 3
+
+
+def test_demo_refreshes_the_reward_model_without_stopping_the_server(tiny_policy, tiny_base, tmp_path):  # noqa: F811
+    out = tmp_path / "demo"
+    printed = run_demo(out, tiny_policy, tiny_base, "--ppo-steps", "4", "--refresh-every", "2",
+                       "--refresh-prompts", "6")
+    assert "== refresh 1, after PPO step 2" in printed and "while the server kept serving" in printed
+    refreshes = json.loads((out / "ppo" / "refreshes.json").read_text())
+    assert len(refreshes) == 1 and refreshes[0]["after_step"] == 2 and refreshes[0]["new_pairs"] > 0
+    assert refreshes[0]["old_version"] != refreshes[0]["new_version"]
+    assert refreshes[0]["training_files"] == [str(out / "prefs.jsonl"), str(out / "refresh-1" / "prefs.jsonl")]
+    assert (out / "refresh-1" / "rm" / "model.safetensors").is_file()
+    metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["dropped_total"] == 0
+    assert [m["model_version"] for m in metrics] == [refreshes[0]["old_version"]] * 2 + [refreshes[0]["new_version"]] * 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ppo"]["reward_model_changed_at_steps"] == [3] and summary["refreshes"] == refreshes
+    server_log = (out / "server.log").read_text()
+    assert server_log.count("rewardserve ready") == 1 and "reloaded rm" in server_log  # one server throughout

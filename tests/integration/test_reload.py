@@ -165,3 +165,41 @@ def test_sighup_re_reads_the_same_path(server, checkpoints):
             break
         time.sleep(0.2)
     assert after != before and after.split("@")[0] == before.split("@")[0]  # same weights, loaded anew
+
+
+def test_ppo_marks_the_step_the_reward_model_changed_and_loses_no_rollout(server, checkpoints, smol_tokenizer,
+                                                                          tmp_path):
+    import json
+    import subprocess
+
+    from tests.conftest import CLI, build_tiny_policy
+
+    policy = build_tiny_policy(tmp_path / "policy", smol_tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say something."}) + "\n")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    trainer = subprocess.Popen([*CLI, "ppo", "--reward-url", server.http_url, "--policy", str(policy), "--prompts",
+                                str(prompts), "--out", str(tmp_path / "run"), "--steps", "8", "--batch-size", "8",
+                                "--max-new-tokens", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and trainer.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        steps_before = len(metrics.read_text().splitlines())
+        reloaded = reload_over_http(server, checkpoints["b"])
+        output, _ = trainer.communicate(timeout=300)
+    finally:
+        trainer.kill()
+    assert trainer.returncode == 0, output[-3000:]
+    assert reloaded.status_code == 200, reloaded.text
+    old, new = reloaded.json()["old_version"], reloaded.json()["new_version"]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    versions = [r["model_version"] for r in records]
+    changed_at = versions.index(new) + 1
+    assert changed_at > steps_before  # the steps logged before the reload were scored by the old model
+    assert versions == [old] * (changed_at - 1) + [new] * (len(records) - changed_at + 1)
+    assert [r["model_version_changed"] for r in records] == [r["step"] == changed_at for r in records]
+    assert f"step {changed_at}: the reward model changed" in output
+    assert records[-1]["dropped_total"] == 0 and sum(r["rollouts"] for r in records) == 8 * 8  # none lost
