@@ -118,9 +118,11 @@ def score_in_batches(forward: ForwardEngine, sequences: list[list[int]], max_bat
 
 
 class Batcher:
-    def __init__(self, forward: ForwardEngine | ScoreBatch, max_batch_tokens: int, max_wait_ms: float,
+    def __init__(self, forward: ForwardEngine | ScoreBatch | None, max_batch_tokens: int, max_wait_ms: float,
                  max_queue_items: int):
-        self._forward = forward if hasattr(forward, "launch") else _CallableForward(forward)
+        """forward: the engine of submits that name none; None when every submit names its own (a server of
+        several, reloadable models: the batcher then holds no model beyond the items queued for it)."""
+        self._forward = forward if forward is None or hasattr(forward, "launch") else _CallableForward(forward)
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_queue_items = max_queue_items
@@ -152,6 +154,8 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         engine = engine if engine is not None else self._forward
+        if engine is None:
+            raise ValueError("this batcher has no engine of its own: name the engine of each submit")
         unit = deque(_Job(ids, loop.create_future(), engine) for ids in sequences)
         self._units.append(unit)
         self._queued_items += len(unit)

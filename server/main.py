@@ -55,6 +55,9 @@ def default_max_length(tokenizer, max_positions: int) -> int:
 
 def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     """Loads one checkpoint with its tokenizer, statistics, length fit and default transform, and warms it up."""
+    resolve_device(config.device)  # a device that is not there is the first thing to say
+    if path.startswith(("/", "./", "../")) and not Path(path).is_dir():
+        raise StartupError(f"no checkpoint folder at {path} (model {name!r})")
     model = RewardModel.load(path, config.dtype, config.device, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config.trust_remote_code)
     max_length = config.max_length or default_max_length(tokenizer, model.max_positions)
@@ -110,7 +113,7 @@ def build_service(config: ServeConfig, models: list[ServedModel]) -> ScoringServ
             combination.check(statistics)
         except ValueError as error:
             raise StartupError(str(error)) from None
-    batcher = Batcher(models[0].engine, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
+    batcher = Batcher(None, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
     registry = ModelRegistry(models, combinations, config.default_reward)
     reloader = Reloader(registry, lambda name, path: load_served_model(name, path, config),
                         lambda current, path: check_room(config, current, path), config.allow_reload_from)
