@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
 
 from rewardserve.server.config import ServeConfig
@@ -136,6 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         CliApp.run(RewardServeCommand, cli_args=sys.argv[1:] if argv is None else argv)
     except StartupError as error:
         raise SystemExit(f"rewardserve: {error}") from None
+    except ValidationError as error:  # a flag or environment variable that cannot be: one line each, no traceback
+        raise SystemExit("rewardserve: " + "; ".join(map(_flag_problem, error.errors()))) from None
+
+
+def _flag_problem(error: dict) -> str:
+    """`--steps: Input should be greater than 0`; a check across flags has no single flag to name."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    fields = [part for part in error.get("loc", ()) if isinstance(part, str)][1:]  # [0] is the subcommand
+    return f"--{fields[-1].replace('_', '-')}: {message}" if fields else message
 
 
 if __name__ == "__main__":

@@ -68,3 +68,14 @@ def test_serving_a_causal_lm_says_what_it_is_and_what_to_do(tmp_path, smol_token
     result, _ = run_cli("serve", "--model", str(folder), "--device", "cpu", "--http-port", "0", "--grpc-port", "0")
     assert_refused_in_one_line(result, "is a causal language model (LlamaForCausalLM)",
                                f"rewardserve train --base {folder}")
+
+
+def test_bad_flags_and_missing_models_are_one_line_each(tmp_path):
+    result, _ = run_cli("serve", "--model", f"a={tmp_path}", "--model", f"a={tmp_path}")
+    assert_refused_in_one_line(result, "two models are named alike", "--model NAME=DIR")
+    result, _ = run_cli("serve", "--model", str(tmp_path), "--combination", "mix=median a b")
+    assert_refused_in_one_line(result, "unknown kind 'median'")
+    result, _ = run_cli("ppo", "--reward-url", "http://127.0.0.1:9", "--steps", "0")
+    assert_refused_in_one_line(result, "--steps: Input should be greater than 0")
+    result, _ = run_cli("serve", "--model", f"helpful={tmp_path / 'absent'}", "--device", "cpu", "--http-port", "0")
+    assert_refused_in_one_line(result, "no checkpoint folder at", "model 'helpful'")
