@@ -401,7 +401,7 @@ def reward_parts(scored: ScoredRollout) -> dict:
     if scored.ensemble_std:
         parts["reward/ensemble_std"] = sum(scored.ensemble_std) / len(scored.ensemble_std)
     if scored.chosen:
-        for name in sorted(set(scored.chosen)):
+        for name in scored.components:  # every model of the rule, 0 included, so each curve is unbroken
             parts[f"reward/chosen/{name}"] = scored.chosen.count(name) / len(scored.chosen)
     return parts | {"model_version": ",".join(scored.versions)}
 
