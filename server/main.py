@@ -96,8 +96,8 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
 
 def check_room(config: ServeConfig, current: ServedModel, path: str) -> None:
     """Both models are resident during a switch: refuse a reload the device cannot hold, with the figures."""
-    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype, resolve_device(config.device))
-    needed, free = weights_bytes(path, dtype), free_memory(device)
+    device = resolve_device(config.device)
+    needed, free = weights_bytes(path, resolve_dtype(config.dtype, device)), free_memory(device)
     if needed is not None and free is not None and needed > 0.9 * free:
         raise InsufficientMemory(
             f"loading {path} needs {needed / 2**30:.2f} GiB on {device}, and {free / 2**30:.2f} GiB is free beside"

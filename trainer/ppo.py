@@ -349,10 +349,11 @@ def main(config: PPOConfig) -> dict:
                 log.write(record)
                 if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stop:
                     save_checkpoint(out, step + 1, model, optimizer, kl_controller, moments, counters)
-            if ranks.any_true(stop):
-                tqdm.write(f"step {step + 1}: the gold reward fell {config.stop_on_gold_drop} evaluations in a row"
-                           f" while the proxy rose; stopping (best gold at step {monitor.best.step}, kept in"
-                           f" {out / 'best_gold'})")
+            if ranks.any_true(stop):  # the monitor runs on the main rank; every rank stops with it
+                if monitor is not None:
+                    tqdm.write(f"step {step + 1}: the gold reward fell {config.stop_on_gold_drop} evaluations in a"
+                               f" row while the proxy rose; stopping (best gold at step {monitor.best.step}, kept in"
+                               f" {out / 'best_gold'})")
                 counters["stopped_on_gold_drop"] = step + 1
                 break
     summary = finish(out, model, tokenizer, log, counters) if log else {}
