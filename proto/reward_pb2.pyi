@@ -95,28 +95,23 @@ class Combination(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ..., conservative_lambda: _Optional[float] = ...) -> None: ...
 
 class ComponentScores(_message.Message):
-    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version")
+    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version", "name")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     truncated: _containers.RepeatedScalarFieldContainer[bool]
     transform: Transform
     model_version: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    name: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("model", "scores", "rewards", "truncated", "transform", "model_version", "components", "combination", "chosen", "std")
-    class ComponentsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: ComponentScores
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ComponentScores, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -133,11 +128,11 @@ class ScoreResponse(_message.Message):
     truncated: _containers.RepeatedScalarFieldContainer[bool]
     transform: Transform
     model_version: str
-    components: _containers.MessageMap[str, ComponentScores]
+    components: _containers.RepeatedCompositeFieldContainer[ComponentScores]
     combination: Combination
     chosen: _containers.RepeatedScalarFieldContainer[str]
     std: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Mapping[str, ComponentScores]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentScores, _Mapping]]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "type", "message")

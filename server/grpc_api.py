@@ -68,10 +68,10 @@ def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
         chosen=response.chosen or [],
         std=response.std or [],
     )
-    for name, part in (response.components or {}).items():
-        message.components[name].CopyFrom(reward_pb2.ComponentScores(
-            scores=part.scores, rewards=part.rewards, truncated=part.truncated,
-            transform=transform_to_proto(part.transform), model_version=part.model_version))
+    message.components.extend(
+        reward_pb2.ComponentScores(name=name, scores=part.scores, rewards=part.rewards, truncated=part.truncated,
+                                   transform=transform_to_proto(part.transform), model_version=part.model_version)
+        for name, part in (response.components or {}).items())
     if response.combination is not None:
         message.combination.CopyFrom(reward_pb2.Combination(
             **response.combination.model_dump(exclude_none=True)))

@@ -29,14 +29,14 @@ class Score(ScoreConfig):
     """Score items on a running reward server and print the result as JSON."""
 
     def cli_cmd(self) -> None:
-        from .client import RewardClient, RewardClientError
+        from .client import RewardClient, RewardClientError, RewardTarget
 
         print("rewardserve score " + json.dumps(self.printable()), file=sys.stderr)
         items = _score_items(self)
         api_key = self.api_key.get_secret_value() if self.api_key else None
         with RewardClient(self.url, timeout=self.timeout, api_key=api_key, ca_file=self.ca_file) as client:
             try:
-                result = client.score(items, self.transform)
+                result = client.score(items, self.transform, RewardTarget.from_names(self.model, self.combination))
             except RewardClientError as error:
                 raise SystemExit(f"rewardserve score: {error}") from error
         print(json.dumps(result.__dict__, indent=2))

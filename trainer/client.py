@@ -61,6 +61,13 @@ class RewardTarget:
     models: tuple[str, ...] | None = None
     combination: str | None = None
 
+    @classmethod
+    def from_names(cls, models: list[str] | None, combination: str | None) -> "RewardTarget":
+        """What a `--model a[,b]` / `--combination` pair of flags asks for: one model, several, or a combination."""
+        names = models or []
+        return cls(model=names[0] if len(names) == 1 else None, models=tuple(names) if len(names) > 1 else None,
+                   combination=combination)
+
     def fields(self) -> dict:
         fields = {"model": self.model, "models": list(self.models) if self.models else None,
                   "combination": self.combination}

@@ -41,8 +41,12 @@ class ScoreConfig(_Settings):
     """Already formatted text to score as given."""
     file: str | None = None
     """JSON Lines file of items ({"prompt", "response"} / {"messages"} / {"text"} / {"input_ids"}) to score."""
-    transform: Literal["raw", "whiten", "logsigmoid"] | None = None
-    """Reward transform; the server's default when left out."""
+    transform: Literal["raw", "whiten", "logsigmoid", "debias"] | None = None
+    """Reward transform; the model's default when left out."""
+    model: CommaList | None = None
+    """The server's model(s) to score with (several comma-separated: each in `components`); default: its default."""
+    combination: str | None = None
+    """One of the server's combinations to score with."""
     api_key: SecretStr | None = None
     """API key of the server."""
     ca_file: str | None = None
@@ -52,6 +56,8 @@ class ScoreConfig(_Settings):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ScoreConfig":
+        if self.model and self.combination:
+            raise ValueError("give --model or --combination, not both")
         sources = [self.response is not None, self.text is not None, self.file is not None]
         if sum(sources) != 1:
             raise ValueError("give exactly one of --prompt/--response, --text or --file")

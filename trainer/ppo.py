@@ -95,17 +95,12 @@ class ScoredRollout:
     versions: list[str] = field(default_factory=list)  # the model versions that scored this batch
 
 
-def reward_target(config: PPOConfig) -> RewardTarget:
-    names = config.reward_model or []
-    return RewardTarget(model=names[0] if len(names) == 1 else None, models=tuple(names) if len(names) > 1 else None,
-                        combination=config.reward_combination)
-
-
 def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompts: list, client: RewardClient,
                       pool: ThreadPoolExecutor, config: PPOConfig, device) -> ScoredRollout:
     """Phases 2 and 3: the whole batch is sampled in one generation (or in --generation-batch-size chunks), and its
     responses are scored on the server while the log-probs and values are read here."""
     sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p)
+    target = RewardTarget.from_names(config.reward_model, config.reward_combination)
     timings = {"generate": 0.0, "logprobs": 0.0, "score_wait": 0.0}
     generation = {"decode_steps": 0, "tokens": 0}
     in_flight: list[tuple[Rollout, Future]] = []
@@ -117,7 +112,7 @@ def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompt
             model, reference, engine, tokenizer, prompts[start:start + chunk], sampling, config.max_prompt_length,
             device, config.forward_batch_tokens,
             on_sampled=lambda p, texts: futures.append(pool.submit(client.score, scoring_items(p, texts),
-                                                                    target=reward_target(config))))
+                                                                    target=target)))
         timings["generate"] += stats.seconds
         timings["logprobs"] += time.perf_counter() - began - stats.seconds
         generation["decode_steps"] += stats.decode_steps

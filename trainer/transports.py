@@ -134,9 +134,10 @@ def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
                        "weights": list(c.weights) if c.kind == "sum" else None,
                        "threshold": c.threshold if c.HasField("threshold") else None,
                        "conservative_lambda": c.conservative_lambda if c.HasField("conservative_lambda") else None}
-    components = {name: {"scores": list(part.scores), "rewards": list(part.rewards), "truncated": list(part.truncated),
-                         "transform": _transform_from_proto(part.transform), "model_version": part.model_version}
-                  for name, part in message.components.items()}
+    components = {part.name: {"scores": list(part.scores), "rewards": list(part.rewards),
+                              "truncated": list(part.truncated), "transform": _transform_from_proto(part.transform),
+                              "model_version": part.model_version}
+                  for part in message.components}
     return {
         "model": message.model,
         "scores": list(message.scores),

@@ -208,3 +208,16 @@ def test_ppo_logs_each_component(server, smol_tokenizer, tmp_path, flags, expect
     if "safe" in flags:
         shares = [v for k, v in records[-1].items() if k.startswith("reward/chosen/")]
         assert shares and sum(shares) == pytest.approx(1.0)
+
+
+def test_the_score_command_names_a_combination_or_models(server):
+    import subprocess
+
+    from tests.conftest import CLI
+
+    for flags, check in [(["--combination", "ens"], lambda out: out["combination"]["kind"] == "ensemble"),
+                         (["--model", "b,c"], lambda out: list(out["components"]) == ["b", "c"])]:
+        run = subprocess.run([*CLI, "score", "--url", server.grpc_url, "--prompt", "Hi", "--response", "Hello",
+                              *flags], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert check(json.loads(run.stdout))
