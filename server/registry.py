@@ -66,6 +66,11 @@ class ModelRegistry:
         self._models[model.name] = model
         return old
 
+    def default_model(self) -> ServedModel:
+        """The default's model, or a default combination's first model (what /info describes at its top)."""
+        combination = self.combinations.get(self.default)
+        return self.get(combination.models[0] if combination else self.default)
+
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 

@@ -67,12 +67,10 @@ class ScoringService:
         return self._ready and not self._draining
 
     def info(self) -> ServerInfo:
-        models = [model.info for model in self.registry.models()]
-        default = self.registry.default
-        first = (self.registry.get(default) if default not in self.registry.combinations
-                 else self.registry.get(self.registry.combinations[default].models[0]))
-        return ServerInfo(**first.info.model_dump(), models=models, default=default,
-                          combinations=[CombinationOut(**c.describe()) for c in self.registry.combinations.values()])
+        registry = self.registry
+        return ServerInfo(**registry.default_model().info.model_dump(), default=registry.default,
+                          models=[model.info for model in registry.models()],
+                          combinations=[CombinationOut(**c.describe()) for c in registry.combinations.values()])
 
     def check_api_key(self, presented: str | None) -> None:
         """Constant-time comparison, so response timing does not leak how much of a guessed key was right."""

@@ -26,6 +26,12 @@ class GoldEvaluation:
         return math.sqrt(max(self.kl, 0.0))
 
 
+def evaluations_in(records: list[dict]) -> list[GoldEvaluation]:
+    """The gold evaluations logged in metrics.jsonl records (the steps that had one)."""
+    return [GoldEvaluation(r["step"], r["reward_mean"], r["gold/reward_mean"], r["kl"])
+            for r in records if "gold/reward_mean" in r]
+
+
 @dataclass(frozen=True)
 class GoldVerdict:
     new_best: bool
@@ -52,9 +58,7 @@ class GoldMonitor:
     @classmethod
     def from_records(cls, every: int, stop_on_drop: int | None, records: list[dict]) -> "GoldMonitor":
         """A resumed run picks up the evaluations its metrics.jsonl already holds."""
-        history = [GoldEvaluation(r["step"], r["reward_mean"], r["gold/reward_mean"], r["kl"])
-                   for r in records if "gold/reward_mean" in r]
-        return cls(every, stop_on_drop, history)
+        return cls(every, stop_on_drop, evaluations_in(records))
 
     @property
     def best(self) -> GoldEvaluation | None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.modeling import describe_device
 from .client import RetryPolicy, RewardClient, RewardTarget, RewardUnavailable
-from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, plot_gold
+from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot_gold
 from .config import PPOConfig
 from .distributed import Ranks, setup_ranks, teardown
 from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
@@ -428,8 +428,7 @@ def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict) -> dict:
     tokenizer.save_pretrained(out / "policy")
     records = log.records()
     plot_curves(records, ["reward_mean", "kl", "response_length"], out / "ppo.png", "PPO against the reward server")
-    gold = [GoldEvaluation(r["step"], r["reward_mean"], r["gold/reward_mean"], r["kl"])
-            for r in records if "gold/reward_mean" in r]
+    gold = evaluations_in(records)
     if gold:
         plot_gold(gold, out / "gold.png")
         best = max(gold, key=lambda e: e.gold)
