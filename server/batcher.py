@@ -7,7 +7,8 @@ The loop, once per cycle:
    `max_batch_tokens`, and take the batch holding the oldest item (items whose client has gone are dropped);
 4. launch that batch's forward on one dedicated thread, so the event loop keeps accepting requests meanwhile;
 5. collect the previous batch and resolve its futures; a batch that runs out of device memory is split in halves
-   and retried.
+   and retried, and so is a batch whose forward fails otherwise, down to the one item that fails it, which alone
+   gets the error (`UnscorableItem`). A score that is not a finite number is an error for its item, never a result.
 
 While a forward runs, new requests queue up and join the window: under load the batches fill themselves, and at
 low load an item waits at most `max_wait_ms` before its forward starts.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from . import metrics
-from .errors import Internal, NotReady, OutOfMemory, Overloaded
+from .errors import Internal, NotReady, OutOfMemory, Overloaded, TooManyItems, UnscorableItem
 
 log = logging.getLogger(__name__)
 
@@ -144,25 +146,44 @@ class Batcher:
     def submit(self, sequences: list[list[int]], engine: ForwardEngine | None = None) -> list[asyncio.Future]:
         """Queues the sequences as one unit for `engine` (the batcher's own by default) and returns a future per
         sequence (its score)."""
+        return self.submit_group([(sequences, engine)])[0]
+
+    def submit_group(self, parts: list[tuple[list[list[int]], ForwardEngine | None]]) -> list[list[asyncio.Future]]:
+        """Queues every part (sequences for one engine) of one request, or none of them: a request scored by several
+        models is admitted whole, so no model's items are computed for a request that was then refused. Returns
+        each part's futures.
+
+        A request larger than the whole queue can never be admitted: TooManyItems (413), not Overloaded (503).
+        """
         if self._draining:
             raise NotReady("the server is shutting down; send this request to another replica or retry shortly")
-        if self._queued_items + len(sequences) > self.max_queue_items:
+        needed = sum(len(sequences) for sequences, _ in parts)
+        if needed > self.max_queue_items:
+            per_model = f" ({len(parts)} models x {needed // len(parts)} items)" if len(parts) > 1 else ""
+            raise TooManyItems(
+                f"this request needs {needed} places in the scoring queue{per_model}, and the queue holds"
+                f" {self.max_queue_items} (--max-queue-items): split the request"
+            )
+        if self._queued_items + needed > self.max_queue_items:
             raise Overloaded(
                 f"the scoring queue is full ({self._queued_items} items waiting, limit {self.max_queue_items});"
                 " retry after the indicated delay",
                 retry_after=self._retry_after(),
             )
-        loop = asyncio.get_running_loop()
-        engine = engine if engine is not None else self._forward
-        if engine is None:
+        engines = [engine if engine is not None else self._forward for _, engine in parts]
+        if any(engine is None for engine in engines):
             raise ValueError("this batcher has no engine of its own: name the engine of each submit")
-        unit = deque(_Job(ids, loop.create_future(), engine) for ids in sequences)
-        self._units.append(unit)
-        self._queued_items += len(unit)
-        self._queued_tokens += sum(len(ids) for ids in sequences)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for (sequences, _), engine in zip(parts, engines):
+            unit = deque(_Job(ids, loop.create_future(), engine) for ids in sequences)
+            self._units.append(unit)
+            self._queued_items += len(unit)
+            self._queued_tokens += sum(len(ids) for ids in sequences)
+            futures.append([job.future for job in unit])
         metrics.QUEUE_DEPTH.set(self._queued_items)
         self._arrived.set()
-        return [job.future for job in unit]
+        return futures
 
     async def drain_and_stop(self) -> None:
         """Refuses new work, finishes what is queued, then stops the loop and the worker thread."""
@@ -263,9 +284,9 @@ class Batcher:
             await self._finish_in_flight()
             await self._split_after_oom(live)
             return
-        except Exception as error:  # a device fault must fail these items, not the loop
-            log.exception("forward pass failed for a batch of %d items", len(live))
-            self._fail(live, Internal(f"the forward pass failed: {type(error).__name__}: {error}"))
+        except Exception as error:  # the batch, or one item of it, broke the forward: find which, fail it alone
+            await self._finish_in_flight()
+            await self._isolate(live, error)
             return
         await self._finish_in_flight()
         self._in_flight = _InFlight(live, engine, pending, started)
@@ -277,14 +298,37 @@ class Batcher:
         try:
             scores = await asyncio.get_running_loop().run_in_executor(self._worker, flight.engine.collect,
                                                                       flight.pending)
-        except Exception as error:
-            log.exception("forward pass failed for a batch of %d items", len(flight.jobs))
-            self._fail(flight.jobs, Internal(f"the forward pass failed: {type(error).__name__}: {error}"))
+        except Exception as error:  # on a GPU a forward's failure can surface when its result is read
+            await self._isolate(flight.jobs, error)
             return
         self._record_batch([job.input_ids for job in flight.jobs], time.perf_counter() - flight.started)
         for job, score in zip(flight.jobs, scores):
-            if not job.future.done():
+            if job.future.done():
+                continue
+            if math.isfinite(score):
                 job.future.set_result(score)
+            else:
+                metrics.UNSCORABLE.inc()
+                job.future.set_exception(UnscorableItem(
+                    f"the model's score for this item is {score}, not a finite number; the item is not scored"
+                    " (a model that gives non-finite scores for every item needs replacing)"))
+
+    async def _isolate(self, jobs: list[_Job], error: Exception) -> None:
+        """Runs the halves of a failed batch apart, down to single items: only the items that fail alone get the
+        error, so one client's bad item cannot fail the others' requests."""
+        if len(jobs) == 1:
+            log.warning("forward pass failed for one item of %d tokens: %s: %s", len(jobs[0].input_ids),
+                        type(error).__name__, error)
+            metrics.UNSCORABLE.inc()
+            self._fail(jobs, UnscorableItem(f"the forward pass fails on this item ({type(error).__name__}: {error});"
+                                            " the item is not scored"))
+            return
+        log.warning("forward pass failed for a batch of %d items (%s: %s); retrying its halves apart", len(jobs),
+                    type(error).__name__, error)
+        middle = len(jobs) // 2
+        for half in (jobs[:middle], jobs[middle:]):
+            await self._launch(half)
+            await self._finish_in_flight()
 
     async def _split_after_oom(self, jobs: list[_Job]) -> None:
         if len(jobs) == 1:

@@ -54,7 +54,7 @@ class Combination:
                 unknown = set(options) - {"helpful", "safety", "threshold"}
                 if plain or unknown or not {"helpful", "safety"} <= set(options):
                     raise ValueError("llama2 takes helpful=MODEL safety=MODEL [threshold=0.15]")
-                threshold = float(options.get("threshold", 0.15))
+                threshold = finite(options.get("threshold", "0.15"), "threshold")
                 if not 0 < threshold < 1:
                     raise ValueError(f"threshold is compared with a sigmoid, so it lies in (0, 1); got {threshold}")
                 return cls(name, "llama2", (options["helpful"], options["safety"]), threshold=threshold)
@@ -62,11 +62,11 @@ class Combination:
                 if options or not plain:
                     raise ValueError("sum takes WEIGHT*MODEL terms, e.g. 0.7*helpful 0.3*safety")
                 terms = [term.split("*", 1) if "*" in term else ("1", term) for term in plain]
-                return cls(name, "sum", tuple(m for _, m in terms), weights=tuple(float(w) for w, _ in terms))
+                return cls(name, "sum", tuple(m for _, m in terms), weights=tuple(finite(w, "a weight") for w, _ in terms))
             if kind == "ensemble":
                 if set(options) - {"lambda"} or len(plain) < 2:
                     raise ValueError("ensemble takes two or more MODEL names and an optional lambda=0.5")
-                lam = float(options["lambda"]) if "lambda" in options else None
+                lam = finite(options["lambda"], "lambda") if "lambda" in options else None
                 if lam is not None and lam < 0:
                     raise ValueError(f"lambda weighs a penalty, so it is at least 0; got {lam}")
                 return cls(name, "ensemble", tuple(plain), conservative_lambda=lam)
@@ -93,6 +93,13 @@ class Combination:
                 "weights": list(self.weights) if self.kind == "sum" else None,
                 "threshold": self.threshold if self.kind == "llama2" else None,
                 "conservative_lambda": self.conservative_lambda if self.kind == "ensemble" else None}
+
+
+def finite(text: str, what: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number; got {text}")
+    return value
 
 
 @dataclass(frozen=True)

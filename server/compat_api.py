@@ -96,7 +96,9 @@ def sigmoid(x: float) -> float:
 
 def add_compat_routes(app: FastAPI, service: ScoringService, authorized) -> None:
     async def raw_scores(items: list[ScoreItem]) -> ScoreResponse:
-        return await service.score(ScoreRequest(items=items, transform="raw"))
+        """The default model's raw scores, or a default combination's own (it fixes its transform itself)."""
+        return await service.score(ScoreRequest(items=items, transform=None if service.default_is_combination
+                                                else "raw"))
 
     @app.post("/classify", dependencies=[authorized])
     @app.post("/v1/classify", dependencies=[authorized], include_in_schema=False)

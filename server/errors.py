@@ -6,7 +6,8 @@
     │   ├── TransformUnavailable 422 FAILED_PRECONDITION  a transform that needs statistics the server lacks
     │   ├── UnknownModel       422  NOT_FOUND          a model or combination this server does not have
     │   ├── InputTooLong       413  INVALID_ARGUMENT   an item exceeds max_length and on_overflow=error
-    │   └── TooManyItems       413  INVALID_ARGUMENT   more items than max_items_per_request
+    │   ├── TooManyItems       413  INVALID_ARGUMENT   more items than max_items_per_request, or than the queue holds
+    │   └── UnscorableItem     422  INVALID_ARGUMENT   the forward fails on this item alone, or its score is not finite
     ├── PayloadTooLarge        413  RESOURCE_EXHAUSTED the request body exceeds max_body_bytes
     ├── Unauthorized           401  UNAUTHENTICATED    missing or wrong API key (or admin key)
     ├── Forbidden              403  PERMISSION_DENIED  reload is off, or the path is outside --allow-reload-from
@@ -64,6 +65,13 @@ class InputTooLong(InvalidInput):
 
 class TooManyItems(InvalidInput):
     http_status, grpc_code, kind = 413, "INVALID_ARGUMENT", "too_many_items"
+
+
+class UnscorableItem(InvalidInput):
+    """Raised for one item (its batch's other items are scored): the model fails on it alone, or scores it NaN or
+    infinite. The service prefixes the item's index."""
+
+    http_status, grpc_code, kind = 422, "INVALID_ARGUMENT", "unscorable_item"
 
 
 class PayloadTooLarge(RewardServeError):

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import asdict
@@ -46,11 +47,11 @@ class _UvicornWithoutSignals(uvicorn.Server):
         pass
 
 
-def default_max_length(tokenizer, max_positions: int) -> int:
-    """The length the checkpoint was trained at (`rewardserve train` stores it as the tokenizer's model_max_length),
-    capped by the model's context; tokenizers without one report a huge sentinel, ignored here."""
+def trained_max_length(tokenizer) -> int | None:
+    """The length the checkpoint was trained at (`rewardserve train` stores it as the tokenizer's model_max_length);
+    None for tokenizers without one (they report a huge sentinel)."""
     trained = getattr(tokenizer, "model_max_length", None)
-    return min(trained, max_positions) if isinstance(trained, int) and trained < 1_000_000 else max_positions
+    return trained if isinstance(trained, int) and trained < 1_000_000 else None
 
 
 def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
@@ -58,11 +59,15 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     resolve_device(config.device)  # a device that is not there is the first thing to say
     if path.startswith(("/", "./", "../")) and not Path(path).is_dir():
         raise StartupError(f"no checkpoint folder at {path} (model {name!r})")
-    model = RewardModel.load(path, config.dtype, config.device, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config.trust_remote_code)
-    max_length = config.max_length or default_max_length(tokenizer, model.max_positions)
+    model = RewardModel.load(path, config.dtype, config.device, config.trust_remote_code,
+                             max_length=config.max_length or trained_max_length(tokenizer))
+    if config.max_length is not None and config.max_length > model.max_length:
+        log.warning("--max-length %d is over the %d positions of model %s (%s): it scores at most %d tokens",
+                    config.max_length, model.max_positions, name, model.architecture, model.max_length)
     append_eos = model.is_decoder if config.append_eos is None else config.append_eos
-    encoder = ItemEncoder(tokenizer, max_length, config.on_overflow, append_eos=append_eos)
+    encoder = ItemEncoder(tokenizer, model.max_length, config.on_overflow, append_eos=append_eos,
+                          embedding_rows=model.embedding_rows)
     statistics = model.statistics
     if config.reward_mean is not None:
         statistics = RewardStatistics(config.reward_mean, config.reward_std, source="server flags")
@@ -77,7 +82,7 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     default_transform = RewardTransform(transform, statistics if transform == "whiten" else None, config.beta)
     info = ModelInfo(
         model=name, path=str(path), version=model.version, architecture=model.architecture,
-        dtype=str(model.dtype).removeprefix("torch."), device=str(model.device), max_length=max_length,
+        dtype=str(model.dtype).removeprefix("torch."), device=str(model.device), max_length=model.max_length,
         on_overflow=config.on_overflow, chat_template=encoder.has_chat_template,
         default_transform=default_transform.describe(), statistics=asdict(statistics) if statistics else None,
         max_items_per_request=config.max_items_per_request, max_batch_tokens=config.max_batch_tokens,
@@ -88,10 +93,20 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
         engine = SimulatedForward(config.stand_in_forward_us)
         log.warning("benchmark mode: %s", engine.describe())
         info.forward = engine.describe()
-    model.score_batch([[model.pad_token_id] * 8])  # warm-up: the first forward pays for kernels and allocations
+    warm_up(model, path)
     log.info("model %s ready: %s, version %s", name, path, model.version)
     return ServedModel(name, engine, encoder, statistics, model.length_fit, default_transform, info, model.version,
                        str(path))
+
+
+def warm_up(model: RewardModel, path: str) -> None:
+    """The first forwards pay for kernels and allocations; their scores must be finite numbers, or the checkpoint is
+    refused (at start, or at a reload, where the old model keeps serving)."""
+    rows = model.embedding_rows
+    sequences = [[model.pad_token_id] * 8, [(3 + i) % rows for i in range(min(32, model.max_length))]]
+    scores = model.score_batch(sequences)
+    if not all(math.isfinite(score) for score in scores):
+        raise StartupError(f"{path} gives non-finite scores {scores} on warm-up (NaN or infinite weights?): refused")
 
 
 def check_room(config: ServeConfig, current: ServedModel, path: str) -> None:
@@ -118,7 +133,7 @@ def build_service(config: ServeConfig, models: list[ServedModel]) -> ScoringServ
     reloader = Reloader(registry, lambda name, path: load_served_model(name, path, config),
                         lambda current, path: check_room(config, current, path), config.allow_reload_from)
     for model in models:
-        metrics.MODEL_INFO.labels(model.name, model.version, model.path).set(1)
+        metrics.MODEL_INFO.labels(model.name, model.version).set(1)
     return ScoringService(
         registry, batcher, beta=config.beta, max_items_per_request=config.max_items_per_request,
         api_key=config.api_key.get_secret_value() if config.api_key else None,
@@ -131,7 +146,7 @@ async def reload_all_from_their_paths(service: ScoringService) -> None:
     """SIGHUP: every model re-reads its own checkpoint folder (a refresh written in place)."""
     for name in service.registry.names:
         try:
-            await service.reloader.reload(name)
+            await service.reloader.reload(name, wait=True)  # after a reload that is running, not instead of it
         except RewardServeError as error:
             log.error("SIGHUP: %s not reloaded: %s", name, error.message)
 

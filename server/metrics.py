@@ -14,10 +14,13 @@ PADDED_TOKENS = Counter("rewardserve_padded_tokens_total", "Tokens computed incl
 TRUNCATED = Counter("rewardserve_truncated_items_total", "Items cut to max_length")
 ERRORS = Counter("rewardserve_errors_total", "Errors answered, by kind", ["kind"])
 CANCELLED = Counter("rewardserve_cancelled_items_total", "Items dropped before the forward: their client had gone")
+UNSCORABLE = Counter("rewardserve_unscorable_items_total",
+                     "Items answered an error alone: the forward failed on them, or their score was not finite")
 OOM_SPLITS = Counter("rewardserve_oom_splits_total", "Batches split in two after running out of device memory")
 
 MODEL_ITEMS = Counter("rewardserve_model_items_total", "Items scored, by model and version", ["model", "version"])
-MODEL_INFO = Gauge("rewardserve_model_info", "1 for each model version now serving", ["model", "version", "path"])
+MODEL_INFO = Gauge("rewardserve_model_info", "1 for each model version now serving (no paths: /metrics is open)",
+                   ["model", "version"])
 RELOADS = Counter("rewardserve_reloads_total", "Reloads asked for, by model and outcome", ["model", "outcome"])
 
 QUEUE_DEPTH = Gauge("rewardserve_queue_depth", "Items waiting for a batch")

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory
 from .normalization import LengthFit, RewardStatistics
-from .packing import pack, packed_scores, supports_packing, to_device
+from .packing import pack, packed_scores, plain_attention_blocker, supports_packing, to_device
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,11 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if not is_decoder_reward_model(model):
         # Encoders pool as their class does ([CLS] + pooler); the head's inputs are cast to fp32 by a hook.
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    hidden = model.base_model(input_ids=input_ids, attention_mask=causal_padding_mask(attention_mask)
-                              ).last_hidden_state  # (B, T, H)
+    # A ready-made causal mask spares a host sync per forward, but only where attention is plain causal: ALiBi,
+    # sliding windows and local layers build their own masks from the (B, T) one, which they must be given.
+    plain = plain_attention_blocker(model.config, input_ids.shape[1]) is None
+    mask = causal_padding_mask(attention_mask) if plain else attention_mask
+    hidden = model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     pooled = hidden[rows, last_token_index(attention_mask)]  # (B, H): only the last token reaches the head
     return model.score(pooled.float()).squeeze(-1)  # (B,)
@@ -156,9 +159,22 @@ def keep_head_in_fp32(model: nn.Module) -> None:
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------------
-def context_size(config) -> int:
-    """The longest sequence the architecture takes (GPT-2 calls it n_positions)."""
-    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+def context_size(model: nn.Module) -> int:
+    """The longest sequence the architecture takes: its position table, where it has one (GPT-2 calls it
+    n_positions, MPT max_seq_len). RoBERTa-style embeddings count positions from padding_idx + 1, so two rows of
+    their table are never reached. Without a table (ALiBi, as in BLOOM) 2048 is assumed."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        positions = getattr(config, name, None)
+        if isinstance(positions, int) and positions > 0:
+            break
+    else:
+        return 2048
+    embeddings = getattr(model.base_model, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if isinstance(getattr(embeddings, "position_embeddings", None), nn.Embedding) and isinstance(padding_idx, int):
+        positions -= padding_idx + 1
+    return positions
 
 
 def read_statistics(config) -> RewardStatistics | None:
@@ -287,15 +303,18 @@ class RewardModel:
     device: torch.device
     dtype: torch.dtype
     pad_token_id: int
-    max_positions: int
+    max_positions: int  # the architecture's own limit (context_size)
     statistics: RewardStatistics | None
+    max_length: int  # the longest sequence this model is given: what was asked, capped at max_positions
     packs: bool = False  # padding-free forwards (server/packing.py) for the architectures that support them
     length_fit: LengthFit | None = None
     weights_hash: str = ""  # checkpoint_hash(path): what the model is; with loaded_at, its version
     loaded_at: float = field(default_factory=time.time)
 
     @classmethod
-    def load(cls, path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    def load(cls, path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+             max_length: int | None = None):
+        """max_length: the longest sequence to expect, capped at the model's positions (None: the positions)."""
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         log.info("loading reward model %s on %s", path, describe_device(target, torch_dtype))
@@ -304,9 +323,19 @@ class RewardModel:
         pad = config.pad_token_id if config.pad_token_id is not None else 0
         if isinstance(pad, list):
             pad = pad[0]
-        return cls(network, _model_name(path), target, torch_dtype, int(pad), context_size(config),
-                   read_statistics(config), packs=supports_packing(network), length_fit=read_length_fit(config),
-                   weights_hash=checkpoint_hash(path, config))
+        positions = context_size(network)
+        length = min(max_length or positions, positions)
+        packs = supports_packing(network, length)
+        if not packs:
+            log.info("%s is scored padded: %s", type(network).__name__,
+                     plain_attention_blocker(config, length) or "its head is not a linear score or pooled classifier")
+        return cls(network, _model_name(path), target, torch_dtype, int(pad), positions, read_statistics(config),
+                   length, packs=packs, length_fit=read_length_fit(config), weights_hash=checkpoint_hash(path, config))
+
+    @property
+    def embedding_rows(self) -> int:
+        """Token ids below this have an embedding; a tokenizer can know more tokens than the model was given."""
+        return self.network.get_input_embeddings().num_embeddings
 
     @property
     def version(self) -> str:

@@ -143,16 +143,46 @@ def packed_attention_on(model: nn.Module):
         config._attn_implementation = previous
 
 
-# -- scores ---------------------------------------------------------------------------------------------------------
-def supports_packing(model: nn.Module) -> bool:
-    """Decoders with a `score` head (Llama, Qwen2, Mistral, GPT-2, ...) and BERT-style encoders with a pooler and a
-    linear classifier; anything else is scored padded."""
+# -- which architectures pack ----------------------------------------------------------------------------------------
+# Model types whose attention is plain (causal for decoders, full for encoders) with positions from `position_ids`,
+# and whose layers hand the forward's kwargs to the attention function: the packed attention above is exactly theirs.
+# Each is proven by tests/server/test_architectures.py (a packed batch equals transformers' forward of each item
+# alone). Everything else (ALiBi: BLOOM, MPT, Falcon-RW; local attention: GPT-Neo; layers that keep their own
+# attention code: Falcon, StableLM, ALBERT) is scored padded, with transformers' own masks.
+PACKABLE = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi", "gpt2", "gptj", "gpt_neox",
+                      "opt", "bert"})
+
+
+def plain_attention_blocker(config, length: int) -> str | None:
+    """Why sequences of up to `length` tokens do not see plain causal (or full) attention in this architecture, or
+    None when they do. A sliding window only matters past its width: a token attends to the `sliding_window` last
+    tokens, itself included, so a window of at least `length` is full attention."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in PACKABLE:
+        return f"{model_type} is not among the architectures proven to pack ({', '.join(sorted(PACKABLE))})"
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"{model_type} caps its attention logits (attn_logit_softcapping)"
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    windowed = window is not None and (not layer_types or layer_types != {"full_attention"})
+    if windowed and window < length:
+        return f"{model_type} attends through a sliding window of {window} tokens, shorter than {length}"
+    return None
+
+
+def supports_packing(model: nn.Module, max_length: int) -> bool:
+    """Whether sequences of up to `max_length` tokens can be scored packed: the architecture's attention is plain
+    (`plain_attention_blocker`), and the head is a decoder's linear `score` or a BERT-style pooler and linear
+    classifier. Anything else is scored padded."""
+    if plain_attention_blocker(model.config, max_length) is not None:
+        return False
     if isinstance(getattr(model, "score", None), nn.Linear):
         return True
     return isinstance(getattr(model, "classifier", None), nn.Linear) and \
         getattr(model.base_model, "pooler", None) is not None
 
 
+# -- scores ---------------------------------------------------------------------------------------------------------
 def packed_scores(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """One fp32 score per sequence (B,), equal to the padded forward's."""
     decoder = isinstance(getattr(model, "score", None), nn.Linear)

@@ -22,6 +22,7 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+Name = Annotated[str, Field(min_length=1)]  # a model or combination; "" is refused rather than read as the default
 
 
 class Message(BaseModel):
@@ -89,10 +90,10 @@ class ScoreRequest(BaseModel):
         default=None, description="raw, whiten, logsigmoid or debias; the model's default when left out (a"
                                   " combination fixes its own)"
     )
-    model: str | None = Field(None, description="score with this one model (GET /info lists them)")
-    models: list[str] | None = Field(None, min_length=1, description="score with each of these models; the response"
-                                                                       " has every model's scores in `components`")
-    combination: str | None = Field(None, description="score with this combination declared at start")
+    model: Name | None = Field(None, description="score with this one model (GET /info lists them)")
+    models: list[Name] | None = Field(None, min_length=1, description="score with each of these models; the response"
+                                                                        " has every model's scores in `components`")
+    combination: Name | None = Field(None, description="score with this combination declared at start")
 
     @model_validator(mode="after")
     def _one_target(self) -> "ScoreRequest":
@@ -191,7 +192,7 @@ class ServerInfo(ModelInfo):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="the model to replace; the server's first model when left out")
+    model: Name | None = Field(None, description="the model to replace; the server's first model when left out")
     path: str | None = Field(None, min_length=1, description="checkpoint folder inside --allow-reload-from; the"
                                                              " model's own path (re-read) when left out")
 
@@ -210,8 +211,8 @@ class OpenRLHFRewardRequest(BaseModel):
     query: list[str] = Field(min_length=1)
     prompts: list[str] | None = None
     labels: list | None = None
-    model: str | None = Field(None, description="rewardserve's addition: one of the server's models")
-    combination: str | None = Field(None, description="rewardserve's addition: one of the server's combinations")
+    model: Name | None = Field(None, description="rewardserve's addition: one of the server's models")
+    combination: Name | None = Field(None, description="rewardserve's addition: one of the server's combinations")
 
 
 class OpenRLHFRewardResponse(BaseModel):

@@ -19,7 +19,7 @@ from . import metrics
 from .batcher import Batcher
 from .combinations import combine
 from .errors import (Forbidden, Internal, InvalidInput, NotReady, RateLimited, RewardServeError, TooManyItems,
-                     TransformUnavailable, Unauthorized)
+                     TransformUnavailable, Unauthorized, UnscorableItem)
 from .normalization import RewardTransform
 from .rate_limit import RateLimiter
 from .registry import ModelRegistry, ServedModel, Target
@@ -71,6 +71,10 @@ class ScoringService:
         return ServerInfo(**registry.default_model().info.model_dump(), default=registry.default,
                           models=[model.info for model in registry.models()],
                           combinations=[CombinationOut(**c.describe()) for c in registry.combinations.values()])
+
+    @property
+    def default_is_combination(self) -> bool:
+        return self.registry.default in self.registry.combinations
 
     def check_api_key(self, presented: str | None) -> None:
         """Constant-time comparison, so response timing does not leak how much of a guessed key was right."""
@@ -158,20 +162,34 @@ class ScoringService:
                       for model in target.models]
         encoded = await asyncio.gather(*(self._tokenize(model, request, transform.needs_lengths)
                                          for model, transform in zip(target.models, transforms)))
-        futures = [self.batcher.submit([item.input_ids for item in items], model.engine)
-                   for model, items in zip(target.models, encoded)]
-        try:
-            scores = await asyncio.gather(*(asyncio.gather(*model_futures) for model_futures in futures))
-        except BaseException:
-            for future in (f for model_futures in futures for f in model_futures):
-                future.cancel()  # the client has gone or a sibling failed: spare the forward passes
-            raise
+        futures = self.batcher.submit_group([([item.input_ids for item in items], model.engine)
+                                             for model, items in zip(target.models, encoded)])
+        scores = await self._scores_of(futures)
         metrics.TRUNCATED.inc(sum(item.truncated for items in encoded for item in items))
         for model in target.models:
             metrics.MODEL_ITEMS.labels(model.name, model.version).inc(len(request.items))
         components = [self._component(items, list(s), transform, model)
                       for model, items, s, transform in zip(target.models, encoded, scores, transforms)]
         return self._response(target, request, components)
+
+    @staticmethod
+    async def _scores_of(futures: list[list[asyncio.Future]]) -> list[list[float]]:
+        """Each model's scores, once every item's future is done; the first item that failed fails the request,
+        named by its index. Whatever is still queued is cancelled if the request fails or its client goes."""
+        flat = [future for model_futures in futures for future in model_futures]
+        try:
+            await asyncio.wait(flat, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [(index, future.exception()) for index, future in enumerate(flat)
+                      if future.done() and not future.cancelled() and future.exception() is not None]
+            if failed:
+                index, error = failed[0]
+                if isinstance(error, UnscorableItem):
+                    raise UnscorableItem(f"items[{index % len(futures[0])}]: {error.message}") from None
+                raise error
+        finally:
+            for future in flat:
+                future.cancel()  # a no-op for the done ones: spares the forward passes of the rest
+        return [[future.result() for future in model_futures] for model_futures in futures]
 
     @staticmethod
     def _component(items: list[EncodedItem], scores: list[float], transform: RewardTransform,

@@ -9,11 +9,15 @@ scored on exactly the sequences it was trained on:
   puts it there, so scoring appends it when the text does not already end with it;
 - too long: the prompt is cut from the left so that the response, and its end-of-sequence token where the score
   is read, survive. A leading special token (BOS, [CLS]) is kept.
+- a text far longer than that is not tokenized whole (14 MiB would stall the server): see `_tokenize_tail` for how
+  its last tokens are found, and what is guaranteed about them;
+- every id must have a row in the model's embeddings, which can be fewer than the tokenizer's tokens.
 
 Runs in a thread pool, off the event loop: fast tokenizers release the GIL.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +25,8 @@ from .errors import InputTooLong, InvalidInput
 from .schemas import ScoreItem
 
 OnOverflow = Literal["truncate", "error"]
+SAFE_CUT = re.compile(r"(?<=\S)\s")  # a whitespace after a non-whitespace character: a piece starts there
+WHOLE_TEXT_CHARS = 1_000_000  # a text without a safe cut is tokenized whole up to this size (about 0.7 s)
 
 
 @dataclass(frozen=True)
@@ -43,21 +49,22 @@ class ItemEncoder:
     there); encoders get their [CLS] ... [SEP] from the tokenizer instead.
     """
 
-    def __init__(self, tokenizer, max_length: int, on_overflow: OnOverflow = "truncate", append_eos: bool = True):
+    def __init__(self, tokenizer, max_length: int, on_overflow: OnOverflow = "truncate", append_eos: bool = True,
+                 embedding_rows: int | None = None):
+        """embedding_rows: ids at or above it have no embedding in the model (default: the tokenizer's size)."""
         if append_eos and tokenizer.eos_token is None:
             raise ValueError("append_eos needs a tokenizer with an eos_token")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.on_overflow = on_overflow
         self.append_eos = append_eos
-        self.vocab_size = len(tokenizer)
+        self.vocab_size = min(len(tokenizer), embedding_rows or len(tokenizer))
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self._special_ids = set(tokenizer.all_special_ids)
         self._special_tokens = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
-        # No token covers more characters than the longest vocabulary entry, so a text this long holds more than
-        # max_length tokens (16 to spare for the cut's ragged edge): the rest of it can only be cut away.
-        longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
-        self.max_chars = (max_length + 16) * max(1, longest_token)
+        # The first window a long text is tokenized from (`_tokenize_tail`): about 8 characters a token; it doubles
+        # for texts that hold fewer tokens than that.
+        self.window_chars = 8 * (max_length + 16)
 
     # -- formatting -------------------------------------------------------------------------------------------
     def format_prompt_response(self, prompt: str, response: str) -> str:
@@ -116,40 +123,68 @@ class ItemEncoder:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def response_length(self, item: ScoreItem) -> int:
-        """Tokens of the response alone: `response`, or the content of a final assistant message."""
+        """Tokens of the response alone (`response`, or the content of a final assistant message), at most
+        max_length: no more of it can be in what the model read. A huge response costs what its tail costs."""
         if item.response is not None:
-            return self.count_tokens(item.response)
-        if item.messages and item.messages[-1].role == "assistant":
-            return self.count_tokens(item.messages[-1].content)
-        raise InvalidInput("the length-debiased reward needs to know which part is the response: send `prompt` +"
-                           " `response`, or `messages` ending with the assistant turn")
+            response = item.response
+        elif item.messages and item.messages[-1].role == "assistant":
+            response = item.messages[-1].content
+        else:
+            raise InvalidInput("the length-debiased reward needs to know which part is the response: send `prompt` +"
+                               " `response`, or `messages` ending with the assistant turn")
+        return min(len(self._tokenize_tail(response, add_special_tokens=False)), self.max_length)
 
     def _encode_text(self, text: str, add_special_tokens: bool) -> EncodedItem:
-        text = self._cut_to_tail(self._finish(text))
-        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        ids = self._tokenize_tail(self._finish(text), add_special_tokens)
         if not ids:
             raise InvalidInput("the text tokenizes to nothing; send some text to score")
-        return self._fit(ids)
+        return self._fit(self._checked_ids(ids, tokenized=True))
 
-    def _cut_to_tail(self, text: str) -> str:
-        """Keeps only the end of a text too long to fit, before tokenizing it: the same tokens survive truncation,
-        and a 14 MiB text costs what its last `max_chars` characters cost. A leading special token is kept, as
-        truncation keeps it."""
-        if len(text) <= self.max_chars:
-            return text
-        if self.on_overflow == "error":
-            raise InputTooLong(
-                f"{len(text)} characters, so more than max_length {self.max_length} tokens; shorten it, or let the"
-                " server cut the prompt (start it with --on-overflow truncate)"
-            )
+    def _tokenize_tail(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The text's token ids: all of them, or, for a text too long to fit, at least its last max_length + 1
+        (all that truncation keeps, and enough to know that it overflows), exactly as tokenizing it whole gives them.
+
+        A 14 MiB text would hold a tokenizer thread for seconds, so a long text is tokenized from its end, cut at
+        a whitespace that follows a non-whitespace character. Every tokenizer family we serve starts a new piece
+        there (GPT-2 and Llama 3 byte-level BPE, SentencePiece's Metaspace, BERT's WordPiece): the tokens after
+        the cut do not depend on the text before it, except for a start-of-text marker the tokenizer may add (a
+        prefix space, a "▁"), which lands among the first tokens, where truncation drops it. A cut is used only
+        when it yields more than max_length + 2 tokens, and when a second cut about twice as far back gives the
+        same last max_length + 1 tokens (a check against tokenizers that do merge across whitespace); otherwise
+        the window doubles. A text with no such cut (an unbroken run of letters, a long CJK paragraph) is
+        tokenized whole, up to WHOLE_TEXT_CHARS characters; beyond that it is refused (413) rather than scored
+        on tokens that might differ from the whole text's.
+        """
+        def tokenize(part: str) -> list[int]:
+            return self.tokenizer(part, add_special_tokens=add_special_tokens)["input_ids"]
+
+        keep = self.max_length + 1
         head = next((token for token in self._special_tokens if token and text.startswith(token)), "")
-        return head + text[len(text) - self.max_chars:]
+        window, previous = self.window_chars, None
+        while 2 * window < len(text) - len(head):
+            cut = SAFE_CUT.search(text, len(text) - window)
+            ids = tokenize(head + text[cut.start():]) if cut else []
+            if previous is not None and len(ids) > keep + 1 and ids[-keep:] == previous[-keep:]:
+                return ids
+            previous = ids if len(ids) > keep + 1 else None
+            window *= 2
+        if len(text) > WHOLE_TEXT_CHARS and previous is None:
+            raise InputTooLong(
+                f"a text of {len(text)} characters whose end has no whitespace to cut at safely (the last"
+                f" {window // 2} characters); tokenizing it whole is refused over {WHOLE_TEXT_CHARS} characters:"
+                " send less of it"
+            )
+        return tokenize(text)
 
-    def _checked_ids(self, ids: list[int]) -> list[int]:
+    def _checked_ids(self, ids: list[int], tokenized: bool = False) -> list[int]:
         largest = max(ids)
-        if largest >= self.vocab_size:
-            raise InvalidInput(f"`input_ids` holds token id {largest}, outside the vocabulary of {self.vocab_size}")
-        return ids
+        if largest < self.vocab_size:
+            return ids
+        if tokenized:  # a token the tokenizer knows and the model was never given an embedding for
+            token = self.tokenizer.convert_ids_to_tokens(largest)
+            raise InvalidInput(f"the text holds the token {token!r} (id {largest}), which this model has no"
+                               f" embedding for (its ids stop at {self.vocab_size - 1}); leave it out")
+        raise InvalidInput(f"`input_ids` holds token id {largest}, outside the vocabulary of {self.vocab_size}")
 
     def _fit(self, ids: list[int]) -> EncodedItem:
         """Cuts from the left down to max_length, keeping a leading special token."""
@@ -157,8 +192,8 @@ class ItemEncoder:
             return EncodedItem(list(ids), truncated=False)
         if self.on_overflow == "error":
             raise InputTooLong(
-                f"{len(ids)} tokens, over max_length {self.max_length}; shorten it, or let the server cut the prompt"
-                " (start it with --on-overflow truncate)"
+                f"at least {len(ids)} tokens, over max_length {self.max_length}; shorten it, or let the server cut the"
+                " prompt (start it with --on-overflow truncate)"
             )
         head = ids[:1] if ids[0] in self._special_ids else []
         return EncodedItem(head + ids[len(ids) - (self.max_length - len(head)) :], truncated=True)

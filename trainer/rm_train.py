@@ -66,7 +66,7 @@ def collate_step(pairs: list[EncodedPair], config: RMTrainConfig, pad_id: int, m
     """A step's --grad-accum micro-batches, ready for the device (packed where the model allows, pinned on CUDA).
     Runs on a background thread while the previous step trains."""
     return [collate_pairs(pairs[start:start + config.micro_batch_size], pad_id, config.margin,
-                          packed=supports_packing(model), pin_memory=device.type == "cuda")
+                          packed=supports_packing(model, config.max_length), pin_memory=device.type == "cuda")
             for start in range(0, len(pairs), config.micro_batch_size)]
 
 
@@ -79,7 +79,9 @@ def score_all_pairs(model, pairs: list[EncodedPair], pad_token_id: int, batch_si
     chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        batch = collate_pairs([pairs[i] for i in index], pad_token_id, packed=supports_packing(model))
+        batch_pairs = [pairs[i] for i in index]
+        packed = supports_packing(model, max(pair.length for pair in batch_pairs))
+        batch = collate_pairs(batch_pairs, pad_token_id, packed=packed)
         c, r = pair_scores(model, batch, device)
         chosen[index], rejected[index] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
@@ -255,7 +257,7 @@ def main(config: RMTrainConfig) -> dict:
         model = load_sequence_classifier(source, torch.float32).to(device)
     else:
         model = init_reward_model_from_base(source).to(device)
-    tokenizer.model_max_length = min(config.max_length, context_size(model.config))  # the server reads it back
+    tokenizer.model_max_length = min(config.max_length, context_size(model))  # the server reads it back
     encoder = ItemEncoder(tokenizer, tokenizer.model_max_length, append_eos=is_decoder_reward_model(model))
     data = prepare_data(config, encoder)
     print(f"data: {len(data.train)} training and {len(data.eval)} held-out pairs; {json.dumps(data.report)}", flush=True)

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from rewardserve.server.batcher import Batcher, plan_batches
-from rewardserve.server.errors import Internal, NotReady, OutOfMemory, Overloaded
+from rewardserve.server.errors import (Internal, NotReady, OutOfMemory, Overloaded, TooManyItems,
+                                       UnscorableItem)
 
 
 class FakeModel:
@@ -163,7 +164,7 @@ def test_a_failing_forward_fails_its_items_and_the_loop_goes_on():
         batcher = Batcher(flaky, max_batch_tokens=1000, max_wait_ms=0, max_queue_items=100)
         batcher.start()
         (first,) = batcher.submit([[1]])
-        with pytest.raises(Internal, match="device fault"):
+        with pytest.raises(UnscorableItem, match="device fault"):
             await first
         (second,) = batcher.submit([[2]])
         result = await second
@@ -171,6 +172,76 @@ def test_a_failing_forward_fails_its_items_and_the_loop_goes_on():
         return result
 
     assert run(scenario()) == 1.0
+
+
+def test_an_item_that_breaks_the_forward_fails_alone_and_its_batch_mates_are_scored():
+    """Token 666 makes the forward raise (as an id past the embeddings does): the batch is retried in halves down
+    to that item, which alone gets the error; other clients' items in its batch get their scores."""
+    batches = []
+
+    def breaks_on_666(sequences):
+        batches.append(len(sequences))
+        if any(666 in s for s in sequences):
+            raise IndexError("index out of range in self")
+        return [float(sum(s)) for s in sequences]
+
+    async def scenario():
+        batcher = Batcher(breaks_on_666, max_batch_tokens=1000, max_wait_ms=20, max_queue_items=100)
+        batcher.start()
+        clients = [batcher.submit([[i, 1], [i]]) for i in range(3)] + [batcher.submit([[666]])]
+        results = await asyncio.gather(*(f for futures in clients for f in futures), return_exceptions=True)
+        await batcher.drain_and_stop()
+        return results
+
+    *scored, bad = run(scenario())
+    assert scored == [1.0, 0.0, 2.0, 1.0, 3.0, 2.0]
+    assert isinstance(bad, UnscorableItem) and "IndexError: index out of range" in bad.message
+    assert batches[0] == 7 and max(batches[1:]) < 7  # one batch of all seven, then its halves apart
+
+
+def test_a_non_finite_score_is_an_error_for_its_item_alone():
+    def nan_for_7(sequences):
+        return [float("nan") if s == [7] else float("inf") if s == [8] else 1.0 for s in sequences]
+
+    async def scenario():
+        batcher = Batcher(nan_for_7, max_batch_tokens=1000, max_wait_ms=20, max_queue_items=100)
+        batcher.start()
+        futures = batcher.submit([[1], [7], [8], [2]])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.drain_and_stop()
+        return results
+
+    good, nan, inf, other = run(scenario())
+    assert (good, other) == (1.0, 1.0)
+    assert isinstance(nan, UnscorableItem) and "is nan, not a finite number" in nan.message
+    assert isinstance(inf, UnscorableItem) and "is inf" in inf.message
+
+
+def test_a_request_is_admitted_whole_or_not_at_all():
+    """Several models' parts of one request: all queued, or none (no model's items computed for a refused request);
+    a request larger than the whole queue can never fit, so it is a 413, not a 503."""
+    model = FakeModel()
+    model.release.clear()
+
+    async def scenario():
+        batcher = Batcher(model.score_batch, max_batch_tokens=1000, max_wait_ms=0, max_queue_items=10)
+        batcher.start()
+        held = batcher.submit([[1]])  # in the forward, which waits for `release`
+        await asyncio.sleep(0.05)
+        held += batcher.submit([[1]] * 4)  # queued behind it
+        with pytest.raises(Overloaded):
+            batcher.submit_group([([[2]] * 3, None), ([[3]] * 4, None)])  # 7 places, 6 free
+        assert batcher._queued_items == 4
+        with pytest.raises(TooManyItems, match=r"needs 12 places .* \(2 models x 6 items\).* holds 10"):
+            batcher.submit_group([([[2]] * 6, None), ([[3]] * 6, None)])
+        fits = batcher.submit_group([([[2]] * 3, None), ([[3]] * 3, None)])
+        model.release.set()
+        results = await asyncio.gather(*held, *fits[0], *fits[1])
+        await batcher.drain_and_stop()
+        return results
+
+    assert run(scenario()) == [1.0] * 5 + [2.0] * 3 + [3.0] * 3
+    assert sum(len(batch) for batch in model.batches) == 11  # nothing of the refused requests was computed
 
 
 class RecordingEngine:

@@ -39,7 +39,7 @@ def test_each_form_is_accepted():
 
 
 ERROR_CLASSES = [errors.InvalidInput, errors.MalformedRequest, errors.TransformUnavailable, errors.UnknownModel, errors.InputTooLong,
-                 errors.TooManyItems, errors.PayloadTooLarge, errors.Unauthorized, errors.Forbidden, errors.ReloadFailed,
+                 errors.TooManyItems, errors.UnscorableItem, errors.PayloadTooLarge, errors.Unauthorized, errors.Forbidden, errors.ReloadFailed,
                  errors.InsufficientMemory, errors.Conflict, errors.Overloaded, errors.RateLimited,
                  errors.NotReady, errors.Internal]
 

@@ -1,6 +1,8 @@
 """Formatting and truncation rules, on the real SmolLM2 tokenizer (chat template) and a BERT tokenizer."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -42,7 +44,7 @@ def test_overflow_cuts_the_prompt_from_the_left_and_keeps_the_response(smol_toke
 
 def test_overflow_error_mode_names_the_limit_and_the_fix(smol_tokenizer):
     encoder = ItemEncoder(smol_tokenizer, max_length=40, on_overflow="error")
-    with pytest.raises(InputTooLong, match=r"items\[1\]: \d+ tokens, over max_length 40.*--on-overflow truncate"):
+    with pytest.raises(InputTooLong, match=r"items\[1\]: at least \d+ tokens, over max_length 40.*--on-overflow truncate"):
         encoder.encode_all([ScoreItem(text="short"), ScoreItem(text="long " * 100)])
 
 
@@ -61,16 +63,24 @@ def test_encoder_models_keep_cls_and_sep(minilm_dir):
         encoder.encode(ScoreItem(messages=[{"role": "user", "content": "x"}]))
 
 
+def whole(encoder: ItemEncoder, item: ScoreItem):
+    """The slow way: tokenize everything, then truncate."""
+    window, encoder.window_chars = encoder.window_chars, 10**12
+    try:
+        return encoder.encode(item)
+    finally:
+        encoder.window_chars = window
+
+
 @pytest.mark.parametrize("form", ["text", "prompt_response"])
-def test_a_huge_text_is_cut_before_tokenizing_into_the_same_tokens(smol_tokenizer, form):
+def test_a_huge_text_is_tokenized_from_its_end_into_the_same_tokens(smol_tokenizer, form):
     """The shortcut must give exactly what tokenizing everything and truncating gives."""
     encoder = ItemEncoder(smol_tokenizer, max_length=64)
-    words = " ".join(f"w{i % 97}-é{i % 13}" for i in range(20000))  # far over max_chars, some multi-byte text
-    assert len(words) > 2 * encoder.max_chars
+    words = " ".join(f"w{i % 97}-é{i % 13}" for i in range(20000))  # far over the window, some multi-byte text
+    assert len(words) > 8 * encoder.window_chars
     item = ScoreItem(text=words) if form == "text" else ScoreItem(prompt=words, response="The answer is 42.")
     fast = encoder.encode(item)
-    encoder.max_chars = 10**9  # the slow way: no cut
-    assert fast == encoder.encode(item) and fast.truncated and len(fast.input_ids) == 64
+    assert fast == whole(encoder, item) and fast.truncated and len(fast.input_ids) == 64
 
 
 def test_a_huge_text_is_cut_the_same_way_for_an_encoder(minilm_dir):
@@ -78,12 +88,59 @@ def test_a_huge_text_is_cut_the_same_way_for_an_encoder(minilm_dir):
     encoder = ItemEncoder(tokenizer, max_length=32, append_eos=False)
     item = ScoreItem(text=" ".join(f"token{i % 50} word" for i in range(5000)))
     fast = encoder.encode(item)
-    encoder.max_chars = 10**9
-    slow = encoder.encode(item)
-    assert fast == slow and fast.input_ids[0] == tokenizer.cls_token_id
+    assert fast == whole(encoder, item) and fast.input_ids[0] == tokenizer.cls_token_id
 
 
-def test_a_huge_text_with_overflow_error_is_refused_without_tokenizing(smol_tokenizer):
+@pytest.mark.parametrize("run", ["a", "ab", "é", "1", " a", "a\n"])
+def test_long_runs_give_the_tokens_of_the_whole_text(smol_tokenizer, run):
+    """20,000 repeated characters: byte-level BPE merges across a run of letters, so a cut inside it changes the
+    tokens (a character cut gave ids differing in 1 to 3 positions); a run with no safe cut is tokenized whole."""
+    encoder = ItemEncoder(smol_tokenizer, max_length=64)
+    item = ScoreItem(text=run * (20000 // len(run)))
+    assert encoder.encode(item) == whole(encoder, item)
+
+
+def test_whitespace_a_tokenizer_drops_does_not_cut_the_prompt_away(minilm_dir):
+    """MiniLM drops whitespace: a prompt, 2,000 spaces and a response are a dozen tokens, all of which fit."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    encoder = ItemEncoder(tokenizer, max_length=64, append_eos=False)
+    item = ScoreItem(prompt="What is the capital of France?" + " " * 2000, response=" Paris is its capital.")
+    encoded = encoder.encode(item)
+    assert encoded == whole(encoder, item) and not encoded.truncated
+    assert tokenizer.decode(encoded.input_ids, skip_special_tokens=True).startswith("what is the capital")
+    strict = ItemEncoder(tokenizer, max_length=64, on_overflow="error", append_eos=False)
+    assert len(strict.encode(ScoreItem(text="hello" + " " * 5000 + "world")).input_ids) == 4  # no 413 for 4 tokens
+
+
+def test_a_huge_text_with_overflow_error_is_refused_from_its_end(smol_tokenizer):
     encoder = ItemEncoder(smol_tokenizer, max_length=64, on_overflow="error")
-    with pytest.raises(InputTooLong, match="characters, so more than max_length 64 tokens"):
-        encoder.encode(ScoreItem(text="x" * (encoder.max_chars + 1)))
+    with pytest.raises(InputTooLong, match=r"at least \d+ tokens, over max_length 64"):
+        encoder.encode(ScoreItem(text="x " * 2_000_000))
+
+
+def test_a_huge_run_without_a_safe_cut_is_refused_not_guessed(smol_tokenizer):
+    encoder = ItemEncoder(smol_tokenizer, max_length=64)
+    with pytest.raises(InputTooLong, match="no whitespace to cut at safely"):
+        encoder.encode(ScoreItem(text="x" * 2_000_000))
+
+
+def test_ids_past_the_model_embeddings_are_refused_by_name(smol_tokenizer):
+    """A tokenizer with a token its model has no embedding for: the item is refused, naming the token."""
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer.name_or_path)
+    tokenizer.add_tokens(["<|reward|>"])
+    encoder = ItemEncoder(tokenizer, max_length=64, embedding_rows=len(tokenizer) - 1)
+    with pytest.raises(InvalidInput, match=r"the token '<\|reward\|>' \(id 49152\), which this model has no embedding"):
+        encoder.encode(ScoreItem(text="x <|reward|>"))
+    with pytest.raises(InvalidInput, match="token id 49152, outside the vocabulary of 49152"):
+        encoder.encode(ScoreItem(input_ids=[5, 49152]))
+    assert encoder.encode(ScoreItem(input_ids=[5, 49151])).input_ids == [5, 49151]
+
+
+def test_a_response_length_costs_what_its_tail_costs(smol_tokenizer):
+    """The debiased reward counts the response's tokens: at most max_length, from the end of a huge response."""
+    encoder = ItemEncoder(smol_tokenizer, max_length=64)
+    huge = ScoreItem(prompt="Q", response="word " * 2_000_000)
+    started = time.perf_counter()
+    assert encoder.response_length(huge) == 64
+    assert time.perf_counter() - started < 0.5
+    assert encoder.response_length(ScoreItem(prompt="Q", response="one two three")) == 3
