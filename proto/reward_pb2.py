@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erewardserve/proto/reward.proto\x12\x0erewardserve.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc9\x01\n\tScoreItem\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08response\x18\x02 \x01(\tH\x01\x88\x01\x01\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.rewardserve.v1.Message\x12\x11\n\x04text\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x11\n\tinput_ids\x18\x05 \x03(\x03\x12\x13\n\x06safety\x18\x06 \x01(\x08H\x03\x88\x01\x01\x42\t\n\x07_promptB\x0b\n\t_responseB\x07\n\x05_textB\t\n\x07_safety\"\xb7\x01\n\x0cScoreRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.rewardserve.v1.ScoreItem\x12\x11\n\ttransform\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\x05model\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x18\n\x0b\x63ombination\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_combination\"=\n\x10RewardStatistics\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\x12\x0e\n\x06source\x18\x03 \x01(\t\"B\n\tLengthFit\x12\r\n\x05slope\x18\x01 \x01(\x01\x12\x13\n\x0bmean_length\x18\x02 \x01(\x01\x12\x11\n\tresponses\x18\x03 \x01(\x03\"\xc2\x01\n\tTransform\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x39\n\nstatistics\x18\x02 \x01(\x0b\x32 .rewardserve.v1.RewardStatisticsH\x00\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x32\n\nlength_fit\x18\x04 \x01(\x0b\x32\x19.rewardserve.v1.LengthFitH\x02\x88\x01\x01\x42\r\n\x0b_statisticsB\x07\n\x05_betaB\r\n\x0b_length_fit\"\xaa\x01\n\x0b\x43ombination\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x0f\n\x07weights\x18\x04 \x03(\x01\x12\x16\n\tthreshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13\x63onservative_lambda\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_thresholdB\x16\n\x14_conservative_lambda\"\x98\x01\n\x0f\x43omponentScores\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12\x0f\n\x07rewards\x18\x02 \x03(\x01\x12\x11\n\ttruncated\x18\x03 \x03(\x08\x12,\n\ttransform\x18\x04 \x01(\x0b\x32\x19.rewardserve.v1.Transform\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"\xb0\x02\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\x0f\n\x07rewards\x18\x03 \x03(\x01\x12\x11\n\ttruncated\x18\x04 \x03(\x08\x12,\n\ttransform\x18\x05 \x01(\x0b\x32\x19.rewardserve.v1.Transform\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x33\n\ncomponents\x18\x07 \x03(\x0b\x32\x1f.rewardserve.v1.ComponentScores\x12\x35\n\x0b\x63ombination\x18\x08 \x01(\x0b\x32\x1b.rewardserve.v1.CombinationH\x00\x88\x01\x01\x12\x0e\n\x06\x63hosen\x18\t \x03(\t\x12\x0b\n\x03std\x18\n \x03(\x01\x42\x0e\n\x0c_combination\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8e\x01\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.rewardserve.v1.ScoreResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.rewardserve.v1.ErrorH\x00\x42\x08\n\x06result\"\r\n\x0bInfoRequest\"\x1c\n\x0cInfoResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"I\n\rReloadRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04path\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_modelB\x07\n\x05_path\"h\n\x0eReloadResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0bold_version\x18\x03 \x01(\t\x12\x13\n\x0bnew_version\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x32\xee\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.rewardserve.v1.ScoreRequest\x1a\x1d.rewardserve.v1.ScoreResponse\x12T\n\x0bScoreStream\x12\x1c.rewardserve.v1.ScoreRequest\x1a#.rewardserve.v1.ScoreStreamResponse(\x01\x30\x01\x12\x41\n\x04Info\x12\x1b.rewardserve.v1.InfoRequest\x1a\x1c.rewardserve.v1.InfoResponse2W\n\x0c\x41\x64minService\x12G\n\x06Reload\x12\x1d.rewardserve.v1.ReloadRequest\x1a\x1e.rewardserve.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erewardserve/proto/reward.proto\x12\x0erewardserve.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc9\x01\n\tScoreItem\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08response\x18\x02 \x01(\tH\x01\x88\x01\x01\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.rewardserve.v1.Message\x12\x11\n\x04text\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x11\n\tinput_ids\x18\x05 \x03(\x03\x12\x13\n\x06safety\x18\x06 \x01(\x08H\x03\x88\x01\x01\x42\t\n\x07_promptB\x0b\n\t_responseB\x07\n\x05_textB\t\n\x07_safety\"\xca\x01\n\x0cScoreRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.rewardserve.v1.ScoreItem\x12\x16\n\ttransform\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\x05model\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\x18\n\x0b\x63ombination\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x0c\n\n_transformB\x08\n\x06_modelB\x0e\n\x0c_combination\"=\n\x10RewardStatistics\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\x12\x0e\n\x06source\x18\x03 \x01(\t\"B\n\tLengthFit\x12\r\n\x05slope\x18\x01 \x01(\x01\x12\x13\n\x0bmean_length\x18\x02 \x01(\x01\x12\x11\n\tresponses\x18\x03 \x01(\x03\"\xc2\x01\n\tTransform\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x39\n\nstatistics\x18\x02 \x01(\x0b\x32 .rewardserve.v1.RewardStatisticsH\x00\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x32\n\nlength_fit\x18\x04 \x01(\x0b\x32\x19.rewardserve.v1.LengthFitH\x02\x88\x01\x01\x42\r\n\x0b_statisticsB\x07\n\x05_betaB\r\n\x0b_length_fit\"\xaa\x01\n\x0b\x43ombination\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x0f\n\x07weights\x18\x04 \x03(\x01\x12\x16\n\tthreshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13\x63onservative_lambda\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_thresholdB\x16\n\x14_conservative_lambda\"\x98\x01\n\x0f\x43omponentScores\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12\x0f\n\x07rewards\x18\x02 \x03(\x01\x12\x11\n\ttruncated\x18\x03 \x03(\x08\x12,\n\ttransform\x18\x04 \x01(\x0b\x32\x19.rewardserve.v1.Transform\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"\xb0\x02\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\x0f\n\x07rewards\x18\x03 \x03(\x01\x12\x11\n\ttruncated\x18\x04 \x03(\x08\x12,\n\ttransform\x18\x05 \x01(\x0b\x32\x19.rewardserve.v1.Transform\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x33\n\ncomponents\x18\x07 \x03(\x0b\x32\x1f.rewardserve.v1.ComponentScores\x12\x35\n\x0b\x63ombination\x18\x08 \x01(\x0b\x32\x1b.rewardserve.v1.CombinationH\x00\x88\x01\x01\x12\x0e\n\x06\x63hosen\x18\t \x03(\t\x12\x0b\n\x03std\x18\n \x03(\x01\x42\x0e\n\x0c_combination\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8e\x01\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.rewardserve.v1.ScoreResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.rewardserve.v1.ErrorH\x00\x42\x08\n\x06result\"\r\n\x0bInfoRequest\"\x1c\n\x0cInfoResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"I\n\rReloadRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04path\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_modelB\x07\n\x05_path\"h\n\x0eReloadResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0bold_version\x18\x03 \x01(\t\x12\x13\n\x0bnew_version\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x32\xee\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.rewardserve.v1.ScoreRequest\x1a\x1d.rewardserve.v1.ScoreResponse\x12T\n\x0bScoreStream\x12\x1c.rewardserve.v1.ScoreRequest\x1a#.rewardserve.v1.ScoreStreamResponse(\x01\x30\x01\x12\x41\n\x04Info\x12\x1b.rewardserve.v1.InfoRequest\x1a\x1c.rewardserve.v1.InfoResponse2W\n\x0c\x41\x64minService\x12G\n\x06Reload\x12\x1d.rewardserve.v1.ReloadRequest\x1a\x1e.rewardserve.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREITEM']._serialized_start=93
   _globals['_SCOREITEM']._serialized_end=294
   _globals['_SCOREREQUEST']._serialized_start=297
-  _globals['_SCOREREQUEST']._serialized_end=480
-  _globals['_REWARDSTATISTICS']._serialized_start=482
-  _globals['_REWARDSTATISTICS']._serialized_end=543
-  _globals['_LENGTHFIT']._serialized_start=545
-  _globals['_LENGTHFIT']._serialized_end=611
-  _globals['_TRANSFORM']._serialized_start=614
-  _globals['_TRANSFORM']._serialized_end=808
-  _globals['_COMBINATION']._serialized_start=811
-  _globals['_COMBINATION']._serialized_end=981
-  _globals['_COMPONENTSCORES']._serialized_start=984
-  _globals['_COMPONENTSCORES']._serialized_end=1136
-  _globals['_SCORERESPONSE']._serialized_start=1139
-  _globals['_SCORERESPONSE']._serialized_end=1443
-  _globals['_ERROR']._serialized_start=1445
-  _globals['_ERROR']._serialized_end=1497
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=1500
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=1642
-  _globals['_INFOREQUEST']._serialized_start=1644
-  _globals['_INFOREQUEST']._serialized_end=1657
-  _globals['_INFORESPONSE']._serialized_start=1659
-  _globals['_INFORESPONSE']._serialized_end=1687
-  _globals['_RELOADREQUEST']._serialized_start=1689
-  _globals['_RELOADREQUEST']._serialized_end=1762
-  _globals['_RELOADRESPONSE']._serialized_start=1764
-  _globals['_RELOADRESPONSE']._serialized_end=1868
-  _globals['_REWARDSERVICE']._serialized_start=1871
-  _globals['_REWARDSERVICE']._serialized_end=2109
-  _globals['_ADMINSERVICE']._serialized_start=2111
-  _globals['_ADMINSERVICE']._serialized_end=2198
+  _globals['_SCOREREQUEST']._serialized_end=499
+  _globals['_REWARDSTATISTICS']._serialized_start=501
+  _globals['_REWARDSTATISTICS']._serialized_end=562
+  _globals['_LENGTHFIT']._serialized_start=564
+  _globals['_LENGTHFIT']._serialized_end=630
+  _globals['_TRANSFORM']._serialized_start=633
+  _globals['_TRANSFORM']._serialized_end=827
+  _globals['_COMBINATION']._serialized_start=830
+  _globals['_COMBINATION']._serialized_end=1000
+  _globals['_COMPONENTSCORES']._serialized_start=1003
+  _globals['_COMPONENTSCORES']._serialized_end=1155
+  _globals['_SCORERESPONSE']._serialized_start=1158
+  _globals['_SCORERESPONSE']._serialized_end=1462
+  _globals['_ERROR']._serialized_start=1464
+  _globals['_ERROR']._serialized_end=1516
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=1519
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1661
+  _globals['_INFOREQUEST']._serialized_start=1663
+  _globals['_INFOREQUEST']._serialized_end=1676
+  _globals['_INFORESPONSE']._serialized_start=1678
+  _globals['_INFORESPONSE']._serialized_end=1706
+  _globals['_RELOADREQUEST']._serialized_start=1708
+  _globals['_RELOADREQUEST']._serialized_end=1781
+  _globals['_RELOADRESPONSE']._serialized_start=1783
+  _globals['_RELOADRESPONSE']._serialized_end=1887
+  _globals['_REWARDSERVICE']._serialized_start=1890
+  _globals['_REWARDSERVICE']._serialized_end=2128
+  _globals['_ADMINSERVICE']._serialized_start=2130
+  _globals['_ADMINSERVICE']._serialized_end=2217
 # @@protoc_insertion_point(module_scope)

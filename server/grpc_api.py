@@ -41,7 +41,8 @@ def request_from_proto(message: reward_pb2.ScoreRequest) -> ScoreRequest:
     if message.models:
         target["models"] = list(message.models)
     try:
-        return ScoreRequest.model_validate({"items": items, "transform": message.transform or None, **target})
+        transform = message.transform if message.HasField("transform") else None
+        return ScoreRequest.model_validate({"items": items, "transform": transform, **target})
     except ValidationError as error:
         raise InvalidInput(describe_validation_errors(error.errors())) from error
 

@@ -108,7 +108,7 @@ _CHANNEL_OPTIONS = [("grpc.lb_policy_name", "round_robin"), ("grpc.max_receive_m
 
 def request_to_proto(request: dict) -> reward_pb2.ScoreRequest:
     return reward_pb2.ScoreRequest(
-        items=[reward_pb2.ScoreItem(**item) for item in request["items"]], transform=request.get("transform") or "",
+        items=[reward_pb2.ScoreItem(**item) for item in request["items"]], transform=request.get("transform"),
         model=request.get("model"), models=request.get("models") or [], combination=request.get("combination"),
     )
 

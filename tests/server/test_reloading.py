@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import pytest
 
 from rewardserve.server import main as server_main
+from rewardserve.server import metrics
 from rewardserve.server.combinations import Combination
 from rewardserve.server.config import ServeConfig
-from rewardserve.server.errors import Conflict, Forbidden, InsufficientMemory, ReloadFailed
+from rewardserve.server.errors import Conflict, Forbidden, InsufficientMemory, InvalidInput, ReloadFailed
 from rewardserve.server.normalization import RewardStatistics
 from rewardserve.server.registry import ModelRegistry, ServedModel
 from rewardserve.server.reloading import Reloader
@@ -102,3 +104,87 @@ def test_the_room_check_states_the_figures(monkeypatch, tmp_path):
         server_main.check_room(config, served("rm", "a", "v1"), str(tmp_path))
     monkeypatch.setattr(server_main, "free_memory", lambda device: 40 * 2**30)
     server_main.check_room(config, served("rm", "a", "v1"), str(tmp_path))  # fits: no error
+
+
+def slow_loader():
+    """A load that signals it began and waits to be let finish; versions v2, v3, ... in call order."""
+    started, finish, calls = threading.Event(), threading.Event(), []
+
+    def load(name, path):
+        calls.append(path)
+        started.set()
+        finish.wait(10)
+        return served(name, path, f"v{len(calls) + 1}")
+
+    return load, started, finish, calls
+
+
+def test_a_reload_whose_client_goes_away_runs_to_its_end_and_keeps_the_lock(tmp_path, caplog):
+    load, started, finish, _ = slow_loader()
+
+    async def scenario():
+        registry, reloader = reloader_for(tmp_path, load)
+        asked = asyncio.create_task(reloader.reload("rm", str(tmp_path)))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        asked.cancel()  # the HTTP handler is cancelled when its client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await asked
+        with pytest.raises(Conflict, match="already running"):  # the lock is still held by the running reload
+            await reloader.reload("rm", str(tmp_path))
+        finish.set()
+        while reloader._lock.locked():
+            await asyncio.sleep(0.01)
+        return registry.get("rm").version
+
+    assert asyncio.run(scenario()) == "v2"
+    assert "went away; the reload goes on to its end" in caplog.text
+
+
+def test_sighup_during_a_reload_rereads_after_it(tmp_path):
+    """SIGHUP's reload waits for the running one, then re-reads the model's (new) path, instead of being dropped."""
+    load, started, finish, calls = slow_loader()
+    (tmp_path / "b").mkdir()
+
+    async def scenario():
+        registry, reloader = reloader_for(tmp_path, load)
+        first = asyncio.create_task(reloader.reload("rm", str(tmp_path / "b")))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        sighup = asyncio.create_task(reloader.reload("rm", wait=True))
+        await asyncio.sleep(0.05)
+        assert not sighup.done()
+        finish.set()
+        return (await first).new_version, (await sighup).new_version, registry.get("rm").version
+
+    assert asyncio.run(scenario()) == ("v2", "v3", "v3")
+    assert calls == [str(tmp_path / "b"), str(tmp_path / "b")]  # the second re-read the path the first loaded
+
+
+def test_reload_paths_with_nul_or_links_out_of_the_folder_are_refused(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "ckpt").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "model.safetensors").write_bytes(b"secret")
+    (allowed / "ckpt" / "model.safetensors").symlink_to(outside / "model.safetensors")
+    _, reloader = reloader_for(allowed, lambda name, path: served(name, path, "v2"))
+    with pytest.raises(InvalidInput, match="NUL"):
+        asyncio.run(reloader.reload("rm", str(allowed / "ck\x00pt")))
+    with pytest.raises(Forbidden, match=r"links to files outside .* \(model.safetensors\)"):
+        asyncio.run(reloader.reload("rm", str(allowed / "ckpt")))
+
+
+def test_a_freed_version_leaves_no_metric_series(tmp_path):
+    """After reloads, the metrics hold one model_info and model_items series per model: the live version's."""
+    (tmp_path / "b").mkdir()
+    versions = iter(["v2", "v3", "v4"])
+    registry, reloader = reloader_for(tmp_path, lambda name, path: served(name, path, next(versions)))
+    metrics.MODEL_INFO.labels("rm", "v1").set(1)
+    metrics.MODEL_ITEMS.labels("rm", "v1").inc()
+    for _ in range(3):
+        version = asyncio.run(reloader.reload("rm", str(tmp_path / "b"))).new_version
+        metrics.MODEL_ITEMS.labels("rm", version).inc()
+    gc.collect()
+    series = [s.labels["version"] for s in metrics.MODEL_INFO.collect()[0].samples if s.labels["model"] == "rm"]
+    items = {s.labels["version"] for s in metrics.MODEL_ITEMS.collect()[0].samples if s.labels["model"] == "rm"}
+    assert series == ["v4"] and items == {"v4"}
