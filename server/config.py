@@ -49,7 +49,8 @@ class ServeConfig(BaseSettings):
     device: str = "auto"
     """auto (cuda when available), cpu, cuda or cuda:N."""
     max_length: int | None = Field(None, gt=1)
-    """Longest sequence in tokens; longer items are cut (see --on-overflow). Default: the model's context size."""
+    """Longest sequence in tokens; longer items are cut (see --on-overflow). Default: the length the checkpoint was
+    trained at, else its positions; always capped, per model, at that model's positions."""
     on_overflow: Literal["truncate", "error"] = "truncate"
     """truncate: keep the response and cut the prompt from the left (the item says truncated); error: answer 413."""
     max_batch_tokens: int = Field(16384, gt=0)

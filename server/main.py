@@ -154,9 +154,9 @@ async def reload_all_from_their_paths(service: ScoringService) -> None:
 async def serve(config: ServeConfig) -> None:
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
-    models = [await loop.run_in_executor(None, load_served_model, name, path, config)
-              for name, path in config.model_specs()]
-    service = build_service(config, models)
+    # No local keeps the first versions: after a reload only the registry and requests in flight may hold them.
+    service = build_service(config, [await loop.run_in_executor(None, load_served_model, name, path, config)
+                                     for name, path in config.model_specs()])
     service.batcher.start()
 
     http = _UvicornWithoutSignals(uvicorn.Config(
