@@ -124,6 +124,16 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (causal[None, None] & attention_mask.bool()[:, None, None, :]) | diagonal  # (B, 1, T, T)
 
 
+def decoder_attention_mask(config, attention_mask: torch.Tensor) -> torch.Tensor:
+    """What a decoder's forward is given for a (B, T) padding mask: the ready-made causal mask where attention is
+    plain causal (it spares a host sync per forward), else the (B, T) mask itself, from which ALiBi, sliding-window
+    and local-attention models build their own masks (given a full causal mask, transformers uses it as it is and
+    the window is lost)."""
+    if plain_attention_blocker(config, attention_mask.shape[1]) is None:
+        return causal_padding_mask(attention_mask)
+    return attention_mask
+
+
 def is_decoder_reward_model(model: nn.Module) -> bool:
     """Decoder reward models (Llama, Qwen2, Mistral, Gemma, GPT-2, ...) carry a linear `score` head on the trunk."""
     return isinstance(getattr(model, "score", None), nn.Linear)
@@ -134,11 +144,8 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if not is_decoder_reward_model(model):
         # Encoders pool as their class does ([CLS] + pooler); the head's inputs are cast to fp32 by a hook.
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    # A ready-made causal mask spares a host sync per forward, but only where attention is plain causal: ALiBi,
-    # sliding windows and local layers build their own masks from the (B, T) one, which they must be given.
-    plain = plain_attention_blocker(model.config, input_ids.shape[1]) is None
-    mask = causal_padding_mask(attention_mask) if plain else attention_mask
-    hidden = model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=decoder_attention_mask(model.config, attention_mask)
+                              ).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     pooled = hidden[rows, last_token_index(attention_mask)]  # (B, H): only the last token reaches the head
     return model.score(pooled.float()).squeeze(-1)  # (B,)

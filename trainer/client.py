@@ -44,12 +44,13 @@ class ScoreResult:
     combination: dict | None = None
     chosen: list[str] | None = None
     std: list[float] | None = None
+    replica: str = ""  # the URL that answered (a load-balanced URL names its pool, not the replica behind it)
 
     @classmethod
     def from_response(cls, body: dict) -> "ScoreResult":
         return cls(body["scores"], body["rewards"], body["truncated"], body["transform"], body["model"],
                    body.get("model_version", ""), body.get("components"), body.get("combination"),
-                   body.get("chosen"), body.get("std"))
+                   body.get("chosen"), body.get("std"), body.get("replica", ""))
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ class RewardClient(_ClientCore):
         raise AssertionError("unreachable")
 
     def _send_once(self, request: dict) -> dict:
-        return next(self._next).send(request)
+        transport = next(self._next)
+        return transport.send(request) | {"replica": getattr(transport, "url", "")}
 
     def close(self) -> None:
         for transport in self._transports:
@@ -193,7 +195,8 @@ class AsyncRewardClient(_ClientCore):
         raise AssertionError("unreachable")
 
     async def _send_once(self, request: dict) -> dict:
-        return await next(self._next).send(request)
+        transport = next(self._next)
+        return await transport.send(request) | {"replica": getattr(transport, "url", "")}
 
     async def close(self) -> None:
         for transport in self._transports:

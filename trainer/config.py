@@ -201,7 +201,7 @@ class PPOConfig(_Settings):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; log-probabilities of policy and reference use logits / temperature too."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling threshold (1 = the full distribution)."""
+    """Nucleus sampling threshold; PPO takes 1 only (the full distribution): see the check below."""
     max_new_tokens: int = Field(64, gt=0)
     """Longest response."""
     max_prompt_length: int = Field(256, gt=0)
@@ -256,6 +256,11 @@ class PPOConfig(_Settings):
             raise ValueError("give --reward-model or --reward-combination, not both")
         if self.stop_on_gold_drop is not None and self.gold_reward_url is None:
             raise ValueError("--stop-on-gold-drop watches the gold reward: give --gold-reward-url too")
+        if self.top_p < 1:
+            # The ratio, the KL and the gradient are of the full softmax; a nucleus sample would make every step
+            # off-policy without a correction (TRL's PPO refuses it too).
+            raise ValueError(f"--top-p {self.top_p}: PPO samples from the whole distribution its log-probs describe;"
+                             " use --top-p 1 and lower --temperature for less diverse responses")
         for name in ("generation_batch_size", "mini_batch_size"):
             if getattr(self, name) is not None and self.batch_size % getattr(self, name):
                 raise ValueError(f"--batch-size {self.batch_size} must divide by --{name.replace('_', '-')}")

@@ -52,6 +52,30 @@ class Ranks:
         dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
         return reduced > 0
 
+    def sum_on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor summed over the ranks, on the device, without a host synchronisation."""
+        if not self.active:
+            return tensor
+        summed = tensor.clone()
+        dist.all_reduce(summed)
+        return summed
+
+    def smallest(self, value: int) -> int:
+        """The smallest of every rank's value (the same answer on every rank)."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
+    def gather_objects(self, value) -> list:
+        """Every rank's picklable value, in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, value)
+        return parts
+
     def all_true(self, flag: bool) -> bool:
         return self.total(0.0 if flag else 1.0) == 0.0
 

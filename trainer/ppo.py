@@ -13,6 +13,7 @@ A reward is never made up: a chunk the server could not score after every retry 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -36,7 +37,7 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, 
                        clipped_value_loss, explained_variance, gae, kl_penalty, masked_mean, masked_whiten,
                        per_token_rewards)
 from .generation import RolloutEngine, Sampling
-from .rollout import ActorCritic, Rollout, generate_rollout, policy_forward
+from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward
 from .tracking import JsonlLog, plot_curves
 
 
@@ -93,6 +94,7 @@ class ScoredRollout:
     ensemble_std: list[float] | None = None
     chosen: list[str] | None = None  # llama2: the model whose score each rollout got
     versions: list[str] = field(default_factory=list)  # the model versions that scored this batch
+    replicas: dict[str, int] = field(default_factory=dict)  # rollouts scored by each reward URL
 
 
 def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompts: list, client: RewardClient,
@@ -147,7 +149,15 @@ def scored_parts(scored: ScoredRollout, results: list) -> ScoredRollout:
             scored.chosen = (scored.chosen or []) + list(result.chosen)
         if result.model_version not in scored.versions:
             scored.versions.append(result.model_version)
+        scored.replicas[result.replica] = scored.replicas.get(result.replica, 0) + len(result.rewards)
     return scored
+
+
+def model_weights(versions: list[str]) -> str:
+    """What scored, whichever replica answered: each version's weights hash, without the load time after its `@`
+    that tells two replicas of one checkpoint (or a restarted server) apart. `a=3f2a9c1e07@20261126T021005Z,b=...`
+    -> `a=3f2a9c1e07,b=...`. Replicas serving different weights give several entries, joined by `;`."""
+    return ";".join(sorted({",".join(part.split("@")[0] for part in version.split(",")) for version in versions}))
 
 
 def shape_scores(scores: torch.Tensor, reached_eos: torch.Tensor, moments: RunningMoments, config: PPOConfig,
@@ -163,13 +173,14 @@ def shape_scores(scores: torch.Tensor, reached_eos: torch.Tensor, moments: Runni
     return scores
 
 
-def advantages_for(rollout: Rollout, scores: torch.Tensor, beta: float, config: PPOConfig):
-    """Phases 4 and 5: per-token rewards, then GAE and whitened advantages. Returns (advantages, returns, kl (B,))."""
+def advantages_for(rollout: Rollout, scores: torch.Tensor, beta: float, config: PPOConfig, ranks: Ranks = Ranks()):
+    """Phases 4 and 5: per-token rewards, then GAE and advantages whitened over every rank's batch. Returns
+    (advantages, returns, kl (B,))."""
     mask = rollout.response_mask.float()
     kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, config.kl_estimator) * mask  # (B, R)
     rewards = per_token_rewards(scores, kl, beta, mask)
     advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
-    return masked_whiten(advantages, mask) * mask, returns, kl.sum(-1)
+    return masked_whiten(advantages, mask, total=ranks.sum_on_device) * mask, returns, kl.sum(-1)
 
 
 def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: PPOConfig, device,
@@ -178,14 +189,18 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
 
     The rollout goes to the device once, and a minibatch step never waits for it: statistics stay on the device
     until the epoch's one read (the early-stop check), and a step whose loss is not finite (on any rank) is skipped
-    by the fused optimizer itself. Under DDP every rank runs the same minibatches and stops only when all agree to.
+    by the fused optimizer itself. Under DDP every rank runs the same number of minibatch steps (the fewest any
+    rank's rollouts make: a rank that lost some to the server splits its rest as many ways, in larger parts), and
+    stops only when all agree to. The early stop reads each epoch's own approximate KL.
     """
     batch = rollout.tensors(device) | {"advantages": advantages.to(device), "returns": returns.to(device)}
     stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
     applied: list[torch.Tensor] = []  # 1.0 for each minibatch step taken, 0.0 for each skipped
     count = len(rollout.responses)
+    minibatches = ranks.smallest(math.ceil(count / config.mini_batch_size))  # DDP: as many backward passes
     for _epoch in range(config.ppo_epochs):
-        for index in torch.randperm(count).split(config.mini_batch_size):
+        epoch_began = len(applied)
+        for index in torch.randperm(count).tensor_split(minibatches):
             mini = {name: tensor[index.to(device)] for name, tensor in batch.items()}
             mask = mini["response_mask"].float()
             logprobs, values, entropy = policy_forward(model, mini["input_ids"], mini["attention_mask"],
@@ -205,7 +220,8 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
                                 ("vf_clipfrac", vf_clipfrac), ("approx_kl", policy.approx_kl),
                                 ("entropy", masked_mean(entropy, mask))):
                 stats[name].append(value.detach().float().nan_to_num(0.0))
-        if ranks.mean({"approx_kl": applied_mean(stats["approx_kl"], applied)})["approx_kl"] > config.max_approx_kl:
+        epoch_kl = applied_mean(stats["approx_kl"][epoch_began:], applied[epoch_began:])
+        if ranks.mean({"approx_kl": epoch_kl})["approx_kl"] > config.max_approx_kl:
             break  # the epoch's one host read
     summary = {k: applied_mean(v, applied) for k, v in stats.items()}
     return summary | {"skipped_updates": int(len(applied) - torch.stack(applied).sum().item())}
@@ -266,7 +282,8 @@ def build_models(config: PPOConfig, device):
     reference = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.reference or config.policy)).to(device)
     reference.eval().requires_grad_(False)
     model.policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    engine = RolloutEngine(model.policy, tokenizer.eos_token_id, tokenizer.pad_token_id, config.compile_decode)
+    engine = RolloutEngine(model.policy, end_of_turn_ids(model.policy, tokenizer), tokenizer.pad_token_id,
+                           config.compile_decode)
     return tokenizer, model, reference, engine
 
 
@@ -316,13 +333,19 @@ def main(config: PPOConfig) -> dict:
             if not ranks.all_true(scored.rollout is not None):
                 continue  # some rank has nothing to learn from: every rank skips, or DDP would wait forever
             rollout = scored.rollout
-            changed = ranks.any_true(versions is not None and ",".join(scored.versions) != versions)
+            weights = model_weights(scored.versions)  # replicas of one checkpoint are one model
+            changed = ranks.any_true(versions is not None and weights != versions)
             if changed:  # a reloaded reward model: the trainer's own whitening starts afresh with it
                 moments = RunningMoments()
-                tqdm.write(f"step {step + 1}: the reward model changed, {versions} -> {','.join(scored.versions)}")
-            versions = ",".join(scored.versions)
+                tqdm.write(f"step {step + 1}: the reward model changed, {versions} -> {weights}")
+            versions = weights
             scores = shape_scores(scored.scores, rollout.reached_eos, moments, config, ranks)
-            advantages, returns, kl = advantages_for(rollout, scores, kl_controller.beta, config)  # 4, 5
+            advantages, returns, kl = advantages_for(rollout, scores, kl_controller.beta, config, ranks)  # 4, 5
+            gold = None
+            if config.gold_reward_url and (step + 1) % config.gold_every == 0:  # every rank takes part
+                gold = judge_on_gold(gold_client, monitor, scored, kl, step + 1, ranks)
+                if gold is not None and gold.new_best:  # the weights that sampled the judged rollouts
+                    save_policy(out / "best_gold", model, tokenizer, {"step": step + 1, **gold.metrics})
             model.train()
             update_began = time.perf_counter()
             update = ppo_update(trainable, optimizer, rollout, advantages, returns, config, device, ranks)  # 6
@@ -333,13 +356,9 @@ def main(config: PPOConfig) -> dict:
                                   counters, ranks) | {"model_version_changed": changed}
             kl_controller.update(record["kl"], len(rollout.responses) * ranks.world_size)  # 7
             stop = False
-            if monitor is not None and monitor.due(step + 1):
-                verdict = evaluate_gold(gold_client, monitor, rollout, record)
-                if verdict is not None:
-                    record |= verdict.metrics
-                    if verdict.new_best:
-                        save_policy(out / "best_gold", model, tokenizer, {"step": step + 1, **verdict.metrics})
-                    stop = verdict.stop
+            if gold is not None:
+                record |= gold.metrics
+                stop = gold.stop
             if log:
                 log.write(record)
                 if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stop:
@@ -399,17 +418,28 @@ def reward_parts(scored: ScoredRollout) -> dict:
     if scored.chosen:
         for name in scored.components:  # every model of the rule, 0 included, so each curve is unbroken
             parts[f"reward/chosen/{name}"] = scored.chosen.count(name) / len(scored.chosen)
-    return parts | {"model_version": ",".join(scored.versions)}
+    scored_by = ",".join(f"{url}={count}" for url, count in sorted(scored.replicas.items()))
+    return parts | {"model_version": ",".join(scored.versions), "scored_by": scored_by}
 
 
-def evaluate_gold(client: RewardClient, monitor: GoldMonitor, rollout: Rollout, record: dict) -> GoldVerdict | None:
-    """Scores the step's rollouts on the gold server; an unreachable gold server skips this evaluation alone."""
-    try:
-        gold = client.score(scoring_items(rollout.prompts, rollout.responses)).rewards
-    except RewardUnavailable as error:
-        tqdm.write(f"step {record['step']}: gold evaluation skipped, the gold server could not score: {error}")
+def judge_on_gold(client: RewardClient | None, monitor: GoldMonitor | None, scored: ScoredRollout, kl: torch.Tensor,
+                  step: int, ranks: Ranks) -> GoldVerdict | None:
+    """Every rank's rollouts of this step, gathered to the main rank, scored on the gold server beside their proxy
+    rewards and per-sequence KL: gold and proxy describe the same rollouts. Runs before the update, so the policy
+    that a new best keeps is the one that sampled them. An unreachable gold server skips this evaluation alone.
+    Returns the verdict on the main rank, None elsewhere."""
+    rollout = scored.rollout
+    parts = ranks.gather_objects((scoring_items(rollout.prompts, rollout.responses), scored.scores.tolist(),
+                                  kl.tolist()))
+    if monitor is None:
         return None
-    return monitor.observe(GoldEvaluation(record["step"], record["reward_mean"], sum(gold) / len(gold), record["kl"]))
+    items, proxy, kls = ([value for part in parts for value in part[i]] for i in range(3))
+    try:
+        gold = client.score(items).rewards
+    except RewardUnavailable as error:
+        tqdm.write(f"step {step}: gold evaluation skipped, the gold server could not score: {error}")
+        return None
+    return monitor.observe(GoldEvaluation(step, sum(proxy) / len(proxy), sum(gold) / len(gold), sum(kls) / len(kls)))
 
 
 def save_policy(folder: Path, model, tokenizer, about: dict) -> None:

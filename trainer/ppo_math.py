@@ -29,13 +29,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return variance
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked positions; with shift_mean=False the mean is added back (scale only).
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total=None) -> torch.Tensor:
+    """(x - mean) / std over the masked positions (unbiased variance); with shift_mean=False the mean is added back
+    (scale only).
+
+    total: sums a tensor over data-parallel ranks (the identity when alone), so that each rank whitens with the
+    statistics of the whole batch, as one process holding all of it would.
 
     >>> masked_whiten(torch.tensor([1., 2., 3., 4.]), torch.tensor([1., 1., 1., 0.]))
     tensor([-1.,  0.,  1.,  2.])
     """
-    mean, variance = masked_mean(x, mask), masked_var(x, mask)
+    total = total or (lambda t: t)
+    count = total(mask.sum())
+    mean = total((x * mask).sum()) / count.clamp(min=1)
+    variance = total(((x - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(variance + eps)
     return whitened if shift_mean else whitened + mean
 

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from rewardserve.server.modeling import causal_padding_mask
+from rewardserve.server.modeling import decoder_attention_mask
 
 from .generation import RolloutEngine, Sampling
 from .ppo_math import entropy_from_logits, gather_logprobs
@@ -32,20 +32,43 @@ class ActorCritic(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int):
         """Logits (B, R, V) that predicted the R response tokens, and values (B, R) of the states before them.
 
-        Position t predicts token t + 1, so the response's logits come from positions P - 1 .. P + R - 2; the LM head
-        runs on those positions alone (the prompt's logits would cost a vocabulary-sized matmul each and go unused).
+        The logits are the causal LM's own forward's (`response_logits`): what the engine sampled from and what
+        the reference is read with, whatever the family does after its LM head (Gemma 2's final softcap, Granite's
+        logits_scaling, Cohere's logit_scale). The value head reads the trunk's output of that same forward.
         """
-        position_ids = positions_from_mask(attention_mask)
-        mask = causal_padding_mask(attention_mask)  # ready-made: no padding probe on the host per forward
-        hidden = self.policy.base_model(input_ids=input_ids, attention_mask=mask,
-                                        position_ids=position_ids).last_hidden_state  # (B, P + R, H)
-        before_response = slice(prompt_width - 1, input_ids.shape[1] - 1)
-        logits = self.policy.get_output_embeddings()(hidden[:, before_response])  # (B, R, V)
+        trunk: dict[str, torch.Tensor] = {}
+
+        def keep_trunk_output(_module, _args, output) -> None:  # None: the output goes on unchanged
+            trunk["hidden"] = output.last_hidden_state
+
+        capture = self.policy.base_model.register_forward_hook(keep_trunk_output)
+        try:
+            logits = response_logits(self.policy, input_ids, attention_mask, prompt_width)  # (B, R, V)
+        finally:
+            capture.remove()
+        hidden = trunk["hidden"]  # (B, P + R, H)
         if self.critic_trunk is not None:
-            hidden = self.critic_trunk(input_ids=input_ids, attention_mask=mask,
-                                       position_ids=position_ids).last_hidden_state
+            hidden = self.critic_trunk(input_ids=input_ids, position_ids=positions_from_mask(attention_mask),
+                                       attention_mask=decoder_attention_mask(self.policy.config, attention_mask)
+                                       ).last_hidden_state
+        before_response = slice(prompt_width - 1, input_ids.shape[1] - 1)
         values = self.value_head(hidden[:, before_response].float()).squeeze(-1)  # (B, R), fp32 like the reward head
         return logits, values
+
+
+def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    prompt_width: int) -> torch.Tensor:
+    """The logits (B, R, V) that predicted the R tokens after `prompt_width`, from the causal LM's own forward.
+
+    Position t predicts token t + 1, so the response's logits come from positions P - 1 .. P + R - 2; the LM head
+    runs on those positions alone (`logits_to_keep`: the prompt's logits would cost a vocabulary-sized matmul each
+    and go unused). The old, reference and new log-probs all come from here, and the engine samples from the same
+    forward, so the ratio and the KL compare one distribution with itself at step 0.
+    """
+    response_width = input_ids.shape[1] - prompt_width
+    return model(input_ids=input_ids, attention_mask=decoder_attention_mask(model.config, attention_mask),
+                 position_ids=positions_from_mask(attention_mask), logits_to_keep=response_width + 1
+                 ).logits[:, :-1]
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,9 +99,20 @@ def pad_left(sequences: list[list[int]], pad_token_id: int, multiple_of: int = 1
     return ids, mask
 
 
-def response_mask_until_eos(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 on each response's tokens up to and including its first EOS: returns (mask (B, R), reached_eos (B,))."""
-    is_eos = responses == eos_token_id
+def end_of_turn_ids(policy: nn.Module, tokenizer) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and each id of the generation config's
+    `eos_token_id` (Llama 3 and Qwen2.5 instruct models end a turn with a token other than the tokenizer's EOS)."""
+    configured = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+
+def response_mask_until_eos(responses: torch.Tensor, eos_token_ids: int | list[int]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 on each response's tokens up to and including its first end-of-turn token: returns (mask (B, R),
+    reached_eos (B,))."""
+    ends = torch.as_tensor(eos_token_ids, device=responses.device).reshape(-1)
+    is_eos = torch.isin(responses, ends)
     reached = is_eos.any(-1)
     first_eos = torch.where(reached, is_eos.float().argmax(-1), torch.full_like(reached, responses.shape[1], dtype=torch.long))
     positions = torch.arange(responses.shape[1], device=responses.device)
@@ -152,7 +186,7 @@ def generate_rollout(model: ActorCritic, reference: nn.Module, engine: RolloutEn
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     generated = engine.generate(prompt_ids, prompt_mask, sampling)
     responses = generated.responses
-    response_mask, reached_eos = response_mask_until_eos(responses, tokenizer.eos_token_id)
+    response_mask, reached_eos = response_mask_until_eos(responses, engine.eos_token_ids)
     host_responses, host_mask = responses.cpu(), response_mask.cpu()  # the one wait for the sampled tokens
     lengths = host_mask.sum(-1).tolist()
     stats = GenerationStats(time.perf_counter() - began, generated.decode_steps, int(sum(lengths)), generated.path)
@@ -181,9 +215,7 @@ def token_statistics(model: ActorCritic, reference: nn.Module, sequences: torch.
         logits, value = model(ids, mask, prompt_width)
         old.append(gather_logprobs(logits, responses[start:start + rows], temperature))
         values.append(value)
-        ref_logits = reference(input_ids=ids, attention_mask=causal_padding_mask(mask),
-                               logits_to_keep=responses.shape[1] + 1,
-                               position_ids=positions_from_mask(mask)).logits[:, :-1]  # (b, R, V)
+        ref_logits = response_logits(reference, ids, mask, prompt_width)  # (b, R, V)
         ref.append(gather_logprobs(ref_logits, responses[start:start + rows], temperature))
     return torch.cat(old), torch.cat(values), torch.cat(ref)
 

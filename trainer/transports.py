@@ -173,6 +173,7 @@ def _grpc_credentials(ca_file: str | None) -> grpc.ChannelCredentials:
 
 class GrpcTransport:
     def __init__(self, url: str, timeout: float, api_key: str | None = None, ca_file: str | None = None):
+        self.url = url
         self.target, secure = _grpc_target(url)
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -193,6 +194,7 @@ class GrpcTransport:
 
 class AsyncGrpcTransport:
     def __init__(self, url: str, timeout: float, api_key: str | None = None, ca_file: str | None = None):
+        self.url = url
         self.target, secure = _grpc_target(url)
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from ..conftest import CLI, ServerProcess, build_tiny_policy, build_token_counting_reward_model, most_frequent_sampled_token
 
@@ -75,9 +76,42 @@ def test_torchrun_two_ranks_on_the_cpu(setup, tmp_path):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "rewardserve.trainer.cli", "ppo", "--reward-url", server.http_url, "--policy", str(policy),
             "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--batch-size", "4",
-            "--generation-batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "8", "--device", "cpu"]
+            "--generation-batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "8", "--device", "cpu",
+            "--gold-reward-url", server.http_url, "--gold-every", "1"]
     run = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # written once, by rank 0
     assert all(r["ranks"] == 2 and r["rollouts"] == 8 for r in records)  # 4 rollouts on each of 2 ranks
+    for record in records:  # the gold server is the proxy's: on the same rollouts (both ranks') they agree
+        assert record["gold/reward_mean"] == pytest.approx(record["reward_mean"], abs=1e-5)
+
+
+def test_two_replicas_of_one_checkpoint_are_one_reward_model(setup, tmp_path):
+    """Two servers of one checkpoint (loaded at different times, so their versions differ after the `@`): the
+    trainer sees one model, never a change, and logs which replica scored how many rollouts."""
+    policy, prompts, server = setup
+    replica = ServerProcess(Path(server.args[server.args.index("--model") + 1]))
+    try:
+        urls = f"{server.http_url},{replica.http_url}"
+        records = run_ppo(urls, policy, prompts, tmp_path / "replicas", 3, "--batch-size", "8",
+                          "--generation-batch-size", "4")
+    finally:
+        replica.stop()
+    assert not any(r["model_version_changed"] for r in records)
+    expected = {server.http_url: "4", replica.http_url: "4"}  # round-robin: one chunk of 4 each
+    assert all(dict(part.rsplit("=", 1) for part in r["scored_by"].split(",")) == expected for r in records)
+
+
+def test_best_gold_keeps_the_policy_that_sampled_the_judged_rollouts(setup, tmp_path):
+    """One step, judged on gold: the rollouts were sampled by the initial policy, so best_gold holds its weights,
+    not those of the update that followed."""
+    from safetensors.torch import load_file
+
+    policy, prompts, server = setup
+    out = tmp_path / "gold"
+    run_ppo(server.http_url, policy, prompts, out, 1, "--gold-reward-url", server.http_url, "--gold-every", "1")
+    initial, best, final = (load_file(str(folder / "model.safetensors"))
+                            for folder in (policy, out / "best_gold", out / "policy"))
+    assert all(torch.equal(initial[name], best[name]) for name in initial)
+    assert not all(torch.equal(initial[name], final[name]) for name in initial)  # the update did change it

@@ -99,7 +99,16 @@ def test_a_rollout_batch_of_64_costs_max_new_tokens_policy_forwards(tiny_policy,
     """Today's engine: one batched generation; the old default ran 8 chunks of 8, each its own decode loop."""
     engine = RolloutEngine(tiny_policy, smol_tokenizer.eos_token_id, smol_tokenizer.pad_token_id)
     model, reference = ActorCritic(tiny_policy), copy.deepcopy(tiny_policy)
-    calls = []
+    calls, sampling_calls = [], []
+    generate = engine.generate
+
+    def counted_generate(*args, **kwargs):  # the policy's forwards while sampling (the log-probs' come after)
+        before = len(calls)
+        generated = generate(*args, **kwargs)
+        sampling_calls.append(len(calls) - before)
+        return generated
+
+    engine.generate = counted_generate
     hook = tiny_policy.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(64)]
@@ -107,7 +116,8 @@ def test_a_rollout_batch_of_64_costs_max_new_tokens_policy_forwards(tiny_policy,
                                           torch.device("cpu"), forward_tokens=4096)
     finally:
         hook.remove()
-    assert stats.decode_steps == len(calls)
+    calls = calls[:sampling_calls[0]]
+    assert len(sampling_calls) == 1 and stats.decode_steps == len(calls)
     reached_eos_everywhere = bool(rollout.reached_eos.all())
     assert len(calls) == 16 or reached_eos_everywhere
     assert rollout.old_logprobs.shape == rollout.ref_logprobs.shape == (64, rollout.response_mask.shape[1])

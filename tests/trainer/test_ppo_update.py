@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from rewardserve.trainer.config import PPOConfig
 from rewardserve.trainer.generation import RolloutEngine, Sampling
@@ -80,3 +82,51 @@ def test_the_ready_made_mask_gives_transformers_own_logits_on_left_padded_rows(t
         ours, _ = ActorCritic(policy)(ids, mask, prompt_width=2)  # (B, R, V) for the last positions
         theirs = policy(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, 1:-1]
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_two_ranks_with_different_rollout_counts_update_together(tmp_path, smol_tokenizer):
+    """After a partial drop, rank 0 holds 4 rollouts and rank 1 two: both run as many minibatch steps (no hang),
+    end with the same weights, and whiten with the statistics of the whole batch."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    policy = build_tiny_policy(tmp_path / "policy", smol_tokenizer)
+    worker = Path(__file__).with_name("ddp_update_worker.py")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+            str(policy), str(tmp_path)]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=120)  # a hang is a failure
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [line["rollouts"] for line in lines] == [4, 2]
+    assert lines[0]["checksum"] == pytest.approx(lines[1]["checksum"], abs=1e-9)  # DDP kept them in step
+    assert all(line["whitening_error"] < 1e-5 for line in lines)
+
+
+def test_the_early_stop_reads_each_epoch_s_own_kl(tmp_path, smol_tokenizer, monkeypatch):
+    """One minibatch per epoch, approximate KL 0, 1, 1 by epoch and a limit of 0.8: the second epoch's check must
+    stop the update (its own KL is 1); averaged with the first epoch's 0, it read 0.5 and ran a third."""
+    from rewardserve.trainer import ppo
+    from rewardserve.trainer.ppo_math import PolicyLoss, clipped_policy_loss
+
+    policy = AutoModelForCausalLM.from_pretrained(build_tiny_policy(tmp_path / "policy", smol_tokenizer))
+    model, rollout = rollout_of(policy, smol_tokenizer, 4)
+    kls = iter([0.0, 1.0, 1.0])
+
+    def scripted(*args, **kwargs):
+        loss = clipped_policy_loss(*args, **kwargs)
+        return PolicyLoss(loss.loss, loss.clipfrac, torch.tensor(next(kls)))
+
+    monkeypatch.setattr(ppo, "clipped_policy_loss", scripted)
+    config = PPOConfig(reward_url="http://127.0.0.1:9", batch_size=4, mini_batch_size=4, ppo_epochs=3,
+                       max_approx_kl=0.8)
+    advantages, returns, _ = ppo.advantages_for(rollout, torch.arange(4.0), 0.05, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ppo.ppo_update(model, optimizer, rollout, advantages, returns, config, torch.device("cpu"))
+    assert next(kls) == 1.0  # the third epoch never ran
+
+
+def test_top_p_below_one_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="--top-p 0.5: PPO samples from the whole distribution"):
+        PPOConfig(reward_url="http://127.0.0.1:9", top_p=0.5)
