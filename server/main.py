@@ -31,7 +31,7 @@ from .reloading import Reloader
 from .schemas import ModelInfo
 from .service import ScoringService
 from .simulated_forward import SimulatedForward
-from .tokenization import ItemEncoder, load_tokenizer
+from .tokenization import ItemEncoder, load_tokenizer, trained_max_length
 
 log = logging.getLogger("rewardserve")
 
@@ -45,13 +45,6 @@ class _UvicornWithoutSignals(uvicorn.Server):
 
     def install_signal_handlers(self) -> None:  # older uvicorn releases
         pass
-
-
-def trained_max_length(tokenizer) -> int | None:
-    """The length the checkpoint was trained at (`rewardserve train` stores it as the tokenizer's model_max_length);
-    None for tokenizers without one (they report a huge sentinel)."""
-    trained = getattr(tokenizer, "model_max_length", None)
-    return trained if isinstance(trained, int) and trained < 1_000_000 else None
 
 
 def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:

@@ -42,6 +42,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def trained_max_length(tokenizer) -> int | None:
+    """The length the checkpoint was trained at (`rewardserve train` stores it as the tokenizer's model_max_length);
+    None for tokenizers without one (they report a huge sentinel)."""
+    trained = getattr(tokenizer, "model_max_length", None)
+    return trained if isinstance(trained, int) and trained < 1_000_000 else None
+
+
 class ItemEncoder:
     """Formats and tokenizes items for one checkpoint.
 

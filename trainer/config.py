@@ -129,12 +129,13 @@ class EvalConfig(_Settings):
     """Reward checkpoint to evaluate (ours, TRL's, OpenRLHF's)."""
     data: CommaList
     """Preference file(s), JSON Lines."""
-    max_length: int = Field(1024, gt=8)
-    """Longest sequence in tokens."""
+    max_length: int | None = Field(None, gt=8)
+    """Longest sequence in tokens; default: the length the checkpoint was trained at (what the server uses), so
+    pairs are cut as in training and serving."""
     batch_size: int = Field(16, gt=0)
     """Pairs per forward pass."""
     max_pairs: int | None = Field(None, gt=0)
-    """Evaluate at most this many pairs."""
+    """Evaluate at most this many pairs (the first usable ones, in file order)."""
     device: str = "auto"
     """auto, cpu or cuda:N."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

@@ -91,13 +91,16 @@ def parse_row(row: dict) -> PreferencePair:
         raise BadRow("missing chosen/rejected")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     if isinstance(chosen, list) and isinstance(rejected, list):
+        chosen_turns, chosen = _split_conversation(chosen)
+        rejected_turns, rejected = _split_conversation(rejected)
         if prompt is None:
-            prompt, chosen = _split_conversation(chosen)
-            rejected_prompt, rejected = _split_conversation(rejected)
-            if rejected_prompt != prompt:
+            prompt = chosen_turns
+            if rejected_turns != prompt:
                 raise BadRow("chosen and rejected conversations have different prompts")
-        else:
-            chosen, rejected = _split_conversation(chosen)[1], _split_conversation(rejected)[1]
+        else:  # the turns a conversation holds before its answer, if any, must be the prompt it is scored under
+            as_turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if any(turns and turns != as_turns for turns in (chosen_turns, rejected_turns)):
+                raise BadRow("a conversation's turns before its answer differ from `prompt`")
     elif prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
         prompt, chosen = _split_hh(chosen)
         rejected_prompt, rejected = _split_hh(rejected)
@@ -116,11 +119,15 @@ def parse_row(row: dict) -> PreferencePair:
                           None if p_chosen is None else float(p_chosen))
 
 
-def read_pairs(paths: list[str], report: DataReport) -> list[PreferencePair]:
+def read_pairs(paths: list[str], report: DataReport, limit: int | None = None) -> list[PreferencePair]:
+    """Every usable row of the files, in order, or the first `limit` of them; `report.read` counts the rows
+    considered (so read = used + skipped adds up under a limit too)."""
     pairs = []
     for path in paths:
         with open(path) as handle:
             for line in handle:
+                if limit is not None and len(pairs) >= limit:
+                    return pairs
                 if not line.strip():
                     continue
                 report.read += 1

@@ -182,7 +182,9 @@ def report(out: Path, timings: dict) -> dict:
     metrics_path = out / "ppo" / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     summary = {
-        "labelling": {"rows": labels.get("rows_written"), "consistency_rate": labels.get("consistency_rate")},
+        "labelling": {"rows": labels.get("rows_written"), "consistency_rate": labels.get("consistency_rate"),
+                      **{key: labels.get(key) for key in ("judge_position_bias_logit", "judge_content_signal_logit",
+                                                          "judge_answer_mass")}},
         "reward_model": {"held_out_accuracy": rm.get("accuracy"), "held_out_pairs": rm.get("pairs"),
                          "length_only_accuracy": rm.get("length_only_accuracy")},
         "ppo": {"steps": len(metrics),

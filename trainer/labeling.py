@@ -7,6 +7,10 @@ probabilities averaged, which cancels the judge's preference for a position. Whe
 the winner, the judge contradicted itself: the row's label is shrunk towards 0.5 (or the row dropped), and the
 share of pairs where it did not is reported as the consistency rate. Small judges have a strong position bias and
 a low consistency rate; the averaged label still carries their (weak) preference.
+
+Each run reports what the labels can carry, in logits of "the first is better": the judge's mean position bias
+(towards the letter A; the two orders differ by twice it), its mean content signal (the size of the order-free
+part), and the share of its next-token probability that lands on the two answer letters at all.
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ Which response follows the principles better? Answer with one letter, A or B."""
 class Verdict:
     p_first: float  # probability, averaged over both orders, that the first response is better
     consistent: bool  # both orders picked the same winner
+    position_bias: float = 0.0  # logit added to "the response shown as A is better", whatever it says
+    content_signal: float = 0.0  # the order-free logit that the first is better
+    answer_mass: float = 1.0  # next-token probability on "A" or "B" at all, averaged over both orders
 
 
 def load_constitution(spec: str) -> str:
@@ -79,10 +86,11 @@ def verdict_token_ids(tokenizer) -> tuple[int, int]:
 
 @torch.no_grad()
 def p_first_wins(judge, tokenizer, questions: list[str], firsts: list[str], seconds: list[str], constitution: str,
-                 batch_size: int, device) -> torch.Tensor:
-    """P(judge answers "A") with the first response shown as A, from the next-token logits of A and B: (N,)."""
+                 batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(judge answers "A") with the first response shown as A, from the next-token logits of A and B, and the
+    probability the judge puts on "A" or "B" at all (over its whole vocabulary): two (N,) tensors."""
     token_a, token_b = verdict_token_ids(tokenizer)
-    probabilities = []
+    probabilities, masses = [], []
     for start in range(0, len(questions), batch_size):
         chunk = range(start, min(start + batch_size, len(questions)))
         prompts = [JUDGE_TEMPLATE.format(constitution=constitution, question=questions[i], a=firsts[i], b=seconds[i])
@@ -93,16 +101,31 @@ def p_first_wins(judge, tokenizer, questions: list[str], firsts: list[str], seco
                        logits_to_keep=1).logits[:, -1]  # (N, V) at the answer's first token
         pair = torch.stack([logits[:, token_a], logits[:, token_b]], dim=-1).float()
         probabilities.append(pair.softmax(-1)[:, 0].cpu())
-    return torch.cat(probabilities)
+        masses.append(logits.float().softmax(-1)[:, [token_a, token_b]].sum(-1).cpu())
+    return torch.cat(probabilities), torch.cat(masses)
 
 
 def judge_both_orders(judge, tokenizer, questions, first, second, constitution, batch_size, device) -> list[Verdict]:
     """Asks in both orders and averages in logit space: with a position bias b, the two orders give
     logit s + b and s - b for "the first is better", and their mean is the unbiased s."""
-    forward = p_first_wins(judge, tokenizer, questions, first, second, constitution, batch_size, device)
-    backward = 1 - p_first_wins(judge, tokenizer, questions, second, first, constitution, batch_size, device)
-    debiased = torch.sigmoid((torch.logit(forward, eps=1e-6) + torch.logit(backward, eps=1e-6)) / 2)
-    return [Verdict(p.item(), bool((f > 0.5) == (b > 0.5))) for p, f, b in zip(debiased, forward, backward)]
+    forward, forward_mass = p_first_wins(judge, tokenizer, questions, first, second, constitution, batch_size, device)
+    second_as_a, backward_mass = p_first_wins(judge, tokenizer, questions, second, first, constitution, batch_size,
+                                              device)
+    backward = 1 - second_as_a
+    shown_first, shown_second = torch.logit(forward, eps=1e-6), torch.logit(backward, eps=1e-6)  # s + b, s - b
+    signal, bias = (shown_first + shown_second) / 2, (shown_first - shown_second) / 2
+    mass = (forward_mass + backward_mass) / 2
+    return [Verdict(torch.sigmoid(s).item(), bool((f > 0.5) == (b > 0.5)), c.item(), s.item(), m.item())
+            for s, f, b, c, m in zip(signal, forward, backward, bias, mass)]
+
+
+def judge_figures(verdicts: list[Verdict]) -> dict:
+    """How much the labels can carry: the mean position bias and mean |content signal| in logits, and the mean
+    share of the judge's next-token probability on the two answer letters."""
+    count = max(1, len(verdicts))
+    return {"judge_position_bias_logit": round(sum(v.position_bias for v in verdicts) / count, 4),
+            "judge_content_signal_logit": round(sum(abs(v.content_signal) for v in verdicts) / count, 4),
+            "judge_answer_mass": round(sum(v.answer_mass for v in verdicts) / count, 4)}
 
 
 def preference_rows(prompts, first, second, verdicts: list[Verdict], inconsistent: str) -> list[dict]:
@@ -144,6 +167,7 @@ def main(config: LabelConfig) -> dict:
     write_rows(Path(config.out), rows)
     summary = {"prompts": len(prompts), "pairs_judged": len(verdicts), "rows_written": len(rows),
                "consistency_rate": sum(v.consistent for v in verdicts) / max(1, len(verdicts)),
+               **judge_figures(verdicts),
                "seconds_sampling": round(sampled - started, 1),
                "seconds_judging": round(time.perf_counter() - sampled, 1)}
     print("labelling finished: " + json.dumps(summary), flush=True)

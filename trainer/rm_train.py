@@ -25,14 +25,14 @@ from rewardserve.server.modeling import (context_size, describe_device, init_rew
                                          save_reward_model, sequence_scores, synchronize)
 from rewardserve.server.normalization import LengthFit, RewardStatistics, debias, fit_length
 from rewardserve.server.packing import packed_scores, supports_packing, to_device
-from rewardserve.server.tokenization import ItemEncoder, load_tokenizer
+from rewardserve.server.tokenization import ItemEncoder, load_tokenizer, trained_max_length
 
 from .config import EvalConfig, RMTrainConfig
 from .data import (DataReport, EncodedPair, PairBatch, collate_pairs, encode_pairs, length_bucketed_batches, read_pairs,
                    split_train_eval)
-from .preference import (bradley_terry_loss, expected_calibration_error, length_only_accuracy, pairwise_accuracy,
-                         pairwise_wins,
-                         pearson, reward_statistics)
+from .preference import (bradley_terry_loss, brier_score, expected_calibration_error, label_log_likelihood,
+                         length_only_accuracy, pairwise_accuracy, pairwise_wins, pearson, reward_statistics,
+                         winner_margin)
 from .tracking import JsonlLog, format_table, plot_curves
 
 
@@ -91,23 +91,40 @@ def score_all_pairs(model, pairs: list[EncodedPair], pad_token_id: int, batch_si
 # -- evaluation -----------------------------------------------------------------------------------------------------
 def evaluation_report(pairs: list[EncodedPair], chosen: torch.Tensor, rejected: torch.Tensor,
                       length_fit: LengthFit | None = None) -> dict:
-    """Held-out accuracy, reward gap, calibration, accuracy by margin, and the length-bias check: how often the
-    reward picks the longer response (what a length-only scorer would pick), and with `length_fit`, the same for
-    the length-debiased reward."""
+    """Held-out accuracy, reward gap, calibration, the labels' log-likelihood and Brier score, accuracy by margin,
+    and the length-bias check: how often the reward picks the longer response (what a length-only scorer would
+    pick), and with `length_fit`, the same for the length-debiased reward.
+
+    Each pair's winner is the one its label names (`chosen` unless p_chosen < 0.5); lengths are the responses' own
+    tokens, not the whole formatted sequences (whose prompts and truncation would blur them)."""
+    labels = pair_labels(pairs)
+    won = winner_margin(chosen, rejected, labels)  # (N,) the labelled winner's score minus the loser's
     by_margin = defaultdict(list)
-    for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
-        by_margin["none" if pair.margin is None else f"{pair.margin:.2f}"].append(1.0 if c > r else 0.5 if c == r else 0.0)
-    chosen_lengths = [len(p.chosen_ids) for p in pairs]
-    rejected_lengths = [len(p.rejected_ids) for p in pairs]
+    for pair, difference in zip(pairs, won.tolist()):
+        by_margin["none" if pair.margin is None else f"{pair.margin:.2f}"].append(
+            1.0 if difference > 0 else 0.5 if difference == 0 else 0.0)
+    chosen_lengths = [p.chosen_response_length for p in pairs]
+    rejected_lengths = [p.rejected_response_length for p in pairs]
+    winner_lengths, loser_lengths = zip(*[(c, r) if p.p_chosen is None or p.p_chosen >= 0.5 else (r, c)
+                                          for p, c, r in zip(pairs, chosen_lengths, rejected_lengths)])
     return {
         "pairs": len(pairs),
-        "accuracy": pairwise_accuracy(chosen, rejected),
-        "mean_reward_gap": (chosen - rejected).mean().item(),
-        "ece": expected_calibration_error(chosen, rejected),
+        "accuracy": pairwise_accuracy(chosen, rejected, labels),
+        "mean_reward_gap": won.mean().item(),
+        "ece": expected_calibration_error(chosen, rejected, labels),
+        "label_log_likelihood": label_log_likelihood(chosen, rejected, labels),
+        "brier_score": brier_score(chosen, rejected, labels),
         "accuracy_by_margin": {k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_margin.items())},
         "length_reward_correlation": pearson(chosen_lengths + rejected_lengths, chosen.tolist() + rejected.tolist()),
-        "length_only_accuracy": length_only_accuracy(chosen_lengths, rejected_lengths),
+        "length_only_accuracy": length_only_accuracy(list(winner_lengths), list(loser_lengths)),
     } | length_bias_report(pairs, chosen.tolist(), rejected.tolist(), length_fit)
+
+
+def pair_labels(pairs: list[EncodedPair]) -> torch.Tensor | None:
+    """Each pair's p_chosen (1 where it has none), or None when no pair has one."""
+    if all(pair.p_chosen is None for pair in pairs):
+        return None
+    return torch.tensor([1.0 if pair.p_chosen is None else pair.p_chosen for pair in pairs])
 
 
 def length_bias_report(pairs: list[EncodedPair], chosen: list[float], rejected: list[float],
@@ -128,8 +145,7 @@ def length_bias_report(pairs: list[EncodedPair], chosen: list[float], rejected: 
         c_debiased = [debias(s, lc, length_fit) for s, (lc, _) in zip(chosen, lengths)]
         r_debiased = [debias(s, lr, length_fit) for s, (_, lr) in zip(rejected, lengths)]
         report["debiased"] = bias(c_debiased, r_debiased) | {
-            "accuracy": sum(1.0 if c > r else 0.5 if c == r else 0.0
-                            for c, r in zip(c_debiased, r_debiased)) / max(1, len(pairs))}
+            "accuracy": pairwise_accuracy(torch.tensor(c_debiased), torch.tensor(r_debiased), pair_labels(pairs))}
         report["length_fit"] = {"slope": length_fit.slope, "mean_length": length_fit.mean_length}
     return {"length_bias": report}
 
@@ -138,6 +154,8 @@ def print_report(report: dict, title: str) -> None:
     rows = [("pairs", str(report["pairs"])), ("accuracy", f"{report['accuracy']:.3f}"),
             ("length-only accuracy", f"{report['length_only_accuracy']:.3f}"),
             ("mean reward gap", f"{report['mean_reward_gap']:.3f}"), ("calibration error (ECE)", f"{report['ece']:.3f}"),
+            ("label log-likelihood (nats)", f"{report['label_log_likelihood']:.3f}"),
+            ("Brier score", f"{report['brier_score']:.3f}"),
             ("corr(reward, length)", f"{report['length_reward_correlation']:.3f}")]
     bias = report["length_bias"]
     rows.append(("prefers the longer response, raw", f"{bias['raw']['agrees_with_length']:.3f}"))
@@ -161,7 +179,7 @@ class PreparedData:
 
 def prepare_data(config: RMTrainConfig, encoder: ItemEncoder) -> PreparedData:
     train_report, eval_report = DataReport(), DataReport()
-    pairs = read_pairs(config.data, train_report)[: config.max_pairs]
+    pairs = read_pairs(config.data, train_report, config.max_pairs)
     if config.eval_data:
         train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, eval_report)
     else:
@@ -202,7 +220,7 @@ def train_step(model, optimizer, batches: list[PairBatch], config: RMTrainConfig
                                   config.center_coef)
         (loss * batch.pairs / total).backward()
         loss_sum += loss.detach() * batch.pairs
-        wins += pairwise_wins(chosen.detach(), rejected.detach())
+        wins += pairwise_wins(chosen.detach(), rejected.detach(), batch.p_chosen)
     loss = loss_sum / total
     skipped = ~torch.isfinite(loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -359,10 +377,13 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     from rewardserve.server.modeling import RewardModel
 
     print("rewardserve eval " + json.dumps(config.printable(), indent=2), flush=True)
-    model = RewardModel.load(resolve_model_path(config.model), config.dtype, config.device)
-    encoder = ItemEncoder(load_tokenizer(config.model), config.max_length, append_eos=model.is_decoder)
+    path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(path)
+    model = RewardModel.load(path, config.dtype, config.device,
+                             max_length=config.max_length or trained_max_length(tokenizer))
+    encoder = ItemEncoder(tokenizer, model.max_length, append_eos=model.is_decoder, embedding_rows=model.embedding_rows)
     report_counts = DataReport()
-    pairs = encode_pairs(read_pairs(config.data, report_counts)[: config.max_pairs], encoder, report_counts)
+    pairs = encode_pairs(read_pairs(config.data, report_counts, config.max_pairs), encoder, report_counts)
     chosen, rejected = score_all_pairs(model.network, pairs, model.pad_token_id, config.batch_size, model.device)
     report = evaluation_report(pairs, chosen, rejected, model.length_fit) | {"data": report_counts.summary()}
     print_report(report, f"evaluation of {config.model}")

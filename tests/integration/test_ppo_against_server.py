@@ -94,7 +94,7 @@ def test_two_replicas_of_one_checkpoint_are_one_reward_model(setup, tmp_path):
     replica = ServerProcess(Path(server.args[server.args.index("--model") + 1]))
     try:
         urls = f"{server.http_url},{replica.http_url}"
-        records = run_ppo(urls, policy, prompts, tmp_path / "replicas", 3, "--batch-size", "8",
+        records = run_ppo(urls, policy, prompts, tmp_path / "replicas", 2, "--batch-size", "8",
                           "--generation-batch-size", "4")
     finally:
         replica.stop()

@@ -80,3 +80,28 @@ def test_length_bucketing_keeps_similar_lengths_together_and_covers_everything()
     padded = sum(len(b) * max(pairs[i].length for i in b) for b in batches)
     assert padded < 1.1 * sum(p.length for p in pairs)
     assert batches == length_bucketed_batches(pairs, batch_size=8, seed=0)
+
+
+def test_an_explicit_prompt_must_match_the_conversations_turns():
+    """A rejected conversation with another user turn is refused with or without a `prompt` field."""
+    ask = [{"role": "user", "content": "Hi?"}]
+    other = [{"role": "user", "content": "Something else?"}]
+    yes, no = {"role": "assistant", "content": "Hello."}, {"role": "assistant", "content": "Go away."}
+    for row in ({"prompt": ask, "chosen": ask + [yes], "rejected": other + [no]},
+                {"chosen": ask + [yes], "rejected": other + [no]}, {"prompt": "Hi?", "chosen": ask + [yes],
+                                                                      "rejected": other + [no]}):
+        with pytest.raises(BadRow, match="prompt"):
+            parse_row(row)
+    assert parse_row({"prompt": ask, "chosen": [yes], "rejected": ask + [no]}).prompt == ask  # answers alone are fine
+
+
+def test_the_report_adds_up_under_max_pairs(tmp_path):
+    """read counts the rows considered: with a limit of 3, a bad row among the first four is counted, and the rows
+    after the limit are not read."""
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "", "rejected": "b"}]
+    rows += [{"prompt": "p", "chosen": f"a{i}", "rejected": "b"} for i in range(5)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = DataReport()
+    pairs = read_pairs([str(path)], report, limit=3)
+    assert len(pairs) == 3 and report.read == 4 and sum(report.skipped.values()) == 1

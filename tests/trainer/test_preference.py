@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from rewardserve.trainer.preference import (bradley_terry_loss, expected_calibration_error, length_only_accuracy,
-                                            pairwise_accuracy, pearson, reward_statistics)
+from rewardserve.trainer.preference import (bradley_terry_loss, brier_score, expected_calibration_error,
+                                            label_log_likelihood, length_only_accuracy, pairwise_accuracy,
+                                            pairwise_wins, pearson, reward_statistics)
 
 
 def t(*values):
@@ -48,6 +49,39 @@ def test_accuracy_statistics_and_length_baseline():
 
 
 def test_calibration_error_by_hand():
-    # d = 0 -> p = .5 -> confidence .5 and "right" 0 (p > .5 is false): ECE .5. d = ln 3 -> p = .75, right: ECE .25
-    assert expected_calibration_error(t(0.0), t(0.0)) == pytest.approx(0.5)
+    # d = 0 -> p = .5 -> confidence .5, and a tie is right half the time (as accuracy counts it): ECE 0.
+    # d = ln 3 -> p = .75, right: ECE .25
+    assert expected_calibration_error(t(0.0), t(0.0)) == pytest.approx(0.0)
+    assert expected_calibration_error(t(*[0.0] * 100), t(*[0.0] * 100)) == pytest.approx(0.0)
+    assert pairwise_accuracy(t(*[0.0] * 100), t(*[0.0] * 100)) == pytest.approx(0.5)
     assert expected_calibration_error(t(math.log(3)), t(0.0)) == pytest.approx(0.25)
+
+
+def test_a_soft_label_names_the_winner_for_every_metric():
+    """(c, r, p 1) and (r, c, p 0) are the same preference: the same accuracy, gap, calibration, likelihood."""
+    chosen, rejected, one = t(2.0, 1.0, -1.0), t(0.0, 1.5, 0.0), t(1.0, 1.0, 1.0)
+    as_listed = (pairwise_accuracy(chosen, rejected, one), expected_calibration_error(chosen, rejected, one),
+                 label_log_likelihood(chosen, rejected, one), brier_score(chosen, rejected, one))
+    swapped = (pairwise_accuracy(rejected, chosen, 1 - one), expected_calibration_error(rejected, chosen, 1 - one),
+               label_log_likelihood(rejected, chosen, 1 - one), brier_score(rejected, chosen, 1 - one))
+    assert as_listed == pytest.approx(swapped)
+    assert as_listed[0] == pytest.approx(1 / 3)
+    assert pairwise_wins(rejected, chosen, 1 - one).item() == pairwise_wins(chosen, rejected).item() == 1.0
+
+
+def test_log_likelihood_and_brier_score_by_hand():
+    # d = ln 3: sigmoid .75. Label p = .75: .75 ln .75 + .25 ln .25 = -0.5623; Brier 0. Label 1: ln .75, (.25)^2
+    d, zero = t(math.log(3)), t(0.0)
+    assert label_log_likelihood(d, zero, t(0.75)) == pytest.approx(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert brier_score(d, zero, t(0.75)) == pytest.approx(0.0, abs=1e-12)
+    assert label_log_likelihood(d, zero) == pytest.approx(math.log(0.75)) and brier_score(d, zero) == pytest.approx(1 / 16)
+
+
+def test_a_margin_with_a_coin_flip_label_keeps_the_optimum_at_zero():
+    """Whichever side wins must win by the margin: at p = 0.5 the loss is symmetric in d, so its gradient at d = 0
+    is zero (subtracting m before the soft loss put the optimum at d = m = 1)."""
+    d = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    bradley_terry_loss(d, t(0.0), margin=t(1.0), p_chosen=t(0.5)).backward()
+    assert d.grad.item() == pytest.approx(0.0, abs=1e-12)
+    # a hard label is Llama 2's loss: -log sigmoid(d - m)
+    assert bradley_terry_loss(t(2.0), t(0.0), margin=t(1.0), p_chosen=t(1.0)).item() == pytest.approx(0.313262, abs=1e-6)

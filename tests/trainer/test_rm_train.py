@@ -157,3 +157,41 @@ def test_packed_and_padded_pairs_give_the_same_scores_and_loss(tiny_base):
         results[packed] = (chosen, rejected, bradley_terry_loss(chosen, rejected, batch.margin))
     for padded, packed in zip(results[False], results[True]):
         assert torch.allclose(padded, packed, atol=1e-4)
+
+
+def pairs_with(p_chosen, chosen_lengths, rejected_lengths):
+    """Encoded pairs of whole sequences of 100 tokens each (as after truncation) with the given response lengths."""
+    return [EncodedPair([1] * 100, [2] * 100, None, p, True, lc, lr)
+            for p, lc, lr in zip(p_chosen, chosen_lengths, rejected_lengths)]
+
+
+def test_evaluation_reads_the_winner_from_the_soft_label():
+    """The same 64 preferences written as (chosen, rejected, p 1) and as (rejected, chosen, p 0) report the same."""
+    torch.manual_seed(0)
+    better, worse = torch.randn(64) + 1.0, torch.randn(64)
+    lengths = [10 + i % 7 for i in range(64)], [12 + i % 5 for i in range(64)]
+    listed = rm_train.evaluation_report(pairs_with([1.0] * 64, *lengths), better, worse)
+    swapped = rm_train.evaluation_report(pairs_with([0.0] * 64, lengths[1], lengths[0]), worse, better)
+    for key in ("accuracy", "mean_reward_gap", "ece", "label_log_likelihood", "brier_score", "length_only_accuracy"):
+        assert listed[key] == pytest.approx(swapped[key]), key
+    assert listed["accuracy"] > 0.7 and listed["mean_reward_gap"] > 0
+
+
+def test_length_figures_use_the_responses_own_lengths():
+    """Whole sequences are all 100 tokens (truncated): by them every pair would tie. The responses differ."""
+    report = rm_train.evaluation_report(pairs_with([None] * 4, [30, 5, 20, 8], [10, 9, 20, 2]),
+                                        torch.tensor([3.0, 0.5, 2.0, 0.8]), torch.tensor([1.0, 0.9, 2.0, 0.2]))
+    assert report["length_only_accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert report["length_reward_correlation"] == pytest.approx(
+        rm_train.pearson([30, 5, 20, 8, 10, 9, 20, 2], [3.0, 0.5, 2.0, 0.8, 1.0, 0.9, 2.0, 0.2]))
+
+
+def test_eval_cuts_pairs_at_the_checkpoint_s_trained_length(tiny_base, pairs_file, tmp_path):
+    """A checkpoint trained at 32 tokens is evaluated at 32 (as the server scores it), not at a default of 1024."""
+    out = tmp_path / "rm"
+    rm_train.main(config(tiny_base, pairs_file, out, max_length=32, epochs=1))
+    from rewardserve.trainer.config import EvalConfig
+
+    default = rm_train.evaluate_checkpoint(EvalConfig(model=str(out), data=[str(pairs_file)]))
+    explicit = rm_train.evaluate_checkpoint(EvalConfig(model=str(out), data=[str(pairs_file)], max_length=1024))
+    assert default["data"]["truncated"] > 0 and explicit["data"]["truncated"] == 0
