@@ -317,8 +317,7 @@ class Batcher:
         """Runs the halves of a failed batch apart, down to single items: only the items that fail alone get the
         error, so one client's bad item cannot fail the others' requests."""
         if len(jobs) == 1:
-            log.warning("forward pass failed for one item of %d tokens: %s: %s", len(jobs[0].input_ids),
-                        type(error).__name__, error)
+            log.warning("forward pass failed for one item of %d tokens", len(jobs[0].input_ids), exc_info=error)
             metrics.UNSCORABLE.inc()
             self._fail(jobs, UnscorableItem(f"the forward pass fails on this item ({type(error).__name__}: {error});"
                                             " the item is not scored"))
