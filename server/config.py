@@ -65,8 +65,9 @@ class ServeConfig(BaseSettings):
     """Scoring requests per second allowed from one client address (429 / RESOURCE_EXHAUSTED beyond); 0 is off."""
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     """Largest request body (HTTP) or message (gRPC), in bytes."""
-    transform: Literal["auto", "raw", "whiten", "logsigmoid"] = "auto"
-    """Default reward transform: whiten when statistics are known (from the checkpoint or flags), else raw."""
+    transform: Literal["auto", "raw", "whiten", "logsigmoid", "debias"] = "auto"
+    """Default reward transform: whiten when statistics are known (from the checkpoint or flags), else raw; debias
+    needs the checkpoint's length fit (from `rewardserve train`) and prompt + response or messages items."""
     reward_mean: float | None = None
     """Mean of the model's scores for whitening (overrides the checkpoint's); give with --reward-std."""
     reward_std: float | None = Field(None, gt=0)

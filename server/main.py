@@ -72,7 +72,11 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
             f"--transform whiten needs reward statistics, and {path} has none in its config;"
             " pass --reward-mean and --reward-std, or choose --transform raw"
         )
-    default_transform = RewardTransform(transform, statistics if transform == "whiten" else None, config.beta)
+    if transform == "debias" and model.length_fit is None:
+        raise StartupError(f"--transform debias needs the checkpoint's length fit, and {path} has none"
+                           " (`reward_length_fit` in config.json, which `rewardserve train` writes); choose another")
+    default_transform = RewardTransform(transform, statistics if transform == "whiten" else None, config.beta,
+                                        model.length_fit if transform == "debias" else None)
     info = ModelInfo(
         model=name, path=str(path), version=model.version, architecture=model.architecture,
         dtype=str(model.dtype).removeprefix("torch."), device=str(model.device), max_length=model.max_length,

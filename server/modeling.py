@@ -44,8 +44,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        log.warning("--device auto: torch %s sees no GPU (%s); running on the CPU", torch.__version__,
-                    _why_no_gpu())
+        if not _warned_no_gpu:  # once per process, however many models and stages ask
+            log.warning("--device auto: torch %s sees no GPU (%s); running on the CPU", torch.__version__,
+                        _why_no_gpu())
+            globals()["_warned_no_gpu"] = True
         return torch.device("cpu")
     target = torch.device(device)
     if target.type == "cuda":
@@ -58,6 +60,9 @@ def resolve_device(device: str = "auto") -> torch.device:
             raise DeviceUnavailable(f"--device {device}, but torch sees {torch.cuda.device_count()} GPU(s);"
                                     f" pick cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return target
+
+
+_warned_no_gpu = False
 
 
 def synchronize(device: torch.device) -> None:

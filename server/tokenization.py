@@ -62,6 +62,9 @@ class ItemEncoder:
         if append_eos and tokenizer.eos_token is None:
             raise ValueError("append_eos needs a tokenizer with an eos_token")
         self.tokenizer = tokenizer
+        # This encoder truncates by itself (`_fit`): transformers' warning that a long text's ids "will result in
+        # indexing errors" is untrue here, and it is printed on every train, eval and serve run.
+        getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
         self.max_length = max_length
         self.on_overflow = on_overflow
         self.append_eos = append_eos

@@ -365,9 +365,10 @@ def main(config: PPOConfig) -> dict:
                     save_checkpoint(out, step + 1, model, optimizer, kl_controller, moments, counters)
             if ranks.any_true(stop):  # the monitor runs on the main rank; every rank stops with it
                 if monitor is not None:
-                    tqdm.write(f"step {step + 1}: the gold reward fell {config.stop_on_gold_drop} evaluations in a"
-                               f" row while the proxy rose; stopping (best gold at step {monitor.best.step}, kept in"
-                               f" {out / 'best_gold'})")
+                    drops = config.stop_on_gold_drop
+                    evaluations = "evaluation" if drops == 1 else "evaluations"
+                    tqdm.write(f"step {step + 1}: the gold reward fell {drops} {evaluations} in a row while the proxy"
+                               f" rose; stopping (best gold at step {monitor.best.step}, kept in {out / 'best_gold'})")
                 counters["stopped_on_gold_drop"] = step + 1
                 break
     summary = finish(out, model, tokenizer, log, counters) if log else {}

@@ -55,8 +55,9 @@ def test_debiased_rewards_have_no_length_trend_on_fresh_responses(length_model, 
     rng = random.Random(1)  # responses the model never saw
     items = [{"prompt": words(rng, 5), "response": words(rng, rng.randint(2, 40))} for _ in range(600)]
     lengths = [len(smol_tokenizer(item["response"], add_special_tokens=False)["input_ids"]) for item in items]
-    server = ServerProcess(folder, "--max-items-per-request", "1024")
+    server = ServerProcess(folder, "--max-items-per-request", "1024", "--transform", "debias")  # the default too
     try:
+        default = httpx.post(f"{server.http_url}/score", json={"items": items[:5]}, timeout=60).json()
         raw = httpx.post(f"{server.http_url}/score", json={"items": items, "transform": "raw"}, timeout=120).json()
         debiased = httpx.post(f"{server.http_url}/score", json={"items": items, "transform": "debias"},
                               timeout=120).json()
@@ -69,6 +70,7 @@ def test_debiased_rewards_have_no_length_trend_on_fresh_responses(length_model, 
     assert abs(debiased_slope) < 0.05 * raw_slope, (raw_slope, debiased_slope)  # within 5% of zero
     assert debiased["transform"]["name"] == "debias" and debiased["transform"]["length_fit"]["slope"] > 0
     assert refused.status_code == 422 and "send `prompt` + `response`" in refused.json()["error"]["message"]
+    assert default["transform"]["name"] == "debias" and default["rewards"] == debiased["rewards"][:5]
 
 
 def test_eval_reports_raw_and_debiased_length_preference(length_model, tmp_path):

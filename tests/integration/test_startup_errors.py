@@ -48,12 +48,25 @@ def test_ppo_refuses_cuda_from_the_environment_without_a_gpu(tmp_path):
 
 
 @no_gpu
-def test_auto_falls_back_to_the_cpu_with_a_warning(caplog):
-    from rewardserve.server.modeling import resolve_device
+@no_gpu
+def test_auto_falls_back_to_the_cpu_with_one_warning(caplog, monkeypatch):
+    from rewardserve.server import modeling
 
+    monkeypatch.setattr(modeling, "_warned_no_gpu", False)
     with caplog.at_level("WARNING"):
-        assert resolve_device("auto").type == "cpu"
-    assert any("sees no GPU" in record.getMessage() for record in caplog.records)
+        assert modeling.resolve_device("auto").type == "cpu"
+        assert modeling.resolve_device("auto").type == "cpu"  # a second model, a second stage: no second warning
+    assert [record.getMessage() for record in caplog.records].count(
+        f"--device auto: torch {torch.__version__} sees no GPU (a CPU-only build of torch); running on the CPU") == 1
+
+
+def test_transform_debias_without_a_length_fit_is_refused_in_one_line(tiny_llama):
+    """Refused once the checkpoint's config is read (after its weights load): the last line says why, no traceback."""
+    result, _ = run_cli("serve", "--model", str(tiny_llama), "--transform", "debias", "--http-port", "0",
+                        "--grpc-port", "0", "--device", "cpu")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert lines[-1].startswith("rewardserve: --transform debias needs the checkpoint's length fit"), lines[-1]
 
 
 def test_serving_a_causal_lm_says_what_it_is_and_what_to_do(tmp_path, smol_tokenizer):

@@ -144,3 +144,15 @@ def test_a_response_length_costs_what_its_tail_costs(smol_tokenizer):
     assert encoder.response_length(huge) == 64
     assert time.perf_counter() - started < 0.5
     assert encoder.response_length(ScoreItem(prompt="Q", response="one two three")) == 3
+
+
+def test_no_untrue_indexing_warning_for_texts_the_encoder_truncates(smol_tokenizer, caplog):
+    """transformers warns that ids longer than model_max_length "will result in indexing errors"; this encoder cuts
+    them itself, so the warning is silenced where it tokenizes."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer.name_or_path, model_max_length=32)
+    with caplog.at_level("WARNING"):
+        encoded = ItemEncoder(tokenizer, max_length=32).encode(ScoreItem(text="word " * 100))
+    assert len(encoded.input_ids) == 32 and encoded.truncated
+    assert not any("indexing errors" in record.getMessage() for record in caplog.records)
