@@ -216,11 +216,11 @@ def train_step(model, optimizer, batches: list[PairBatch], config: RMTrainConfig
     total = sum(batch.pairs for batch in batches)
     for batch in batches:
         chosen, rejected = pair_scores(model, batch, device)
-        loss = bradley_terry_loss(chosen, rejected, _on(batch.margin, device), _on(batch.p_chosen, device),
-                                  config.center_coef)
+        p_chosen = _on(batch.p_chosen, device)
+        loss = bradley_terry_loss(chosen, rejected, _on(batch.margin, device), p_chosen, config.center_coef)
         (loss * batch.pairs / total).backward()
         loss_sum += loss.detach() * batch.pairs
-        wins += pairwise_wins(chosen.detach(), rejected.detach(), batch.p_chosen)
+        wins += pairwise_wins(chosen.detach(), rejected.detach(), p_chosen)
     loss = loss_sum / total
     skipped = ~torch.isfinite(loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

@@ -36,8 +36,8 @@ def test_demo_runs_every_stage_then_caches_them(tiny_policy, tiny_base, tmp_path
     assert "rewardserve ready" in (out / "server.log").read_text()  # the server really ran, as its own process
     summary = json.loads((out / "summary.json").read_text())
     assert summary["labelling"]["rows"] == len(rows) and 0 <= summary["labelling"]["consistency_rate"] <= 1
-    labelling = summary["labelling"]  # what the judge's labels can carry, in logits and probability
-    assert 0 < labelling["judge_answer_mass"] <= 1 and labelling["judge_content_signal_logit"] >= 0
+    labelling = summary["labelling"]  # what the judge's labels can carry (a random tiny judge: a mass near 0)
+    assert 0 <= labelling["judge_answer_mass"] <= 1 and labelling["judge_content_signal_logit"] >= 0
     assert isinstance(labelling["judge_position_bias_logit"], float)
     assert summary["reward_model"]["held_out_accuracy"] is not None and summary["ppo"]["steps"] == 2
     assert "== summary" in first
