@@ -41,13 +41,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def resolve_device(device: str = "auto") -> torch.device:
     """`auto` is the first GPU when torch sees one, else the CPU (with a warning); a named GPU must exist."""
+    global _warned_no_gpu
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if not _warned_no_gpu:  # once per process, however many models and stages ask
             log.warning("--device auto: torch %s sees no GPU (%s); running on the CPU", torch.__version__,
                         _why_no_gpu())
-            globals()["_warned_no_gpu"] = True
+            _warned_no_gpu = True
         return torch.device("cpu")
     target = torch.device(device)
     if target.type == "cuda":
