@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +25,8 @@ from .grpc_api import create_grpc_server, set_serving
 from .http_api import create_app
 from . import metrics
 from .errors import InsufficientMemory, RewardServeError, StartupError
-from .modeling import RewardModel, free_memory, resolve_device, resolve_dtype, weights_bytes
+from .modeling import (LOCAL_PATH_PREFIXES, RewardModel, check_local_checkpoint, free_memory, local_checkpoint,
+                       resolve_device, resolve_dtype, weights_bytes)
 from .normalization import RewardStatistics, RewardTransform
 from .registry import ModelRegistry, ServedModel
 from .reloading import Reloader
@@ -50,10 +52,9 @@ class _UvicornWithoutSignals(uvicorn.Server):
 def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     """Loads one checkpoint with its tokenizer, statistics, length fit and default transform, and warms it up."""
     resolve_device(config.device)  # a device that is not there is the first thing to say
-    if path.startswith(("/", "./", "../")) and not Path(path).is_dir():
-        raise StartupError(f"no checkpoint folder at {path} (model {name!r})")
-    tokenizer = load_tokenizer(path, config.trust_remote_code)
-    model = RewardModel.load(path, config.dtype, config.device, config.trust_remote_code,
+    folder = str(local_checkpoint(path, name))
+    tokenizer = load_tokenizer(folder, config.trust_remote_code)
+    model = RewardModel.load(folder, config.dtype, config.device, config.trust_remote_code,
                              max_length=config.max_length or trained_max_length(tokenizer))
     if config.max_length is not None and config.max_length > model.max_length:
         log.warning("--max-length %d is over the %d positions of model %s (%s): it scores at most %d tokens",
@@ -117,7 +118,18 @@ def check_room(config: ServeConfig, current: ServedModel, path: str) -> None:
             " what is free is used): free memory on the device, or restart with the new checkpoint")
 
 
-def build_service(config: ServeConfig, models: list[ServedModel]) -> ScoringService:
+def build_service(config: ServeConfig) -> ScoringService:
+    """The scoring core before its models are loaded: it answers NotReady until `attach_models`."""
+    batcher = Batcher(None, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
+    return ScoringService(
+        None, batcher, beta=config.beta, max_items_per_request=config.max_items_per_request,
+        api_key=config.api_key.get_secret_value() if config.api_key else None,
+        tokenizer_threads=config.tokenizer_threads, rate_limit=config.rate_limit,
+        admin_key=config.admin_key.get_secret_value() if config.admin_key else None,
+    )
+
+
+def attach_models(service: ScoringService, config: ServeConfig, models: list[ServedModel]) -> None:
     combinations = config.combinations()
     statistics = {model.name: model.statistics for model in models}
     for combination in combinations:
@@ -125,18 +137,13 @@ def build_service(config: ServeConfig, models: list[ServedModel]) -> ScoringServ
             combination.check(statistics)
         except ValueError as error:
             raise StartupError(str(error)) from None
-    batcher = Batcher(None, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
     registry = ModelRegistry(models, combinations, config.default_reward)
     reloader = Reloader(registry, lambda name, path: load_served_model(name, path, config),
                         lambda current, path: check_room(config, current, path), config.allow_reload_from)
     for model in models:
         metrics.MODEL_INFO.labels(model.name, model.version).set(1)
-    return ScoringService(
-        registry, batcher, beta=config.beta, max_items_per_request=config.max_items_per_request,
-        api_key=config.api_key.get_secret_value() if config.api_key else None,
-        tokenizer_threads=config.tokenizer_threads, rate_limit=config.rate_limit, reloader=reloader,
-        admin_key=config.admin_key.get_secret_value() if config.admin_key else None,
-    )
+    service.batcher.start()
+    service.start_serving(registry, reloader)
 
 
 async def reload_all_from_their_paths(service: ScoringService) -> None:
@@ -149,44 +156,40 @@ async def reload_all_from_their_paths(service: ScoringService) -> None:
 
 
 async def serve(config: ServeConfig) -> None:
+    """Opens both ports first (503 / NOT_SERVING while loading, what readiness probes expect), then loads and warms
+    the models, then serves until SIGTERM or SIGINT."""
     started = time.perf_counter()
     loop = asyncio.get_running_loop()
-    # No local keeps the first versions: after a reload only the registry and requests in flight may hold them.
-    service = build_service(config, [await loop.run_in_executor(None, load_served_model, name, path, config)
-                                     for name, path in config.model_specs()])
-    service.batcher.start()
-
-    http = _UvicornWithoutSignals(uvicorn.Config(
-        create_app(service, config.max_body_bytes), host=config.host, port=config.http_port,
-        log_level=config.log_level, access_log=False, lifespan="off",
-        ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
-    ))
-    http_task = asyncio.create_task(http.serve())
-    grpc_server = health = None
-    grpc_port = 0
-    if config.grpc_port != 0:
-        tls = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()) if config.tls_cert else None
-        grpc_server, grpc_port, health = await create_grpc_server(
-            service, f"{config.host}:{max(config.grpc_port, 0)}", config.max_body_bytes, tls
-        )
-        await grpc_server.start()
-        await set_serving(health, True)
-    while not http.started:
-        if http_task.done():
-            raise SystemExit(f"the HTTP server did not start on {config.host}:{config.http_port}")
-        await asyncio.sleep(0.01)
-    http_port = http.servers[0].sockets[0].getsockname()[1]
-    service.mark_ready()
-    log.info(
-        "rewardserve ready: model=%s http=%s://%s:%d grpc=%s (%.1f s to start)", ",".join(service.registry.names),
-        "https" if config.tls_cert else "http", config.host, http_port,
-        f"{config.host}:{grpc_port}{' (TLS)' if config.tls_cert else ''}" if grpc_server else "off",
-        time.perf_counter() - started,
-    )
-
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.set)
+    check_before_listening(config)
+    service = build_service(config)
+    http, http_task, http_port = await start_http(config, service)
+    grpc_server, grpc_port, health = await start_grpc(config, service)
+    endpoints = "http={}://{}:{} grpc={}".format(
+        "https" if config.tls_cert else "http", config.host, http_port,
+        f"{config.host}:{grpc_port}{' (TLS)' if config.tls_cert else ''}" if grpc_server else "off")
+    log.info("listening: %s; /ready answers 503 until the models are loaded and warm", endpoints)
+    try:
+        loading = load_in_background(loop, lambda: [load_served_model(name, path, config)
+                                                    for name, path in config.model_specs()])
+        await asyncio.wait([loading, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():
+            log.info("stopped while loading the models")
+            loading.cancel()
+            await close_servers(http, http_task, grpc_server)
+            return
+        # No local keeps the first versions: after a reload only the registry and requests in flight may hold them.
+        attach_models(service, config, loading.result())
+    except BaseException:
+        await close_servers(http, http_task, grpc_server)
+        raise
+    if health is not None:
+        await set_serving(health, True)
+    log.info("rewardserve ready: model=%s %s (%.1f s to start)", ",".join(service.registry.names), endpoints,
+             time.perf_counter() - started)
+
     reloads: set[asyncio.Task] = set()  # held, so a running reload is not garbage-collected
 
     def on_sighup() -> None:
@@ -194,9 +197,73 @@ async def serve(config: ServeConfig) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await asyncio.wait([asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED)
     await shutdown(service, http, http_task, grpc_server, health)
+
+
+def check_before_listening(config: ServeConfig) -> None:
+    """What is wrong without loading anything is said before the ports open: the device, the local folders."""
+    resolve_device(config.device)
+    for name, path in config.model_specs():
+        if path.startswith(LOCAL_PATH_PREFIXES) or Path(path).is_dir():
+            check_local_checkpoint(path, name)
+
+
+def load_in_background(loop: asyncio.AbstractEventLoop, load) -> asyncio.Future:
+    """Runs `load()` in a daemon thread: the ports answer meanwhile, and a SIGTERM while loading exits at once
+    instead of waiting for the load to finish (an executor's threads are joined at exit)."""
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = load(), None
+        except BaseException as caught:
+            result, error = None, caught
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server stopped while this loaded
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="rewardserve-load", daemon=True).start()
+    return future
+
+
+async def start_http(config: ServeConfig, service: ScoringService):
+    """uvicorn on the loop; returns (server, its task, the bound port) once it listens."""
+    http = _UvicornWithoutSignals(uvicorn.Config(
+        create_app(service, config.max_body_bytes), host=config.host, port=config.http_port,
+        log_level=config.log_level, access_log=False, lifespan="off",
+        ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
+    ))
+    http_task = asyncio.create_task(http.serve())
+    while not http.started:
+        if http_task.done():
+            raise StartupError(f"the HTTP server did not start on {config.host}:{config.http_port}"
+                               " (is the port in use?)")
+        await asyncio.sleep(0.01)
+    return http, http_task, http.servers[0].sockets[0].getsockname()[1]
+
+
+async def start_grpc(config: ServeConfig, service: ScoringService):
+    """grpc.aio with its health service NOT_SERVING; returns (server, bound port, health), or Nones when off."""
+    if config.grpc_port == 0:
+        return None, 0, None
+    tls = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()) if config.tls_cert else None
+    grpc_server, grpc_port, health = await create_grpc_server(
+        service, f"{config.host}:{max(config.grpc_port, 0)}", config.max_body_bytes, tls)
+    await grpc_server.start()
+    await set_serving(health, False)
+    return grpc_server, grpc_port, health
+
+
+async def close_servers(http, http_task, grpc_server) -> None:
+    http.should_exit = True
+    if grpc_server is not None:
+        await grpc_server.stop(grace=1)
+    await http_task
 
 
 async def shutdown(service: ScoringService, http, http_task, grpc_server, health) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory
+from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory, StartupError
 from .normalization import LengthFit, RewardStatistics
 from .packing import pack, packed_scores, plain_attention_blocker, supports_packing, to_device
 
@@ -232,6 +232,48 @@ def quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+# What a served checkpoint needs from the hub: configuration, tokenizer, chat template and safetensors weights.
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
+
+
+def check_local_checkpoint(path: str | os.PathLike, name: str = "") -> None:
+    """A local folder that is absent, or holds pickle weights only, is refused before anything loads."""
+    folder = Path(path).expanduser()
+    which = f" (model {name!r})" if name else ""
+    if not folder.is_dir():
+        raise StartupError(f"no checkpoint folder at {path}{which}")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise StartupError(
+            f"{path}{which} has pickle weights only ({', '.join(pickles[:3])}), refused on purpose: unpickling can"
+            " run code. Convert once with python -c \"from transformers import AutoModelForSequenceClassification"
+            f" as M; M.from_pretrained('{path}', num_labels=1).save_pretrained('{path}')\" (writes safetensors)")
+    raise StartupError(f"{path}{which} has no model weights (*.safetensors)")
+
+
+def local_checkpoint(spec: str, name: str = "") -> Path:
+    """The checkpoint folder to load: `spec` itself when it is a path, else the hub repository `spec` fetched (or
+    found in the cache) once; the hub's failure is one line that says what to do, not a traceback after retries."""
+    if spec.startswith(LOCAL_PATH_PREFIXES) or Path(spec).is_dir():
+        check_local_checkpoint(spec, name)
+        return Path(spec).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(spec, allow_patterns=HUB_FILES))
+    except Exception as error:  # no network, no such repository, a gated one: all need the user
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise StartupError(
+            f"{spec!r} is not a local folder, and the Hugging Face hub did not give it ({type(error).__name__}:"
+            f" {reason}); pass a checkpoint folder, or give this machine access to huggingface.co (a token for a"
+            " gated model), or set HF_HUB_OFFLINE=1 with the model already in the cache") from None
+    check_local_checkpoint(folder, name)
+    return folder
 
 
 def load_sequence_classifier(

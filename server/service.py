@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class ScoringService:
     def __init__(
         self,
-        registry: ModelRegistry,
+        registry: ModelRegistry | None,
         batcher: Batcher,
         beta: float = 1.0,
         max_items_per_request: int = 1024,
@@ -57,7 +57,10 @@ class ScoringService:
         self._draining = False
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    def mark_ready(self) -> None:
+    def start_serving(self, registry: ModelRegistry, reloader: Reloader | None) -> None:
+        """The models are loaded and warm: from now on requests are scored (the ports opened before, answering
+        503 / UNAVAILABLE meanwhile, as readiness probes and load balancers expect)."""
+        self.registry, self.reloader = registry, reloader
         self._ready = True
 
     def start_draining(self) -> None:
@@ -68,13 +71,15 @@ class ScoringService:
 
     def info(self) -> ServerInfo:
         registry = self.registry
+        if registry is None:
+            raise NotReady("the server is loading its models; /info answers once /ready does")
         return ServerInfo(**registry.default_model().info.model_dump(), default=registry.default,
                           models=[model.info for model in registry.models()],
                           combinations=[CombinationOut(**c.describe()) for c in registry.combinations.values()])
 
     @property
     def default_is_combination(self) -> bool:
-        return self.registry.default in self.registry.combinations
+        return self.registry is not None and self.registry.default in self.registry.combinations
 
     def check_api_key(self, presented: str | None) -> None:
         """Constant-time comparison, so response timing does not leak how much of a guessed key was right."""
@@ -92,6 +97,8 @@ class ScoringService:
     async def reload(self, request: ReloadRequest, admin_key: str | None) -> ReloadResponse:
         """Replaces one model by a checkpoint (or re-reads its own) without stopping; see server/reloading.py."""
         try:
+            if self.registry is None:
+                raise NotReady("the server is loading its models; reload once /ready answers 200")
             self.check_admin_key(admin_key)
             name = request.model or self.registry.names[0]
             outcome = await self.reloader.reload(name, request.path)

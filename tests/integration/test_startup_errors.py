@@ -26,7 +26,8 @@ def run_cli(*args: str, env_device: str | None = None) -> tuple[subprocess.Compl
 
 def assert_refused_in_one_line(result: subprocess.CompletedProcess, *phrases: str) -> None:
     assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip() and " INFO " not in line]
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and " INFO " not in line and not line.startswith("INFO:")]  # ours, and uvicorn's
     assert len(lines) == 1, result.stderr
     assert all(phrase in lines[0] for phrase in phrases), lines[0]
     assert "Traceback" not in result.stderr
@@ -47,7 +48,6 @@ def test_ppo_refuses_cuda_from_the_environment_without_a_gpu(tmp_path):
     assert_refused_in_one_line(result, "sees no GPU", "--device cpu")
 
 
-@no_gpu
 @no_gpu
 def test_auto_falls_back_to_the_cpu_with_one_warning(caplog, monkeypatch):
     from rewardserve.server import modeling
@@ -92,3 +92,29 @@ def test_bad_flags_and_missing_models_are_one_line_each(tmp_path):
     assert_refused_in_one_line(result, "--steps: Input should be greater than 0")
     result, _ = run_cli("serve", "--model", f"helpful={tmp_path / 'absent'}", "--device", "cpu", "--http-port", "0")
     assert_refused_in_one_line(result, "no checkpoint folder at", "model 'helpful'")
+
+
+def test_pickle_only_checkpoint_is_refused_with_the_conversion(tiny_llama, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "pickled")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    result, seconds = run_cli("serve", "--model", str(folder), "--device", "cpu", "--http-port", "0",
+                              "--grpc-port", "0")
+    assert_refused_in_one_line(result, "pickle weights only (pytorch_model.bin)", "refused on purpose",
+                               ".save_pretrained(")
+    assert "listening" not in result.stderr  # refused before the ports open
+
+
+def test_hub_id_out_of_reach_is_one_line(tmp_path):
+    """HF_HUB_OFFLINE makes the hub unreachable on any machine; the refusal says what to do, without retries."""
+    import os
+
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    began = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "rewardserve.trainer.cli", "serve", "--model",
+                             "someone/reward-model-that-is-not-cached", "--device", "cpu", "--http-port", "0",
+                             "--grpc-port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert_refused_in_one_line(result, "'someone/reward-model-that-is-not-cached' is not a local folder",
+                               "pass a checkpoint folder")
+    assert time.perf_counter() - began < 30
