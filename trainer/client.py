@@ -1,8 +1,9 @@
 """`RewardClient` and `AsyncRewardClient`: score items on one or more reward servers, by URL.
 
 Layered like httpx: `score(items)` -> `_with_retries` (exponential backoff with jitter, honours Retry-After,
-retries connection errors, timeouts, 5xx and 503, never a 4xx) -> `_send_once` (round-robin over the URLs, so a
-retry also fails over to the next server) -> the transport (HTTP or gRPC, by URL scheme).
+retries connection errors, timeouts, 5xx and 503, never a 4xx nor an untrusted certificate) -> `_Replicas.pick`
+(round-robin over the URLs in rotation: one that does not answer leaves it, and the retry goes at once to the next;
+a background health probe brings it back) -> the transport (HTTP or gRPC, by URL scheme).
 
     client = RewardClient(["http://10.0.0.5:8000", "grpc://10.0.0.6:50051"])
     result = client.score([{"prompt": "Hi", "response": "Hello!"}])
@@ -11,9 +12,11 @@ retry also fails over to the next server) -> the transport (HTTP or gRPC, by URL
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,12 +25,14 @@ from .transports import (
     RetryableError,
     RewardClientError,
     RewardUnavailable,
+    UntrustedServer,
     make_async_transport,
     make_transport,
+    probe_for,
 )
 
 __all__ = ["AsyncRewardClient", "RequestRejected", "RetryPolicy", "RewardClient", "RewardClientError",
-           "RewardUnavailable", "RewardTarget", "ScoreResult"]
+           "RewardUnavailable", "RewardTarget", "ScoreResult", "UntrustedServer"]
 
 log = logging.getLogger(__name__)
 
@@ -106,44 +111,88 @@ def _split_urls(urls: str | list[str]) -> list[str]:
     return urls
 
 
-class _OutageLog:
-    """Logs when the servers stop answering and, once they answer again, how long the outage lasted."""
+class _Replicas:
+    """The reward URLs in rotation. One that does not answer at all leaves the rotation at once, so no request
+    waits on it again, and a health probe in a background thread puts it back once it passes; while every URL is
+    out, they are all tried, with backoff. Each URL's outage is logged once when it starts and once when it ends."""
 
-    def __init__(self):
-        self.since: float | None = None
+    def __init__(self, transports: list, probes: list | None, probe_interval: float = 1.0):
+        self._transports = transports
+        self._probes = probes  # one `() -> bool` per transport; None: no background probe (injected transports)
+        self._probe_interval = probe_interval
+        self._down: dict[int, float] = {}  # transport index -> when its outage began (monotonic)
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+        self._prober: threading.Thread | None = None
 
-    def failed(self, error: Exception) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
-            log.warning("reward server not answering (%s); retrying with backoff", error)
+    def pick(self):
+        """Round-robin over the URLs in rotation (over all of them when none is)."""
+        with self._lock:
+            live = [t for i, t in enumerate(self._transports) if i not in self._down] or self._transports
+            return live[next(self._turn) % len(live)]
 
-    def recovered(self) -> None:
-        if self.since is not None:
-            log.warning("reward server answering again after a %.1f s outage", time.monotonic() - self.since)
-            self.since = None
+    def unreachable(self, transport, error: Exception) -> bool:
+        """Takes `transport` out of the rotation; True when another URL is still in it (retry there at once)."""
+        index = self._transports.index(transport)
+        with self._lock:
+            if index not in self._down:
+                self._down[index] = time.monotonic()
+                log.warning("reward server %s not answering (%s); out of the rotation until it answers its health"
+                            " check", _url_of(transport), error)
+            if self._probes is not None and (self._prober is None or not self._prober.is_alive()):
+                self._prober = threading.Thread(target=self._probe_until_all_back, name="reward-health-probe",
+                                                daemon=True)
+                self._prober.start()
+            return len(self._down) < len(self._transports)
+
+    def answered(self, transport) -> None:
+        self._back(self._transports.index(transport))
+
+    def _back(self, index: int) -> None:
+        with self._lock:
+            since = self._down.pop(index, None)
+        if since is not None:
+            log.warning("reward server %s answering again after a %.1f s outage; back in the rotation",
+                        _url_of(self._transports[index]), time.monotonic() - since)
+
+    def _probe_until_all_back(self) -> None:
+        while True:
+            with self._lock:
+                down = list(self._down)
+            if not down:
+                return
+            for index in down:
+                if self._probes[index]():
+                    self._back(index)
+            time.sleep(self._probe_interval)
+
+
+def _url_of(transport) -> str:
+    return getattr(transport, "url", repr(transport))
 
 
 class _ClientCore:
-    """Everything the sync and async clients share: URLs, transports, round-robin, and the retry decisions."""
+    """Everything the sync and async clients share: URLs, transports, the rotation, and the retry decisions."""
 
     _make_transport = staticmethod(make_transport)
 
     def __init__(self, urls: str | list[str], timeout: float = 60.0, api_key: str | None = None,
                  retry: RetryPolicy = RetryPolicy(), transports: list | None = None, seed: int | None = None,
-                 ca_file: str | None = None):
+                 ca_file: str | None = None, probe_interval: float = 1.0):
         self.urls = _split_urls(urls) if transports is None else []
         self._transports = transports or [self._make_transport(u, timeout, api_key, ca_file) for u in self.urls]
-        self._next = itertools.cycle(self._transports)
+        probes = None if transports else [functools.partial(probe_for(u), u, ca_file) for u in self.urls]
+        self._replicas = _Replicas(self._transports, probes, probe_interval)
         self.retry = retry
         self._rng = random.Random(seed)
-        self._outage = _OutageLog()
 
-    def _delay_after(self, attempt: int, error: RetryableError) -> float:
-        """Seconds to wait before the next attempt, or RewardUnavailable once the attempts are spent."""
-        self._outage.failed(error)
+    def _after_failure(self, attempt: int, transport, error: RetryableError) -> float:
+        """Seconds to wait before the next attempt: none when another URL is in the rotation; RewardUnavailable once
+        the attempts are spent."""
+        another_in_rotation = error.unreachable and self._replicas.unreachable(transport, error)
         if attempt + 1 == self.retry.max_attempts:
             raise RewardUnavailable(f"no answer after {attempt + 1} attempts; last: {error}") from error
-        return self.retry.delay(attempt, error.retry_after, self._rng)
+        return 0.0 if another_in_rotation else self.retry.delay(attempt, error.retry_after, self._rng)
 
 
 class RewardClient(_ClientCore):
@@ -152,18 +201,16 @@ class RewardClient(_ClientCore):
 
     def _with_retries(self, request: dict) -> dict:
         for attempt in range(self.retry.max_attempts):
+            transport = self._replicas.pick()
             try:
-                body = self._send_once(request)
+                body = transport.send(request)
             except RetryableError as error:
-                time.sleep(self._delay_after(attempt, error))
+                if delay := self._after_failure(attempt, transport, error):
+                    time.sleep(delay)
             else:
-                self._outage.recovered()
-                return body
+                self._replicas.answered(transport)
+                return body | {"replica": getattr(transport, "url", "")}
         raise AssertionError("unreachable")
-
-    def _send_once(self, request: dict) -> dict:
-        transport = next(self._next)
-        return transport.send(request) | {"replica": getattr(transport, "url", "")}
 
     def close(self) -> None:
         for transport in self._transports:
@@ -185,18 +232,16 @@ class AsyncRewardClient(_ClientCore):
 
     async def _with_retries(self, request: dict) -> dict:
         for attempt in range(self.retry.max_attempts):
+            transport = self._replicas.pick()
             try:
-                body = await self._send_once(request)
+                body = await transport.send(request)
             except RetryableError as error:
-                await asyncio.sleep(self._delay_after(attempt, error))
+                if delay := self._after_failure(attempt, transport, error):
+                    await asyncio.sleep(delay)
             else:
-                self._outage.recovered()
-                return body
+                self._replicas.answered(transport)
+                return body | {"replica": getattr(transport, "url", "")}
         raise AssertionError("unreachable")
-
-    async def _send_once(self, request: dict) -> dict:
-        transport = next(self._next)
-        return await transport.send(request) | {"replica": getattr(transport, "url", "")}
 
     async def close(self) -> None:
         for transport in self._transports:

@@ -20,6 +20,7 @@ class RewardClientError(Exception):
 
     RewardClientError
     ├── RequestRejected   the server answered 4xx / a non-retryable gRPC status: fix the request
+    ├── UntrustedServer   the server's TLS certificate is not trusted: fix the client's CA, at once (no retries)
     └── RewardUnavailable no answer after every retry (raised by the client, not by transports)
     """
 
@@ -34,10 +35,23 @@ class RewardUnavailable(RewardClientError):
     pass
 
 
+class UntrustedServer(RewardClientError):
+    """A configuration error, not an outage: retrying cannot make an untrusted certificate trusted."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"{url}: the server's TLS certificate is not trusted ({reason}); give the client the CA"
+                         " that signed it (--reward-ca-file / ca_file=, or the system's trust store), or a certificate"
+                         " whose names include this host")
+
+
 class RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
+    """Another attempt may succeed. `unreachable`: nothing answered at all (refused, reset, timed out), so the URL
+    leaves the rotation until its health check passes; a server that answered (5xx, 503, 429) stays in it."""
+
+    def __init__(self, message: str, retry_after: float | None = None, unreachable: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
+        self.unreachable = unreachable
 
 
 # -- HTTP ------------------------------------------------------------------------------------------------------------
@@ -64,6 +78,29 @@ def _tls_context(ca_file: str | None):
     return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
+def _certificate_failure(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure somewhere in an httpx error's chain of causes, if that is what it is."""
+    while error is not None:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _http_unreachable(url: str, error: httpx.TransportError) -> Exception:
+    if (untrusted := _certificate_failure(error)) is not None:
+        return UntrustedServer(url, untrusted.verify_message or str(untrusted))
+    return RetryableError(f"{url}: {type(error).__name__}: {error}", unreachable=True)
+
+
+def http_ready(url: str, ca_file: str | None = None, timeout: float = 2.0) -> bool:
+    """The health probe: GET /ready answers 200 (loaded, warm, not draining)."""
+    try:
+        return httpx.get(f"{url}/ready", timeout=timeout, verify=_tls_context(ca_file)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class HttpTransport:
     def __init__(self, url: str, timeout: float, api_key: str | None = None, ca_file: str | None = None):
         self.url = url
@@ -73,8 +110,8 @@ class HttpTransport:
     def send(self, request: dict) -> dict:
         try:
             return _http_result(self._client.post("/score", json=request))
-        except httpx.TransportError as error:  # refused, reset, timed out
-            raise RetryableError(f"{self.url}: {type(error).__name__}: {error}") from error
+        except httpx.TransportError as error:  # refused, reset, timed out, or a certificate not trusted
+            raise _http_unreachable(self.url, error) from error
 
     def close(self) -> None:
         self._client.close()
@@ -90,7 +127,7 @@ class AsyncHttpTransport:
         try:
             return _http_result(await self._client.post("/score", json=request))
         except httpx.TransportError as error:
-            raise RetryableError(f"{self.url}: {type(error).__name__}: {error}") from error
+            raise _http_unreachable(self.url, error) from error
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -154,7 +191,12 @@ def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
 
 def _grpc_failure(error: grpc.RpcError, target: str) -> Exception:
     code = error.code()
+    details = error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in details:
+        return UntrustedServer(target, "CERTIFICATE_VERIFY_FAILED")
     retry_after = dict(error.trailing_metadata() or ()).get("retry-after")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not retry_after:
+        return RetryableError(f"{target}: {code.name}: {details}", unreachable=True)
     # RESOURCE_EXHAUSTED with a retry-after is a rate limit (wait and retry); without one, an oversized message.
     if code in _RETRYABLE_CODES or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after):
         return RetryableError(f"{target}: {code.name}: {error.details()}", float(retry_after) if retry_after else None)
@@ -165,6 +207,21 @@ def _grpc_target(url: str) -> tuple[str, bool]:
     """grpc://host:port -> host:port; grpc://dns:///name:port keeps gRPC's resolver syntax (every address of name)."""
     scheme, _, target = url.partition("://")
     return target, scheme == "grpcs"
+
+
+def grpc_ready(url: str, ca_file: str | None = None, timeout: float = 2.0) -> bool:
+    """The health probe: the standard gRPC health service answers SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target, secure = _grpc_target(url)
+    channel = grpc.secure_channel(target, _grpc_credentials(ca_file)) if secure else grpc.insecure_channel(target)
+    try:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+    finally:
+        channel.close()
 
 
 def _grpc_credentials(ca_file: str | None) -> grpc.ChannelCredentials:
@@ -223,6 +280,11 @@ def _pick(table: dict, url: str):
     if scheme not in table:
         raise ValueError(f"{url!r}: the reward URL must start with http://, https://, grpc:// or grpcs://")
     return table[scheme]
+
+
+def probe_for(url: str):
+    """The health probe of a reward URL's protocol: `probe(url, ca_file) -> bool`."""
+    return grpc_ready if urlparse(url).scheme.startswith("grpc") else http_ready
 
 
 def make_transport(url: str, timeout: float, api_key: str | None = None, ca_file: str | None = None):

@@ -65,7 +65,7 @@ def test_ppo_rides_out_a_killed_server_and_loses_no_rollout(setup, tmp_path):  #
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["dropped_total"] == 0 and sum(r["rollouts"] for r in records) == 64
-    assert "reward server answering again after a" in output
+    assert f"reward server http://127.0.0.1:{ports[0]} answering again after a" in output
 
 
 def test_a_killed_trainer_resumes_from_its_last_whole_checkpoint(setup, tmp_path):  # noqa: F811

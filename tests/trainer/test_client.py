@@ -77,6 +77,46 @@ def test_round_robin_spreads_requests_and_fails_over(sleeps):
     assert len(a.requests) == 2 and len(b.requests) == 2  # a, b, a (fails) -> b
 
 
+def test_an_unreachable_url_leaves_the_rotation_and_the_retry_goes_at_once(sleeps):
+    a = ScriptedTransport("a", [RetryableError("refused", unreachable=True)])
+    b = ScriptedTransport("b", [OK] * 5)
+    client = RewardClient("x", transports=[a, b])
+    for _ in range(5):
+        client.score([{"text": "t"}])
+    assert len(a.requests) == 1 and len(b.requests) == 5 and sleeps == []  # no backoff, a never asked again
+
+
+def test_with_every_url_out_all_are_tried_with_backoff(sleeps):
+    a = ScriptedTransport("a", [RetryableError("refused", unreachable=True)] * 2 + [OK])
+    b = ScriptedTransport("b", [RetryableError("refused", unreachable=True)] * 2)
+    client = RewardClient("x", transports=[a, b], seed=0)
+    assert client.score([{"text": "t"}]).rewards == [0.5]
+    assert len(a.requests) == 3 and len(b.requests) == 2
+    assert len(sleeps) == 3 and sleeps[0] > 0  # once b failed too (a was already out), every failure backs off
+
+
+def test_the_health_probe_brings_a_url_back(caplog):
+    import threading
+    import time
+
+    from rewardserve.trainer.client import _Replicas
+
+    up = threading.Event()
+    a, b = object(), object()
+    replicas = _Replicas([a, b], [up.is_set, lambda: True], probe_interval=0.01)
+    with caplog.at_level("WARNING"):
+        assert replicas.unreachable(a, RuntimeError("refused")) is True
+        assert {replicas.pick() for _ in range(4)} == {b}
+        up.set()
+        deadline = time.monotonic() + 10
+        while {replicas.pick() for _ in range(4)} != {a, b} and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert {replicas.pick() for _ in range(4)} == {a, b}
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2 and "not answering (refused); out of the rotation" in messages[0]
+    assert "answering again after a" in messages[1] and "back in the rotation" in messages[1]
+
+
 def test_async_client_shares_the_policy(monkeypatch):
     slept = []
 
