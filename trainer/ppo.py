@@ -28,8 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rewardserve.server.embedded import resolve_model_path
+from rewardserve.server.errors import StartupError
 from rewardserve.server.modeling import describe_device
-from .client import RetryPolicy, RewardClient, RewardTarget, RewardUnavailable
+from .client import (RequestRejected, RetryPolicy, RewardClient, RewardTarget, RewardUnavailable,
+                     UntrustedServer)
 from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot_gold
 from .config import PPOConfig
 from .distributed import Ranks, setup_ranks, teardown
@@ -287,6 +289,21 @@ def build_models(config: PPOConfig, device):
     return tokenizer, model, reference, engine
 
 
+def check_reward_server(client: RewardClient, target: RewardTarget) -> None:
+    """Before the policy loads: one scored item shows the server takes this run's requests (its model or
+    combination, the API key, TLS). A refusal ends the run in one line now, not after the first generation; a
+    server that is not up yet is waited for later, as in any outage."""
+    try:
+        client.score([{"prompt": "Hello", "response": "Hello! How can I help?"}], target=target)
+    except RequestRejected as error:
+        raise StartupError(f"the reward server at {client.urls[0]} refuses this run's requests ({error.status}"
+                           f" {error.kind}): {error.message}") from None
+    except UntrustedServer as error:
+        raise StartupError(str(error)) from None
+    except RewardUnavailable as error:
+        tqdm.write(f"no reward server answered before the start ({error}); starting anyway: rollouts wait for it")
+
+
 def main(config: PPOConfig) -> dict:
     ranks, device = setup_ranks(config.device)
     if ranks.is_main:
@@ -295,6 +312,10 @@ def main(config: PPOConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         print(f"ppo: policy, reference and value head on {describe_device(device)}", flush=True)
+    client = RewardClient(config.reward_url, timeout=config.reward_timeout, retry=RetryPolicy(config.reward_retries),
+                          api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
+                          ca_file=config.reward_ca_file)
+    check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination))
     tokenizer, model, reference, engine = build_models(config, device)
     trainable = DistributedDataParallel(model) if ranks.active else model  # generation uses `model` directly
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, fused=True)  # fused: it can skip on the device
@@ -302,9 +323,6 @@ def main(config: PPOConfig) -> dict:
                      else FixedKLController(config.beta))
     moments = RunningMoments()
     sampler = PromptSampler(load_prompts(config.prompts), config.batch_size, config.seed, ranks)
-    client = RewardClient(config.reward_url, timeout=config.reward_timeout, retry=RetryPolicy(config.reward_retries),
-                          api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
-                          ca_file=config.reward_ca_file)
     counters, start = {"generated": 0, "dropped": 0, "skipped_updates": 0}, 0
     if config.resume:
         start, counters = load_latest_checkpoint(out, model, optimizer, kl_controller, moments)

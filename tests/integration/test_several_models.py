@@ -210,6 +210,20 @@ def test_ppo_logs_each_component(server, smol_tokenizer, tmp_path, flags, expect
         assert shares and sum(shares) == pytest.approx(1.0)
 
 
+def test_ppo_refuses_an_unknown_combination_before_loading_the_policy(server, tmp_path):
+    """The policy folder does not exist: a refusal that came after loading it would complain about that instead."""
+    from tests.conftest import CLI
+    import subprocess
+
+    run = subprocess.run([*CLI, "ppo", "--reward-url", server.http_url, "--policy", str(tmp_path / "absent"),
+                          "--out", str(tmp_path / "run"), "--reward-combination", "nope", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert len(lines) == 1 and "refuses this run's requests (HTTP 422 unknown_model)" in lines[0], run.stderr
+    assert "no combination named 'nope'" in lines[0] and "ens" in lines[0]
+
+
 def test_the_score_command_names_a_combination_or_models(server):
     import subprocess
 
