@@ -7,8 +7,9 @@ TRL (GRPOTrainer, RLOOTrainer: `reward_funcs` takes callables):
 
     # one of a server's models, or a combination it declared: RewardServerFunction(url, combination="safe")
 
-verl (`custom_reward_function.path` pointing at this file, `custom_reward_function.name=compute_score`), with the
-server's URL in the REWARDSERVE_REWARD_URL environment variable.
+verl (`custom_reward_function.path` pointing at trainer/verl_reward.py, the file verl can load by path,
+`custom_reward_function.name=compute_score`), with the server's URL in the REWARDSERVE_REWARD_URL environment
+variable.
 
 slime (`--custom-rm-path rewardserve.trainer.integrations.slime_reward --rm-url http://rm:8000`).
 

@@ -28,6 +28,36 @@ def test_verl_compute_score(running_server, monkeypatch):
     assert score == pytest.approx(direct, abs=1e-5)
 
 
+def test_verl_loads_our_reward_file_by_path(running_server, monkeypatch):
+    """Exactly as verl's get_custom_reward_fn does: the path printed by the README's one-liner, loaded with
+    spec_from_file_location as "custom_module", executed outside any package, its function called."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    path = subprocess.run([sys.executable, "-c", "import rewardserve.trainer.verl_reward as m; print(m.__file__)"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    spec = importlib.util.spec_from_file_location("custom_module", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "custom_module", module)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("REWARDSERVE_REWARD_URL", running_server.http_url)
+    monkeypatch.setattr(integrations, "_verl_client", None)
+    score = getattr(module, "compute_score")("gsm8k", "Hello!", "ignored", extra_info={"prompt": "Hi"})
+    direct = httpx.post(f"{running_server.http_url}/score",
+                        json={"items": [{"prompt": "Hi", "response": "Hello!"}]}).json()["rewards"][0]
+    assert score == pytest.approx(direct, abs=1e-5)
+
+
+def test_the_package_module_cannot_be_loaded_by_path():
+    """Why the file above exists: the package module's relative imports fail the way verl reports them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("custom_module", integrations.__file__)
+    with pytest.raises(ImportError, match="relative import"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def test_trl_grpo_trainer_runs_with_our_reward_function(running_server, smol_tokenizer, tmp_path):
     """A few real GRPOTrainer steps on the CPU, every reward from the server: its /metrics show the requests."""
     pytest.importorskip("trl")
