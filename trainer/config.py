@@ -103,7 +103,7 @@ class RMTrainConfig(_Settings):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more time."""
     max_pairs: int | None = Field(None, gt=0)
-    """Use at most this many pairs of --data (quick runs)."""
+    """Use at most this many pairs of --data (quick runs): a --seed sample across all the files."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda:N."""
     save_every: int = Field(200, gt=0)
@@ -135,7 +135,9 @@ class EvalConfig(_Settings):
     batch_size: int = Field(16, gt=0)
     """Pairs per forward pass."""
     max_pairs: int | None = Field(None, gt=0)
-    """Evaluate at most this many pairs (the first usable ones, in file order)."""
+    """Evaluate at most this many pairs: a --seed sample across all the files."""
+    seed: int = 0
+    """Seed of the --max-pairs sample."""
     device: str = "auto"
     """auto, cpu or cuda:N."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

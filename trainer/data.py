@@ -10,6 +10,7 @@ A row that cannot be used is counted under its reason and reported, never silent
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -58,12 +59,24 @@ class DataReport:
     used: int = 0
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
+    not_sampled: int = 0  # usable rows left out by a --max-pairs sample
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
 
     def summary(self) -> dict:
-        return {"read": self.read, "used": self.used, "truncated": self.truncated, "skipped": dict(self.skipped)}
+        return {"read": self.read, "used": self.used, "truncated": self.truncated, "skipped": dict(self.skipped),
+                "not_sampled": self.not_sampled}
+
+    def describe(self) -> str:
+        """One line for the terminal: `40 rows read: 36 used, 4 skipped (3 missing chosen/rejected, 1 not JSON)`."""
+        line = f"{self.read} rows read: {self.used} used"
+        if self.not_sampled:
+            line += f", {self.not_sampled} left out by --max-pairs"
+        if self.skipped:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+            line += f", {sum(self.skipped.values())} skipped ({reasons})"
+        return line + (f"; {self.truncated} truncated" if self.truncated else "")
 
 
 class BadRow(ValueError):
@@ -87,6 +100,8 @@ def _split_hh(dialogue: str) -> tuple[str, str]:
 
 def parse_row(row: dict) -> PreferencePair:
     """One JSON object -> a PreferencePair, or BadRow naming what is wrong."""
+    if not isinstance(row, dict):
+        raise BadRow(f"not a JSON object (a JSON {type(row).__name__})")
     if "chosen" not in row or "rejected" not in row:
         raise BadRow("missing chosen/rejected")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
@@ -119,15 +134,14 @@ def parse_row(row: dict) -> PreferencePair:
                           None if p_chosen is None else float(p_chosen))
 
 
-def read_pairs(paths: list[str], report: DataReport, limit: int | None = None) -> list[PreferencePair]:
-    """Every usable row of the files, in order, or the first `limit` of them; `report.read` counts the rows
-    considered (so read = used + skipped adds up under a limit too)."""
+def read_pairs(paths: list[str], report: DataReport, limit: int | None = None, seed: int = 0
+               ) -> list[PreferencePair]:
+    """Every usable row of the files, in order; with `limit`, a seeded sample of `limit` of them drawn across all
+    the files (in their order), never the first file's head. `report.read` counts every row."""
     pairs = []
     for path in paths:
         with open(path) as handle:
             for line in handle:
-                if limit is not None and len(pairs) >= limit:
-                    return pairs
                 if not line.strip():
                     continue
                 report.read += 1
@@ -137,7 +151,26 @@ def read_pairs(paths: list[str], report: DataReport, limit: int | None = None) -
                     report.skip("not JSON")
                 except BadRow as error:
                     report.skip(str(error))
+    if limit is not None and limit < len(pairs):
+        report.not_sampled = len(pairs) - limit
+        pairs = [pairs[i] for i in sorted(random.Random(seed).sample(range(len(pairs)), limit))]
     return pairs
+
+
+def pair_fingerprint(pair: PreferencePair) -> str:
+    """What identifies a comparison, whichever side a file lists first: the prompt and both responses."""
+    sides = sorted([pair.chosen, pair.rejected])
+    return hashlib.sha256(json.dumps([pair.prompt, *sides]).encode()).hexdigest()[:16]
+
+
+def write_pairs(pairs: list[PreferencePair], path) -> None:
+    """JSON Lines that `read_pairs` reads back as the same pairs."""
+    with open(path, "w") as handle:
+        for pair in pairs:
+            row = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+            row |= {key: value for key, value in (("margin", pair.margin), ("p_chosen", pair.p_chosen))
+                    if value is not None}
+            handle.write(json.dumps(row) + "\n")
 
 
 def split_train_eval(pairs: list, eval_fraction: float, seed: int) -> tuple[list, list]:

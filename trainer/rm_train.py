@@ -28,8 +28,8 @@ from rewardserve.server.packing import packed_scores, supports_packing, to_devic
 from rewardserve.server.tokenization import ItemEncoder, load_tokenizer, trained_max_length
 
 from .config import EvalConfig, RMTrainConfig
-from .data import (DataReport, EncodedPair, PairBatch, collate_pairs, encode_pairs, length_bucketed_batches, read_pairs,
-                   split_train_eval)
+from .data import (DataReport, EncodedPair, PairBatch, PreferencePair, collate_pairs, encode_pairs,
+                   length_bucketed_batches, pair_fingerprint, read_pairs, split_train_eval, write_pairs)
 from .preference import (bradley_terry_loss, brier_score, expected_calibration_error, label_log_likelihood,
                          length_only_accuracy, pairwise_accuracy, pairwise_wins, pearson, reward_statistics,
                          winner_margin)
@@ -170,25 +170,35 @@ def print_report(report: dict, title: str) -> None:
 
 
 # -- training -------------------------------------------------------------------------------------------------------
+HELD_OUT_FILE = "heldout.jsonl"  # the split held out of --data, beside the checkpoint, for `rewardserve eval`
+TRAINED_PAIRS_FILE = "trained_pairs.txt"  # a fingerprint per training pair: eval warns about pairs trained on
+
+
 @dataclass
 class PreparedData:
     train: list[EncodedPair]
     eval: list[EncodedPair]
     report: dict
+    held_out_pairs: list[PreferencePair]  # as read, before encoding: what heldout.jsonl holds
+    trained_fingerprints: list[str]
 
 
 def prepare_data(config: RMTrainConfig, encoder: ItemEncoder) -> PreparedData:
     train_report, eval_report = DataReport(), DataReport()
-    pairs = read_pairs(config.data, train_report, config.max_pairs)
+    pairs = read_pairs(config.data, train_report, config.max_pairs, config.seed)
     if config.eval_data:
         train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, eval_report)
     else:
         train_pairs, eval_pairs = split_train_eval(pairs, config.eval_fraction, config.seed)
     train = encode_pairs(train_pairs, encoder, train_report)
     held_out = encode_pairs(eval_pairs, encoder, eval_report if config.eval_data else train_report)
+    print(f"train: --data {train_report.describe()}", flush=True)
+    if config.eval_data:
+        print(f"train: --eval-data {eval_report.describe()}", flush=True)
     if not train or not held_out:
         raise SystemExit(f"no usable pairs to train or evaluate on: {train_report.summary()}")
-    return PreparedData(train, held_out, {"train_files": train_report.summary(), "eval_files": eval_report.summary()})
+    return PreparedData(train, held_out, {"train_files": train_report.summary(), "eval_files": eval_report.summary()},
+                        eval_pairs, sorted({pair_fingerprint(pair) for pair in train_pairs}))
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -352,6 +362,8 @@ def finish(config: RMTrainConfig, model, tokenizer, data: PreparedData, log: Jso
         model.gradient_checkpointing_disable()
     save_reward_model(model, tokenizer, out, RewardStatistics(mean, std, source="checkpoint"), length_fit)
     (out / "eval_report.json").write_text(json.dumps(report, indent=2))
+    write_pairs(data.held_out_pairs, out / HELD_OUT_FILE)
+    (out / TRAINED_PAIRS_FILE).write_text("".join(f"{fingerprint}\n" for fingerprint in data.trained_fingerprints))
     shutil.move(log.path, out / "train_log.jsonl")
     shutil.rmtree(work_dir(out), ignore_errors=True)
     print_report(report, f"held-out evaluation of {out}")
@@ -372,6 +384,14 @@ def _give_distinct_pad(tokenizer) -> None:
     raise SystemExit("the base tokenizer has no token to pad with other than EOS; add one to the base checkpoint")
 
 
+def count_trained_on(pairs: list[PreferencePair], fingerprints_file: Path) -> int:
+    """How many of `pairs` the checkpoint trained on (0 when it records no training pairs: not ours, or older)."""
+    if not fingerprints_file.is_file():
+        return 0
+    trained = set(fingerprints_file.read_text().split())
+    return sum(pair_fingerprint(pair) in trained for pair in pairs)
+
+
 def evaluate_checkpoint(config: EvalConfig) -> dict:
     """`rewardserve eval`: the same report for any reward checkpoint on any preference file."""
     from rewardserve.server.modeling import RewardModel
@@ -383,9 +403,16 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
                              max_length=config.max_length or trained_max_length(tokenizer))
     encoder = ItemEncoder(tokenizer, model.max_length, append_eos=model.is_decoder, embedding_rows=model.embedding_rows)
     report_counts = DataReport()
-    pairs = encode_pairs(read_pairs(config.data, report_counts, config.max_pairs), encoder, report_counts)
+    read = read_pairs(config.data, report_counts, config.max_pairs, config.seed)
+    trained_on = count_trained_on(read, Path(path) / TRAINED_PAIRS_FILE)
+    pairs = encode_pairs(read, encoder, report_counts)
+    print(f"eval: --data {report_counts.describe()}", flush=True)
+    if trained_on:
+        print(f"eval: warning: {trained_on} of these {len(read)} pairs were in this checkpoint's training data, where"
+              f" its accuracy says little; evaluate on held-out pairs ({Path(path) / HELD_OUT_FILE})", flush=True)
     chosen, rejected = score_all_pairs(model.network, pairs, model.pad_token_id, config.batch_size, model.device)
-    report = evaluation_report(pairs, chosen, rejected, model.length_fit) | {"data": report_counts.summary()}
+    report = evaluation_report(pairs, chosen, rejected, model.length_fit) | {"data": report_counts.summary(),
+                                                                             "trained_on": trained_on}
     print_report(report, f"evaluation of {config.model}")
     if config.report:
         Path(config.report).write_text(json.dumps(report, indent=2))

@@ -24,7 +24,11 @@ def test_train_on_pandalm_then_serve_whitened_rewards(tiny_base, shared_data, tm
     assert "held-out evaluation" in run.stdout and "length-only accuracy" in run.stdout
 
     # The training responses, exactly as the trainer kept them (same split, same length filter).
-    train_pairs, _ = split_train_eval(read_pairs([str(data)], DataReport())[:120], 0.1, seed=0)
+    train_pairs, held_out = split_train_eval(read_pairs([str(data)], DataReport(), limit=120, seed=0), 0.1, seed=0)
+    # 53 of PandaLM's rows have an empty response; 11 of the 120 sampled are too long for 200 tokens
+    assert ("train: --data 914 rows read: 109 used, 741 left out by --max-pairs, 64 skipped (53 empty response, 11 too"
+            " long after truncation") in run.stdout
+    assert read_pairs([str(out / "heldout.jsonl")], DataReport()) == held_out and len(held_out) == 12
     encoder = ItemEncoder(load_tokenizer(str(out)), max_length=200)
     items = [{"input_ids": ids} for p in encode_pairs(train_pairs, encoder, DataReport())
              for ids in (p.chosen_ids, p.rejected_ids)]
@@ -42,3 +46,23 @@ def test_train_on_pandalm_then_serve_whitened_rewards(tiny_base, shared_data, tm
         assert server.stop() == 0
     assert statistics.fmean(rewards) == pytest.approx(0.0, abs=1e-3)
     assert statistics.pstdev(rewards) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_eval_warns_about_pairs_the_checkpoint_trained_on(tiny_base, shared_data, tmp_path):  # noqa: F811
+    """The held-out split is written beside the checkpoint; eval on it is quiet, eval on the training file says how
+    many pairs were trained on; bad rows are counted on the terminal, not only in --report."""
+    data = shared_data / "pandalm" / "pairs.jsonl"
+    out = tmp_path / "rm"
+    subprocess.run([*CLI, "train", "--base", str(tiny_base), "--data", str(data), "--out", str(out), "--max-pairs",
+                    "40", "--batch-size", "8", "--max-length", "128", "--epochs", "1"], capture_output=True,
+                   text=True, timeout=600, check=True)
+    held_out = subprocess.run([*CLI, "eval", "--model", str(out), "--data", str(out / "heldout.jsonl")],
+                              capture_output=True, text=True, timeout=600, check=True).stdout
+    assert "eval: --data 4 rows read:" in held_out and "training data" not in held_out
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(data.read_text() + '["not", "an", "object"]\n')
+    trained = subprocess.run([*CLI, "eval", "--model", str(out), "--data", str(mixed), "--max-pairs", "40"],
+                             capture_output=True, text=True, timeout=600, check=True).stdout
+    assert "eval: warning: 36 of these 40 pairs were in this checkpoint's training data" in trained
+    assert "915 rows read:" in trained and "821 left out by --max-pairs" in trained
+    assert "1 not a JSON object (a JSON list)" in trained

@@ -1,11 +1,13 @@
 """Reading the preference formats people have, and reporting bad rows."""
 import json
+from collections import Counter
 
 import pytest
 import torch
 
-from rewardserve.trainer.data import (BadRow, DataReport, EncodedPair, collate_pairs, length_bucketed_batches,
-                                      parse_row, read_pairs, split_train_eval)
+from rewardserve.trainer.data import (BadRow, DataReport, EncodedPair, PreferencePair, collate_pairs,
+                                      length_bucketed_batches, pair_fingerprint, parse_row, read_pairs,
+                                      split_train_eval, write_pairs)
 
 
 def test_the_shared_format_with_margin():
@@ -40,6 +42,8 @@ def test_soft_labels():
     ({"chosen": "no turns", "rejected": "here"}, "missing prompt"),
     ({"prompt": "Q", "chosen": "a", "rejected": "b", "p_chosen": 1.5}, "p_chosen outside"),
     ({"prompt": "Q", "chosen": 3, "rejected": "b"}, "wrong field types"),
+    ([{"chosen": "a", "rejected": "b"}], "not a JSON object"),
+    (7, "not a JSON object"),
 ])
 def test_bad_rows_name_their_reason(row, reason):
     with pytest.raises(BadRow, match=reason):
@@ -53,7 +57,7 @@ def test_bad_rows_are_counted_not_dropped_silently(tmp_path):
     report = DataReport()
     assert len(read_pairs([str(path)], report)) == 1
     assert report.summary() == {"read": 3, "used": 0, "truncated": 0,
-                                "skipped": {"identical sides": 1, "not JSON": 1}}
+                                "skipped": {"identical sides": 1, "not JSON": 1}, "not_sampled": 0}
 
 
 def test_split_is_the_documented_fixed_seed_shuffle():
@@ -95,13 +99,30 @@ def test_an_explicit_prompt_must_match_the_conversations_turns():
     assert parse_row({"prompt": ask, "chosen": [yes], "rejected": ask + [no]}).prompt == ask  # answers alone are fine
 
 
-def test_the_report_adds_up_under_max_pairs(tmp_path):
-    """read counts the rows considered: with a limit of 3, a bad row among the first four is counted, and the rows
-    after the limit are not read."""
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "", "rejected": "b"}]
-    rows += [{"prompt": "p", "chosen": f"a{i}", "rejected": "b"} for i in range(5)]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+def test_max_pairs_samples_across_every_file_and_the_report_adds_up(tmp_path):
+    """24 pairs from two files of 20: both files give some (not the first file's head), seeded and reproducible;
+    read counts every row, a bad one included, and the rows the sample left out are counted."""
+    files = []
+    for name in ("a", "b"):
+        rows = [{"prompt": name, "chosen": f"{name}{i}", "rejected": "x"} for i in range(20)]
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps(row) + "\n" for row in rows) + "[1, 2]\n")
     report = DataReport()
-    pairs = read_pairs([str(path)], report, limit=3)
-    assert len(pairs) == 3 and report.read == 4 and sum(report.skipped.values()) == 1
+    pairs = read_pairs([str(f) for f in files], report, limit=24, seed=0)
+    sources = Counter(pair.prompt for pair in pairs)
+    assert len(pairs) == 24 and sources["a"] >= 4 and sources["b"] >= 4, sources
+    assert report.read == 42 and report.not_sampled == 16 and report.skipped == {"not a JSON object (a JSON list)": 2}
+    assert pairs == read_pairs([str(f) for f in files], DataReport(), limit=24, seed=0)
+    assert pairs != read_pairs([str(f) for f in files], DataReport(), limit=24, seed=1)
+    report.used = 24  # what encode_pairs counts
+    assert report.describe() == ("42 rows read: 24 used, 16 left out by --max-pairs,"
+                                 " 2 skipped (2 not a JSON object (a JSON list))")
+
+
+def test_written_pairs_read_back_the_same(tmp_path):
+    pairs = [PreferencePair("p", "a", "b", margin=2.0), PreferencePair([{"role": "user", "content": "q"}], "c", "d",
+                                                                       p_chosen=0.75)]
+    write_pairs(pairs, tmp_path / "out.jsonl")
+    assert read_pairs([str(tmp_path / "out.jsonl")], DataReport()) == pairs
+    assert pair_fingerprint(pairs[0]) == pair_fingerprint(PreferencePair("p", "b", "a"))  # either side first
+    assert pair_fingerprint(pairs[0]) != pair_fingerprint(PreferencePair("q", "a", "b"))
