@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rewardserve.proto import reward_pb2
 
 from .errors import Internal, InvalidInput, Overloaded, RewardServeError, Unauthorized, describe_validation_errors
-from .schemas import ReloadRequest, ScoreRequest, ScoreResponse, TransformOut
+from .schemas import ModelInfo, ReloadRequest, ScoreRequest, ScoreResponse, ServerInfo, TransformOut
 from .service import ScoringService
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,26 @@ def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
     return message
 
 
+def model_info_to_proto(info: ModelInfo) -> reward_pb2.ModelInfo:
+    fields = info.model_dump(exclude={"default_transform", "statistics", "length_fit"})
+    message = reward_pb2.ModelInfo(**fields, default_transform=transform_to_proto(info.default_transform))
+    if info.statistics is not None:
+        message.statistics.CopyFrom(reward_pb2.RewardStatistics(**info.statistics.model_dump()))
+    if info.length_fit is not None:
+        message.length_fit.CopyFrom(reward_pb2.LengthFit(**info.length_fit.model_dump()))
+    return message
+
+
+def info_to_proto(info: ServerInfo) -> reward_pb2.InfoResponse:
+    return reward_pb2.InfoResponse(
+        json=info.model_dump_json(), default_model=model_info_to_proto(ModelInfo(**info.model_dump())),
+        models=[model_info_to_proto(model) for model in info.models], default=info.default,
+        combinations=[reward_pb2.Combination(**c.model_dump(exclude_none=True)) for c in info.combinations])
+
+
+ERROR_TYPE_KEY = "rewardserve-error-type"  # trailing metadata: the error's `type`, as HTTP's body names it
+
+
 def error_to_proto(error: RewardServeError) -> reward_pb2.Error:
     return reward_pb2.Error(code=error.grpc_code, type=error.kind, message=error.message)
 
@@ -88,9 +108,12 @@ def _status(error: RewardServeError) -> grpc.StatusCode:
 
 
 async def abort(context, error: RewardServeError) -> None:
-    """Ends the call with the error's status and message; an overload or rate limit says when to retry."""
+    """Ends the call with the error's status and message, its `type` in the trailing metadata (what HTTP's body
+    names), and, for an overload or rate limit, when to retry."""
+    metadata = [(ERROR_TYPE_KEY, error.kind)]
     if isinstance(error, Overloaded):
-        context.set_trailing_metadata((("retry-after", str(max(1, round(error.retry_after)))),))
+        metadata.append(("retry-after", str(max(1, round(error.retry_after)))))
+    context.set_trailing_metadata(tuple(metadata))
     await context.abort(_status(error), error.message)
 
 
@@ -132,7 +155,11 @@ class RewardServicer:
                 task.cancel()
 
     async def Info(self, request, context):
-        return reward_pb2.InfoResponse(json=self.service.info().model_dump_json())
+        try:
+            return info_to_proto(self.service.info())
+        except RewardServeError as error:  # not ready yet
+            self.service.record_error(error)
+            await abort(context, error)
 
     async def _score(self, message) -> ScoreResponse:
         try:
@@ -246,13 +273,13 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             self.service.check_api_key(token)
         except Unauthorized as error:
             self.service.record_error(error)
-            return _denying_handler(handler_call_details.method, error.message)
+            return _denying_handler(handler_call_details.method, error)
         return await continuation(handler_call_details)
 
 
-def _denying_handler(method: str, message: str) -> grpc.RpcMethodHandler:
+def _denying_handler(method: str, error: Unauthorized) -> grpc.RpcMethodHandler:
     async def deny(_request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, error)
 
     if method.endswith("/ScoreStream"):
         return grpc.stream_stream_rpc_method_handler(deny)

@@ -200,7 +200,8 @@ def _grpc_failure(error: grpc.RpcError, target: str) -> Exception:
     # RESOURCE_EXHAUSTED with a retry-after is a rate limit (wait and retry); without one, an oversized message.
     if code in _RETRYABLE_CODES or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after):
         return RetryableError(f"{target}: {code.name}: {error.details()}", float(retry_after) if retry_after else None)
-    return RequestRejected(code.name, code.name.lower(), error.details() or "")
+    kind = dict(error.trailing_metadata() or ()).get("rewardserve-error-type") or code.name.lower()
+    return RequestRejected(code.name, kind, details)
 
 
 def _grpc_target(url: str) -> tuple[str, bool]:

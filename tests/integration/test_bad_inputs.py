@@ -64,34 +64,45 @@ def grpc_item(**fields):
     return reward_pb2.ScoreItem(**fields)
 
 
-GRPC_CASES = [
-    ("empty batch", reward_pb2.ScoreRequest(), grpc.StatusCode.INVALID_ARGUMENT, "at least 1 item"),
+GRPC_CASES = [  # the error's `type` comes in the trailing metadata, as HTTP's body names it
+    ("empty batch", reward_pb2.ScoreRequest(), grpc.StatusCode.INVALID_ARGUMENT, "invalid_input", "at least 1 item"),
     ("item with no text", reward_pb2.ScoreRequest(items=[grpc_item()]), grpc.StatusCode.INVALID_ARGUMENT,
-     "an item needs one of"),
+     "invalid_input", "an item needs one of"),
     ("two forms", reward_pb2.ScoreRequest(items=[grpc_item(text="a", input_ids=[1])]),
-     grpc.StatusCode.INVALID_ARGUMENT, "exactly one form"),
+     grpc.StatusCode.INVALID_ARGUMENT, "invalid_input", "exactly one form"),
     ("bad transform", reward_pb2.ScoreRequest(items=[grpc_item(text="a")], transform="zscore"),
-     grpc.StatusCode.INVALID_ARGUMENT, "transform"),
+     grpc.StatusCode.INVALID_ARGUMENT, "invalid_input", "transform"),
+    ("whiten without statistics", reward_pb2.ScoreRequest(items=[grpc_item(text="a")], transform="whiten"),
+     grpc.StatusCode.FAILED_PRECONDITION, "transform_unavailable", "--reward-mean"),
     ("too many items", reward_pb2.ScoreRequest(items=[grpc_item(text="a")] * 9), grpc.StatusCode.INVALID_ARGUMENT,
-     "over the limit of 8"),
+     "too_many_items", "over the limit of 8"),
     ("overlong text", reward_pb2.ScoreRequest(items=[grpc_item(text="word " * 200)]), grpc.StatusCode.INVALID_ARGUMENT,
-     "over max_length 64"),
+     "input_too_long", "over max_length 64"),
     ("oversized message", reward_pb2.ScoreRequest(items=[grpc_item(text="a" * 30000)]),
-     grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, None, ""),  # refused by grpc itself, before our code
     ("negative id", reward_pb2.ScoreRequest(items=[grpc_item(input_ids=[1, -5])]), grpc.StatusCode.INVALID_ARGUMENT,
-     "negative token id"),
+     "invalid_input", "negative token id"),
 ]
 
 
-@pytest.mark.parametrize("name, request_message, code, message", GRPC_CASES, ids=[c[0] for c in GRPC_CASES])
-def test_grpc_bad_input_then_a_good_one(strict_server, name, request_message, code, message):
+@pytest.mark.parametrize("name, request_message, code, kind, message", GRPC_CASES, ids=[c[0] for c in GRPC_CASES])
+def test_grpc_bad_input_then_a_good_one(strict_server, name, request_message, code, kind, message):
     stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{strict_server.grpc_port}"))
     metadata = (("authorization", f"Bearer {KEY}"),)
     with pytest.raises(grpc.RpcError) as error:
         stub.Score(request_message, metadata=metadata, timeout=30)
     assert error.value.code() == code and message in error.value.details()
+    assert dict(error.value.trailing_metadata() or ()).get("rewardserve-error-type") == kind
     good = reward_pb2.ScoreRequest(items=[grpc_item(prompt="Hi", response="Hello")])
     assert len(stub.Score(good, metadata=metadata, timeout=30).scores) == 1
+
+
+def test_the_client_reads_the_error_type_over_grpc(strict_server):
+    from rewardserve.trainer.client import RequestRejected, RewardClient
+
+    with pytest.raises(RequestRejected) as error:
+        RewardClient(strict_server.grpc_url, api_key=KEY).score([{"text": "a"}], transform="whiten")
+    assert error.value.status == "FAILED_PRECONDITION" and error.value.kind == "transform_unavailable"
 
 
 def test_grpc_auth(strict_server):
@@ -101,6 +112,7 @@ def test_grpc_auth(strict_server):
         with pytest.raises(grpc.RpcError) as error:
             stub.Score(good, metadata=metadata, timeout=30)
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert dict(error.value.trailing_metadata())["rewardserve-error-type"] == "unauthorized"
     with pytest.raises(grpc.RpcError) as error:
         list(stub.ScoreStream(iter([good]), timeout=30))
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -158,7 +158,18 @@ def test_info_lists_models_and_combinations_on_both_protocols(server, three_mode
     from rewardserve.proto import reward_pb2, reward_pb2_grpc
 
     stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
-    assert json.loads(stub.Info(reward_pb2.InfoRequest(), timeout=10).json) == info
+    answer = stub.Info(reward_pb2.InfoRequest(), timeout=10)
+    assert json.loads(answer.json) == info
+    assert answer.default == "a"
+    assert [(c.name, c.kind, list(c.models)) for c in answer.combinations] == [
+        (c["name"], c["kind"], c["models"]) for c in info["combinations"]]
+    scalars = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow",
+               "chat_template", "max_items_per_request", "max_batch_tokens", "forward")
+    for mirrored, expected in zip([answer.default_model, *answer.models], [info, *info["models"]]):
+        assert {key: getattr(mirrored, key) for key in scalars} == {key: expected[key] for key in scalars}
+        assert mirrored.default_transform.name == expected["default_transform"]["name"]
+        assert (mirrored.statistics.mean, mirrored.statistics.std) == (expected["statistics"]["mean"],
+                                                                       expected["statistics"]["std"])
 
 
 def test_a_combination_over_models_without_statistics_is_refused_at_start(tmp_path, smol_tokenizer):
