@@ -11,6 +11,7 @@ import json
 import logging
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
-    app = FastAPI(title="rewardserve", version="0.1.0", summary="Reward-model scoring over HTTP")
+    # /docs and /redoc from assets served here, not a CDN: they load on an air-gapped cluster too
+    app = FastAPIOffline(title="rewardserve", version="0.1.0", summary="Reward-model scoring over HTTP")
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes, service=service)
 
     def authorized(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> None:

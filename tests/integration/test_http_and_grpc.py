@@ -113,3 +113,15 @@ def test_32_concurrent_clients_all_get_correct_answers(running_server, in_proces
 
     with ThreadPoolExecutor(32) as pool:
         assert all(pool.map(one_client, range(32)))
+
+
+def test_the_api_pages_load_without_a_cdn(running_server):
+    """/docs and /redoc name only assets this server serves (an air-gapped cluster has no CDN)."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(f"{running_server.http_url}{page}").text
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+        assert assets and all(asset.startswith("/") for asset in assets), assets
+        for asset in assets:
+            assert httpx.get(f"{running_server.http_url}{asset}").status_code == 200, asset
