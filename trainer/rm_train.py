@@ -24,7 +24,7 @@ from rewardserve.server.modeling import (context_size, describe_device, init_rew
                                          is_decoder_reward_model, load_sequence_classifier, resolve_device,
                                          save_reward_model, sequence_scores, synchronize)
 from rewardserve.server.normalization import LengthFit, RewardStatistics, debias, fit_length
-from rewardserve.server.packing import packed_scores, supports_packing, to_device
+from rewardserve.server.packing import packed_attention_on, packed_scores, supports_packing, to_device
 from rewardserve.server.tokenization import ItemEncoder, load_tokenizer, trained_max_length
 
 from .config import EvalConfig, RMTrainConfig
@@ -71,13 +71,16 @@ def collate_step(pairs: list[EncodedPair], config: RMTrainConfig, pad_id: int, m
 
 
 @torch.no_grad()
-def score_all_pairs(model, pairs: list[EncodedPair], pad_token_id: int, batch_size: int, device):
-    """Scores every pair in length-sorted batches: returns (chosen (N,), rejected (N,)) on the CPU."""
+def score_all_pairs(model, pairs: list[EncodedPair], pad_token_id: int, batch_size: int, device,
+                    progress: str | None = None):
+    """Scores every pair in length-sorted batches: returns (chosen (N,), rejected (N,)) on the CPU. `progress`
+    names a progress bar over the batches (None: no bar)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
     chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None):
         index = order[start:start + batch_size]
         batch_pairs = [pairs[i] for i in index]
         packed = supports_packing(model, max(pair.length for pair in batch_pairs))
@@ -228,7 +231,9 @@ def train_step(model, optimizer, batches: list[PairBatch], config: RMTrainConfig
         chosen, rejected = pair_scores(model, batch, device)
         p_chosen = _on(batch.p_chosen, device)
         loss = bradley_terry_loss(chosen, rejected, _on(batch.margin, device), p_chosen, config.center_coef)
-        (loss * batch.pairs / total).backward()
+        # With gradient checkpointing the backward recomputes the forward: it must see the packed attention too
+        with packed_attention_on(model) if batch.packed is not None else contextlib.nullcontext():
+            (loss * batch.pairs / total).backward()
         loss_sum += loss.detach() * batch.pairs
         wins += pairwise_wins(chosen.detach(), rejected.detach(), p_chosen)
     loss = loss_sum / total
@@ -349,9 +354,11 @@ def finish(config: RMTrainConfig, model, tokenizer, data: PreparedData, log: Jso
     """Evaluate, compute the whitening statistics and the length fit over the training responses, save the
     checkpoint and report."""
     out = Path(config.out)
-    chosen, rejected = score_all_pairs(model, data.eval, tokenizer.pad_token_id, config.micro_batch_size * 2, device)
+    chosen, rejected = score_all_pairs(model, data.eval, tokenizer.pad_token_id, config.micro_batch_size * 2, device,
+                                       progress="evaluate held-out pairs")
     train_chosen, train_rejected = score_all_pairs(model, data.train, tokenizer.pad_token_id,
-                                                   config.micro_batch_size * 2, device)
+                                                   config.micro_batch_size * 2, device,
+                                                   progress="score training pairs (whitening, length fit)")
     mean, std = reward_statistics(torch.cat([train_chosen, train_rejected]))
     length_fit = fit_length([n for p in data.train for n in (p.chosen_response_length, p.rejected_response_length)],
                             [s for pair in zip(train_chosen.tolist(), train_rejected.tolist()) for s in pair])
@@ -410,7 +417,8 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     if trained_on:
         print(f"eval: warning: {trained_on} of these {len(read)} pairs were in this checkpoint's training data, where"
               f" its accuracy says little; evaluate on held-out pairs ({Path(path) / HELD_OUT_FILE})", flush=True)
-    chosen, rejected = score_all_pairs(model.network, pairs, model.pad_token_id, config.batch_size, model.device)
+    chosen, rejected = score_all_pairs(model.network, pairs, model.pad_token_id, config.batch_size, model.device,
+                                       progress="eval")
     report = evaluation_report(pairs, chosen, rejected, model.length_fit) | {"data": report_counts.summary(),
                                                                              "trained_on": trained_on}
     print_report(report, f"evaluation of {config.model}")

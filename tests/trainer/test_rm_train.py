@@ -159,6 +159,28 @@ def test_packed_and_padded_pairs_give_the_same_scores_and_loss(tiny_base):
         assert torch.allclose(padded, packed, atol=1e-4)
 
 
+def test_gradient_checkpointing_gives_the_packed_step_s_gradients(tiny_base):
+    """The backward recomputes each layer's forward: it must run the packed attention again, or it attends across
+    the packed documents (and torch refuses the step: another number of tensors saved)."""
+    pairs = [EncodedPair(list(range(5, 5 + n)), list(range(40, 40 + m)), None, None, False)
+             for n, m in ((3, 9), (17, 2), (6, 11))]
+    settings, cpu = config("b", "d", "o", batch_size=3), torch.device("cpu")
+    gradients = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same fresh score head
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
+        model.config.pad_token_id = 0
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        rm_train.train_step(model, optimizer, rm_train.collate_step(pairs, settings, 0, model, cpu), settings, cpu)
+        gradients[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert gradients[True].keys() == gradients[False].keys()
+    for name, gradient in gradients[False].items():
+        assert torch.allclose(gradients[True][name], gradient, atol=1e-6), name
+
+
 def pairs_with(p_chosen, chosen_lengths, rejected_lengths):
     """Encoded pairs of whole sequences of 100 tokens each (as after truncation) with the given response lengths."""
     return [EncodedPair([1] * 100, [2] * 100, None, p, True, lc, lr)
