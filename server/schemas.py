@@ -25,10 +25,22 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 Name = Annotated[str, Field(min_length=1)]  # a model or combination; "" is refused rather than read as the default
 
 
+# The roles chat templates know (OpenAI's, and the tool roles of Llama 3 and Qwen); anything else would be
+# rendered by some templates as if it were one of these, or dropped, without a word.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
+def _known_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one chat templates know; use one of {', '.join(ROLES)}")
+    return role
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Text = Field(min_length=1, description="system, user or assistant (as the checkpoint's chat template knows)")
+    role: Annotated[str, AfterValidator(_known_role)] = Field(
+        description="system, user or assistant (or developer, tool, function, ipython)")
     content: Text
 
 

@@ -17,8 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import ValidationError
 
-from rewardserve.server.errors import InvalidInput
+from rewardserve.server.errors import InvalidInput, describe_validation_errors
 from rewardserve.server.modeling import pad_right
 from rewardserve.server.packing import PackedBatch, pack
 from rewardserve.server.schemas import ScoreItem
@@ -197,6 +198,9 @@ def encode_pairs(pairs: list[PreferencePair], encoder: ItemEncoder, report: Data
             rejected = encoder.encode(_side_item(pair.prompt, pair.rejected))
         except InvalidInput as error:
             report.skip(f"cannot format: {error.message}")
+            continue
+        except ValidationError as error:  # e.g. a message role no chat template knows
+            report.skip(f"cannot format: {describe_validation_errors(error.errors())}")
             continue
         response_lengths = encoder.count_tokens(pair.chosen), encoder.count_tokens(pair.rejected)
         if max(response_lengths) + 8 > encoder.max_length:  # room for the template's turn markers and some prompt

@@ -19,6 +19,8 @@ BAD_REQUESTS = [
     ({"items": [{"input_ids": [3, -1]}]}, "negative token id"),
     ({"items": [{"text": 5}]}, "items[0].text: Input should be a valid string"),
     ({"items": [{"messages": [{"role": "user"}]}]}, "items[0].messages[0].content: Field required"),
+    ({"items": [{"messages": [{"role": "bot", "content": "hi"}]}]},
+     "items[0].messages[0].role: role 'bot' is not one chat templates know; use one of system, developer, user"),
     ({"items": [{"text": "a"}], "transform": "zscore"}, "transform: Input should be 'raw', 'whiten', 'logsigmoid' or 'debias'"),
     ({"items": [{"text": "a", "colour": "red"}]}, "items[0].colour: Extra inputs are not permitted"),
 ]

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
+from rewardserve.server.tokenization import ItemEncoder
 from rewardserve.trainer.data import (BadRow, DataReport, EncodedPair, PreferencePair, collate_pairs,
                                       length_bucketed_batches, pair_fingerprint, parse_row, read_pairs,
                                       split_train_eval, write_pairs)
@@ -126,3 +127,15 @@ def test_written_pairs_read_back_the_same(tmp_path):
     assert read_pairs([str(tmp_path / "out.jsonl")], DataReport()) == pairs
     assert pair_fingerprint(pairs[0]) == pair_fingerprint(PreferencePair("p", "b", "a"))  # either side first
     assert pair_fingerprint(pairs[0]) != pair_fingerprint(PreferencePair("q", "a", "b"))
+
+
+def test_a_pair_the_chat_template_cannot_take_is_skipped_with_its_reason(smol_tokenizer):
+    from rewardserve.trainer.data import encode_pairs
+
+    encoder = ItemEncoder(smol_tokenizer, max_length=128)
+    bot = [{"role": "bot", "content": "hi"}]
+    report = DataReport()
+    pairs = encode_pairs([PreferencePair(bot, "yes", "no"), PreferencePair("Hi", "Hello", "Go away")], encoder, report)
+    assert len(pairs) == 1 and report.used == 1
+    [(reason, count)] = report.skipped.items()
+    assert count == 1 and "role 'bot' is not one chat templates know" in reason
