@@ -236,8 +236,10 @@ def applied_mean(values: list[torch.Tensor], applied: list[torch.Tensor]) -> flo
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
-def save_checkpoint(out: Path, step: int, model, optimizer, kl_controller, moments, counters: dict) -> None:
-    """Writes checkpoints/step-N via a .partial folder and a rename, so a crash never leaves half a checkpoint."""
+def save_checkpoint(out: Path, step: int, model, optimizer, kl_controller, moments, counters: dict,
+                    keep: int = 1) -> None:
+    """Writes checkpoints/step-N via a .partial folder and a rename, so a crash never leaves half a checkpoint, then
+    drops all but the newest `keep`."""
     folder = out / "checkpoints" / f"step-{step}"
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -246,7 +248,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, kl_controller, momen
     torch.save({"optimizer": optimizer.state_dict(), "kl": kl_controller.state_dict(), "moments": moments.state_dict(),
                 "counters": counters, "step": step}, staging / "trainer_state.pt")
     staging.replace(folder)
-    for old in sorted(_checkpoints(out), key=_step_of)[:-2]:
+    for old in sorted(_checkpoints(out), key=_step_of)[:-keep]:
         shutil.rmtree(old)
 
 
@@ -337,9 +339,10 @@ def main(config: PPOConfig) -> dict:
                                    retry=RetryPolicy(config.reward_retries),
                                    api_key=config.gold_api_key.get_secret_value() if config.gold_api_key else None)
         monitor = GoldMonitor.from_records(config.gold_every, config.stop_on_gold_drop, earlier)
-    with ThreadPoolExecutor(1, thread_name_prefix="score") as pool:
-        steps = range(start, config.steps)
-        for step in tqdm(steps, initial=start, total=config.steps, desc="ppo", disable=not ranks.is_main):
+    progress = tqdm(initial=start, total=config.steps, desc="ppo", disable=not ranks.is_main)
+    with ThreadPoolExecutor(1, thread_name_prefix="score") as pool, progress:
+        for step in range(start, config.steps):
+            progress.update(step - progress.n)  # the steps done before this one (a skipped step counts as done)
             began = time.perf_counter()
             torch.manual_seed(config.seed * 1_000_003 + step * ranks.world_size + ranks.rank)  # resumable sampling
             prompts = sampler.batch(step)  # 1
@@ -380,7 +383,8 @@ def main(config: PPOConfig) -> dict:
             if log:
                 log.write(record)
                 if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stop:
-                    save_checkpoint(out, step + 1, model, optimizer, kl_controller, moments, counters)
+                    save_checkpoint(out, step + 1, model, optimizer, kl_controller, moments, counters,
+                                    config.keep_checkpoints)
             if ranks.any_true(stop):  # the monitor runs on the main rank; every rank stops with it
                 if monitor is not None:
                     drops = config.stop_on_gold_drop
@@ -389,6 +393,7 @@ def main(config: PPOConfig) -> dict:
                                f" rose; stopping (best gold at step {monitor.best.step}, kept in {out / 'best_gold'})")
                 counters["stopped_on_gold_drop"] = step + 1
                 break
+        progress.update(counters.get("stopped_on_gold_drop", config.steps) - progress.n)  # the bar ends where the run did
     summary = finish(out, model, tokenizer, log, counters) if log else {}
     teardown(ranks)
     return summary

@@ -4,6 +4,7 @@ falls, and the run stops early and keeps the best-gold policy."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 from ..conftest import CLI, ServerProcess, build_tiny_policy, build_token_counting_reward_model, most_frequent_sampled_token
@@ -41,3 +42,5 @@ def test_the_run_stops_when_gold_falls_while_proxy_rises(tmp_path, smol_tokenize
     assert (out / "gold.png").is_file()
     summary = json.loads(run.stdout.split("ppo finished: ")[1].splitlines()[0])
     assert summary["stopped_on_gold_drop"] == last["step"] and summary["gold_best_step"] == best_step
+    bars = [chunk for chunk in re.split(r"[\r\n]", run.stderr) if chunk.startswith("ppo:")]
+    assert f"| {last['step']}/30 [" in bars[-1], bars[-1]  # the progress bar ends where the run stopped
