@@ -180,8 +180,9 @@ async def serve(config: ServeConfig) -> None:
             loading.cancel()
             await close_servers(http, http_task, grpc_server)
             return
-        # No local keeps the first versions: after a reload only the registry and requests in flight may hold them.
         attach_models(service, config, loading.result())
+        # No local keeps the first versions: after a reload only the registry and requests in flight may hold them.
+        loading = None
     except BaseException:
         await close_servers(http, http_task, grpc_server)
         raise

@@ -13,6 +13,7 @@ Each stage's output is cached: a second run skips what is done (--fresh redoes e
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -98,8 +99,10 @@ def ppo_with_refreshes(config: DemoConfig, out: Path) -> None:
 
     admin_key = secrets.token_urlsafe(16)
     reward_model, refreshes, done = out / "rm", [], 0
-    flags = ["--allow-reload-from", str(out), "--admin-key", admin_key]
-    with reward_server(out / "rm", out / "server.log", flags) as url:
+    with reward_server(out / "rm", out / "server.log", ["--allow-reload-from", str(out)],
+                       # in the environment, not the command line: no `ps` shows it, and a key that begins with
+                       # "-" (token_urlsafe's alphabet has it) is not mistaken for a flag
+                       {"REWARDSERVE_ADMIN_KEY": admin_key}) as url:
         while done < config.ppo_steps:
             steps = min(config.ppo_steps, done + config.refresh_every)
             ppo_main(ppo_config(config, out, url, steps, resume=done > 0))
@@ -140,7 +143,8 @@ def refresh(config: DemoConfig, out: Path, reward_model: Path, url: str, admin_k
 
 
 @contextmanager
-def reward_server(model: Path, log_path: Path, flags: list[str] = (), startup_timeout: float = 300):
+def reward_server(model: Path, log_path: Path, flags: list[str] = (), environment: dict | None = None,
+                  startup_timeout: float = 300):
     """`rewardserve serve` as its own process on a free loopback port; stopped (SIGTERM, drained) on exit."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -148,7 +152,7 @@ def reward_server(model: Path, log_path: Path, flags: list[str] = (), startup_ti
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "rewardserve.trainer.cli", "serve", "--model", str(model),
                                    "--http-port", str(port), "--grpc-port", "0", *flags], stdout=log,
-                                  stderr=subprocess.STDOUT)
+                                  stderr=subprocess.STDOUT, env={**os.environ, **(environment or {})})
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, server, startup_timeout, log_path)

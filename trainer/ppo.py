@@ -393,7 +393,7 @@ def main(config: PPOConfig) -> dict:
                                f" rose; stopping (best gold at step {monitor.best.step}, kept in {out / 'best_gold'})")
                 counters["stopped_on_gold_drop"] = step + 1
                 break
-        progress.update(counters.get("stopped_on_gold_drop", config.steps) - progress.n)  # the bar ends where the run did
+        progress.update(counters.get("stopped_on_gold_drop", config.steps) - progress.n)  # it ends where the run did
     summary = finish(out, model, tokenizer, log, counters) if log else {}
     teardown(ranks)
     return summary
