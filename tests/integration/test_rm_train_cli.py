@@ -14,13 +14,21 @@ from ..conftest import CLI, ServerProcess
 from ..trainer.test_rm_train import tiny_base  # noqa: F401  (fixture)
 
 
-def test_train_on_pandalm_then_serve_whitened_rewards(tiny_base, shared_data, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def trained(tiny_base, shared_data, tmp_path_factory):  # noqa: F811
+    """`rewardserve train` on a seeded sample of 120 PandaLM pairs: (its folder, the finished run)."""
+    out = tmp_path_factory.mktemp("pandalm") / "rm"
     data = shared_data / "pandalm" / "pairs.jsonl"
-    out = tmp_path / "rm"
     run = subprocess.run([*CLI, "train", "--base", str(tiny_base), "--data", str(data), "--out", str(out),
                           "--max-pairs", "120", "--batch-size", "8", "--lr", "1e-3", "--max-length", "200"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    return out, run
+
+
+def test_train_on_pandalm_then_serve_whitened_rewards(trained, shared_data):
+    data = shared_data / "pandalm" / "pairs.jsonl"
+    out, run = trained
     assert "held-out evaluation" in run.stdout and "length-only accuracy" in run.stdout
 
     # The training responses, exactly as the trainer kept them (same split, same length filter).
@@ -48,21 +56,17 @@ def test_train_on_pandalm_then_serve_whitened_rewards(tiny_base, shared_data, tm
     assert statistics.pstdev(rewards) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_eval_warns_about_pairs_the_checkpoint_trained_on(tiny_base, shared_data, tmp_path):  # noqa: F811
+def test_eval_warns_about_pairs_the_checkpoint_trained_on(trained, shared_data, tmp_path):
     """The held-out split is written beside the checkpoint; eval on it is quiet, eval on the training file says how
     many pairs were trained on; bad rows are counted on the terminal, not only in --report."""
-    data = shared_data / "pandalm" / "pairs.jsonl"
-    out = tmp_path / "rm"
-    subprocess.run([*CLI, "train", "--base", str(tiny_base), "--data", str(data), "--out", str(out), "--max-pairs",
-                    "40", "--batch-size", "8", "--max-length", "128", "--epochs", "1"], capture_output=True,
-                   text=True, timeout=600, check=True)
+    out, _ = trained
     held_out = subprocess.run([*CLI, "eval", "--model", str(out), "--data", str(out / "heldout.jsonl")],
                               capture_output=True, text=True, timeout=600, check=True).stdout
-    assert "eval: --data 4 rows read:" in held_out and "training data" not in held_out
+    assert "eval: --data 12 rows read:" in held_out and "training data" not in held_out
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(data.read_text() + '["not", "an", "object"]\n')
-    trained = subprocess.run([*CLI, "eval", "--model", str(out), "--data", str(mixed), "--max-pairs", "40"],
-                             capture_output=True, text=True, timeout=600, check=True).stdout
-    assert "eval: warning: 36 of these 40 pairs were in this checkpoint's training data" in trained
-    assert "915 rows read:" in trained and "821 left out by --max-pairs" in trained
-    assert "1 not a JSON object (a JSON list)" in trained
+    mixed.write_text((shared_data / "pandalm" / "pairs.jsonl").read_text() + '["not", "an", "object"]\n')
+    trained_on = subprocess.run([*CLI, "eval", "--model", str(out), "--data", str(mixed), "--max-pairs", "120"],
+                                capture_output=True, text=True, timeout=600, check=True).stdout
+    assert "eval: warning: 108 of these 120 pairs were in this checkpoint's training data" in trained_on
+    assert "915 rows read:" in trained_on and "741 left out by --max-pairs" in trained_on
+    assert "1 not a JSON object (a JSON list)" in trained_on
