@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfi
 from rewardserve.server.config import ServeConfig
 from rewardserve.server.errors import StartupError
 
-from .config import BenchConfig, DemoConfig, EvalConfig, LabelConfig, PPOConfig, RMTrainConfig, ScoreConfig
+from .config import (BenchConfig, CompareConfig, DemoConfig, EvalConfig, LabelConfig, PPOConfig, RMTrainConfig,
+                     ScoreConfig)
 
 
 class Serve(ServeConfig):
@@ -78,6 +79,15 @@ class Label(LabelConfig):
         main(self)
 
 
+class Compare(CompareConfig):
+    """Win rate of policy B over policy A on a prompt set, under a reward server (and optionally an AI judge)."""
+
+    def cli_cmd(self) -> None:
+        from .compare import main
+
+        main(self)
+
+
 class Demo(DemoConfig):
     """The main job end to end: label -> train a reward model -> serve it -> PPO against it."""
 
@@ -123,6 +133,8 @@ class RewardServeCommand(BaseSettings):
     """Label preference pairs with an AI judge (RLAIF)."""
     ppo: CliSubCommand[PPO]
     """Fine-tune a policy with PPO against a reward server."""
+    compare: CliSubCommand[Compare]
+    """Win rate of one policy over another, under a reward server and an AI judge."""
     demo: CliSubCommand[Demo]
     """Run the main job end to end (label, train, serve, PPO)."""
     bench: CliSubCommand[Bench]

@@ -18,6 +18,14 @@ def _split_commas(value):
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
+def _none_word(value):
+    """`none` (as the help says) or `null` (JSON's word) both mean: off."""
+    return None if isinstance(value, str) and value.strip().lower() in ("none", "null") else value
+
+
+OffOrFloat = Annotated[float | None, BeforeValidator(_none_word)]
+
+
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="REWARDSERVE_", use_attribute_docstrings=True, cli_kebab_case=True, cli_implicit_flags=True,
@@ -237,9 +245,9 @@ class PPOConfig(_Settings):
     """Stop an update's remaining epochs once the approximate KL to the rollout policy passes this."""
     whiten_rewards: bool = True
     """Whiten the server's rewards with running statistics across steps."""
-    reward_clip: float | None = Field(10.0, gt=0)
+    reward_clip: OffOrFloat = Field(10.0, gt=0)
     """Clip (whitened) rewards to +-this; none to disable."""
-    missing_eos_penalty: float | None = Field(1.0, ge=0)
+    missing_eos_penalty: OffOrFloat = Field(1.0, ge=0)
     """Subtract this from the reward of a response that never reached EOS; none to disable."""
     max_dropped_fraction: float = Field(0.25, ge=0, le=1)
     """Stop with an error once more than this share of rollouts could not be scored."""
@@ -301,6 +309,58 @@ class LabelConfig(_Settings):
     """Sampling seed."""
     device: str = "auto"
     """auto, cpu or cuda:N."""
+
+
+class CompareConfig(_Settings):
+    policy_b: str
+    """Policy B, the one asked about (typically the trained policy: OUT/policy of `rewardserve ppo`)."""
+    policy_a: str = "smollm2"
+    """Policy A, the baseline (a causal LM folder, a hub id, or `smollm2`)."""
+    prompts: str = "builtin"
+    """JSON Lines of {"prompt"} or {"messages"}; `builtin` for the project's own prompt set. Use prompts the
+    policies were not trained on."""
+    max_prompts: int | None = Field(None, gt=0)
+    """Compare on at most this many prompts (in file order)."""
+    reward_url: CommaList
+    """Reward server URL(s) that score both answers, http(s):// or grpc(s)://."""
+    reward_model: CommaList | None = None
+    """One of the server's models (default: the server's default)."""
+    reward_combination: str | None = None
+    """One of the server's combinations."""
+    reward_api_key: SecretStr | None = None
+    """API key of the reward server."""
+    reward_ca_file: str | None = None
+    """PEM CA bundle to trust for https:// and grpcs://."""
+    reward_timeout: float = Field(120.0, gt=0)
+    """Seconds to wait for one scoring answer before retrying."""
+    judge: str | None = None
+    """An AI judge for a second opinion, asked in both orders (a causal LM folder, hub id or `smollm2`)."""
+    constitution: str = "builtin"
+    """The judge's principles: a text file, or `builtin`."""
+    greedy: bool = False
+    """Greedy answers (one per prompt); otherwise --samples sampled answers per prompt."""
+    samples: int = Field(1, gt=0)
+    """Sampled answers per prompt and policy (1 when --greedy)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Longest answer."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences per generation or judging batch."""
+    out: str = "runs/compare"
+    """Output folder: comparisons.jsonl, summary.json."""
+    seed: int = 0
+    """Seed of sampling and of the bootstrap."""
+    device: str = "auto"
+    """auto, cpu or cuda:N."""
+
+    @model_validator(mode="after")
+    def _one_greedy_answer(self) -> "CompareConfig":
+        if self.reward_model and self.reward_combination:
+            raise ValueError("give --reward-model or --reward-combination, not both")
+        if self.greedy and self.samples != 1:
+            raise ValueError("--greedy gives one answer per prompt: leave out --samples")
+        return self
 
 
 class DemoConfig(_Settings):

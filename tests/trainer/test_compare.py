@@ -1,0 +1,36 @@
+"""The win rate's arithmetic: outcomes, ties, and the bootstrap interval over prompts."""
+from __future__ import annotations
+
+import pytest
+
+from rewardserve.trainer.compare import outcome, win_rate
+
+
+def test_outcomes_count_a_tie_as_half():
+    assert [outcome(2.0, 1.0), outcome(1.0, 1.0), outcome(0.5, 1.0)] == [1.0, 0.5, 0.0]
+
+
+def test_known_scores_give_the_known_win_rate():
+    a = [0.0, 1.0, 2.0, 3.0]
+    b = [1.0, 1.0, 1.0, 1.0]  # wins, ties, loses, loses
+    rate = win_rate([outcome(y, x) for x, y in zip(a, b)], [0, 1, 2, 3])
+    assert rate.rate == pytest.approx(1.5 / 4) and (rate.wins, rate.ties, rate.losses) == (1, 1, 2)
+
+
+def test_the_interval_is_the_bootstrap_of_the_prompts():
+    always = win_rate([1.0] * 20, list(range(20)))
+    assert (always.rate, always.low, always.high) == (1.0, 1.0, 1.0)
+    # 200 prompts, half won: the interval is about 0.5 +- 1.96 sqrt(0.25 / 200) = 0.5 +- 0.069
+    half = win_rate([1.0, 0.0] * 100, list(range(200)), seed=1)
+    assert half.rate == 0.5 and 0.41 < half.low < 0.46 and 0.54 < half.high < 0.59
+
+
+def test_a_prompt_s_samples_are_resampled_together():
+    """Four samples per prompt that always agree carry one prompt's worth of evidence, not four: the interval is
+    as wide as with one sample per prompt."""
+    per_prompt = [1.0, 0.0] * 50
+    one = win_rate(per_prompt, list(range(100)), seed=2)
+    four = win_rate([o for o in per_prompt for _ in range(4)], [p for p in range(100) for _ in range(4)], seed=2)
+    assert four.high - four.low == pytest.approx(one.high - one.low, abs=0.02)
+    independent = win_rate([o for o in per_prompt for _ in range(4)], list(range(400)), seed=2)
+    assert independent.high - independent.low < 0.7 * (four.high - four.low)

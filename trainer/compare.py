@@ -1,0 +1,168 @@
+"""`rewardserve compare`: is policy B better than policy A? Its win rate on a prompt set.
+
+Both policies answer every prompt (greedy, or k samples each); a reward server scores both answers (any model or
+combination it serves), and an AI judge may give a second opinion in both orders. A comparison B wins counts 1, a
+tie 1/2, a loss 0; the win rate is their mean, with a 95% bootstrap interval that resamples prompts (a prompt's k
+samples move together, since they share the prompt). A request the server cannot answer is retried by the
+client; one it never answers stops the comparison rather than count as anyone's loss.
+
+Writes OUT/comparisons.jsonl (every prompt, both responses and their scores) and OUT/summary.json.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rewardserve.server.embedded import resolve_model_path
+from rewardserve.server.modeling import resolve_device
+
+from .client import RewardClient, RewardClientError, RewardTarget
+from .config import CompareConfig
+from .labeling import judge_both_orders, load_constitution, prompt_text
+from .ppo import load_prompts, scoring_items
+from .rollout import encode_prompt, end_of_turn_ids, pad_left, response_mask_until_eos
+from .tracking import format_table
+
+
+@dataclass(frozen=True)
+class WinRate:
+    rate: float  # B's wins + ties / 2, over all comparisons
+    low: float  # 95% bootstrap interval
+    high: float
+    wins: int
+    ties: int
+    losses: int
+
+
+def outcome(b_score: float, a_score: float) -> float:
+    """1 when B scores higher, 1/2 on a tie, 0 when A does."""
+    return 1.0 if b_score > a_score else 0.5 if b_score == a_score else 0.0
+
+
+def win_rate(outcomes: list[float], prompt_of: list[int], resamples: int = 2000, seed: int = 0) -> WinRate:
+    """The mean outcome and its percentile bootstrap interval, resampling prompts with all their comparisons."""
+    by_prompt: dict[int, list[float]] = {}
+    for value, prompt in zip(outcomes, prompt_of):
+        by_prompt.setdefault(prompt, []).append(value)
+    groups = [(sum(values), len(values)) for values in by_prompt.values()]
+    rng = random.Random(seed)
+    rates = []
+    for _ in range(resamples):
+        drawn = [groups[rng.randrange(len(groups))] for _ in groups]
+        rates.append(sum(total for total, _ in drawn) / sum(count for _, count in drawn))
+    rates.sort()
+    low, high = rates[int(0.025 * resamples)], rates[min(resamples - 1, int(0.975 * resamples))]
+    return WinRate(sum(outcomes) / len(outcomes), low, high, sum(o == 1.0 for o in outcomes),
+                   sum(o == 0.5 for o in outcomes), sum(o == 0.0 for o in outcomes))
+
+
+@torch.no_grad()
+def answer(policy: str, prompts: list, config: CompareConfig, device) -> tuple[list[str], list[int]]:
+    """Each prompt's `samples` responses (greedy: one), prompt-major, cut at EOS; and their lengths in tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(policy)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    torch.manual_seed(config.seed)
+    repeated = [prompt for prompt in prompts for _ in range(config.samples)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ends = end_of_turn_ids(model, tokenizer)
+    responses, lengths = [], []
+    for start in range(0, len(repeated), config.batch_size):
+        ids, mask = pad_left([encode_prompt(tokenizer, p, 1024) for p in repeated[start:start + config.batch_size]],
+                             pad)
+        sampling = {"do_sample": False} if config.greedy else {"do_sample": True, "top_k": 0,
+                                                               "temperature": config.temperature}
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=config.max_new_tokens, pad_token_id=pad, eos_token_id=ends, **sampling)
+        generated = out[:, ids.shape[1]:].cpu()
+        kept = response_mask_until_eos(generated, ends)[0].sum(-1)
+        responses += [tokenizer.decode(g[:n], skip_special_tokens=True).strip() for g, n in zip(generated, kept)]
+        lengths += kept.tolist()
+    return responses, lengths
+
+
+def reward_scores(client: RewardClient, target: RewardTarget, prompts: list, responses: list[str],
+                  chunk: int = 64) -> list[float]:
+    rewards = []
+    for start in range(0, len(responses), chunk):
+        items = scoring_items(prompts[start:start + chunk], responses[start:start + chunk])
+        rewards += client.score(items, target=target).rewards
+    return rewards
+
+
+def judge_outcomes(config: CompareConfig, prompts: list, a: list[str], b: list[str], device) -> list[float]:
+    """The judge's verdict on each comparison, asked in both orders: P(B is better) > 1/2 is a win for B."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(config.judge)
+    judge = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    verdicts = judge_both_orders(judge, AutoTokenizer.from_pretrained(path), [prompt_text(p) for p in prompts], b, a,
+                                 load_constitution(config.constitution), config.batch_size, device)
+    return [outcome(v.p_first, 0.5) for v in verdicts]
+
+
+def main(config: CompareConfig) -> dict:
+    print("rewardserve compare " + json.dumps(config.printable(), indent=2), flush=True)
+    device = resolve_device(config.device)
+    prompts = load_prompts(config.prompts)[: config.max_prompts]
+    client = RewardClient(config.reward_url, timeout=config.reward_timeout,
+                          api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
+                          ca_file=config.reward_ca_file)
+    target = RewardTarget.from_names(config.reward_model, config.reward_combination)
+    asked = [prompt for prompt in prompts for _ in range(config.samples)]
+    prompt_of = [i for i in range(len(prompts)) for _ in range(config.samples)]
+    a, a_lengths = answer(config.policy_a, prompts, config, device)
+    b, b_lengths = answer(config.policy_b, prompts, config, device)
+    try:
+        a_rewards, b_rewards = (reward_scores(client, target, asked, side) for side in (a, b))
+    except RewardClientError as error:  # never a loss for either side: the comparison stops
+        raise SystemExit(f"rewardserve compare: the reward server did not score every response ({error});"
+                         " nothing was counted") from None
+    finally:
+        client.close()
+    by_reward = [outcome(rb, ra) for ra, rb in zip(a_rewards, b_rewards)]
+    summary = {"a": config.policy_a, "b": config.policy_b, "prompts": len(prompts), "comparisons": len(asked),
+               "samples_per_prompt": config.samples, "greedy": config.greedy,
+               "reward": asdict(win_rate(by_reward, prompt_of, seed=config.seed)),
+               "mean_reward": {"a": sum(a_rewards) / len(a), "b": sum(b_rewards) / len(b)},
+               "mean_length_tokens": {"a": sum(a_lengths) / len(a), "b": sum(b_lengths) / len(b)}}
+    by_judge = judge_outcomes(config, asked, a, b, device) if config.judge else None
+    if by_judge is not None:
+        summary["judge"] = asdict(win_rate(by_judge, prompt_of, seed=config.seed))
+    write_comparisons(Path(config.out), asked, prompt_of, a, b, a_rewards, b_rewards, by_judge, a_lengths, b_lengths)
+    (Path(config.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+    return summary
+
+
+def write_comparisons(out: Path, prompts, prompt_of, a, b, a_rewards, b_rewards, by_judge, a_lengths,
+                      b_lengths) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "comparisons.jsonl", "w") as handle:
+        for i, prompt in enumerate(prompts):
+            row = {"prompt": prompt, "prompt_index": prompt_of[i], "a": a[i], "b": b[i], "a_reward": a_rewards[i],
+                   "b_reward": b_rewards[i], "outcome": outcome(b_rewards[i], a_rewards[i]),
+                   "a_tokens": a_lengths[i], "b_tokens": b_lengths[i]}
+            if by_judge is not None:
+                row["judge_outcome"] = by_judge[i]
+            handle.write(json.dumps(row) + "\n")
+
+
+def print_summary(summary: dict) -> None:
+    rows = []
+    for name in ("reward", "judge"):
+        if name in summary:
+            w = summary[name]
+            rows.append((f"B's win rate, {name}", f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]"
+                                                  f" ({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"))
+    rows += [("mean reward, A -> B", f"{summary['mean_reward']['a']:.3f} -> {summary['mean_reward']['b']:.3f}"),
+             ("mean length (tokens), A -> B",
+              f"{summary['mean_length_tokens']['a']:.1f} -> {summary['mean_length_tokens']['b']:.1f}")]
+    print(format_table(rows, f"{summary['b']} (B) against {summary['a']} (A), {summary['comparisons']} comparisons"
+                             f" on {summary['prompts']} prompts"), flush=True)
