@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.errors import StartupError
-from rewardserve.server.modeling import describe_device
+from rewardserve.server.modeling import LOCAL_PATH_PREFIXES, describe_device
 from .client import (RequestRejected, RetryPolicy, RewardClient, RewardTarget, RewardUnavailable,
                      UntrustedServer)
 from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot_gold
@@ -275,15 +275,30 @@ def load_latest_checkpoint(out: Path, model, optimizer, kl_controller, moments) 
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
+def policy_folder(spec: str, flag: str) -> str:
+    """What to load `spec` from: a folder (the embedded model converted first) or a hub id. A path that is not a
+    folder is one line naming it, as `serve` does, not a traceback about hub repository ids."""
+    path = resolve_model_path(spec)
+    if not Path(path).is_dir() and path.startswith(LOCAL_PATH_PREFIXES):
+        raise StartupError(f"{flag}: no model folder at {spec}")
+    return path
+
+
 def build_models(config: PPOConfig, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    policy_path = resolve_model_path(config.policy)
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    policy_path = policy_folder(config.policy, "--policy")
+    reference_path = policy_folder(config.reference, "--reference") if config.reference else policy_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        policy, reference = (AutoModelForCausalLM.from_pretrained(path) for path in (policy_path, reference_path))
+    except OSError as error:  # a hub id out of reach, or a folder that is not a causal LM
+        raise StartupError(f"--policy {config.policy} / --reference {config.reference or config.policy}:"
+                           f" {str(error).strip().splitlines()[0][:300]}") from None
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise SystemExit(f"{policy_path}: the tokenizer needs a pad token distinct from EOS")
-    model = ActorCritic(AutoModelForCausalLM.from_pretrained(policy_path), config.critic == "separate").to(device)
-    reference = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.reference or config.policy)).to(device)
+    model = ActorCritic(policy, config.critic == "separate").to(device)
+    reference = reference.to(device)
     reference.eval().requires_grad_(False)
     model.policy.generation_config.pad_token_id = tokenizer.pad_token_id
     engine = RolloutEngine(model.policy, end_of_turn_ids(model.policy, tokenizer), tokenizer.pad_token_id,

@@ -118,3 +118,18 @@ def test_hub_id_out_of_reach_is_one_line(tmp_path):
     assert_refused_in_one_line(result, "'someone/reward-model-that-is-not-cached' is not a local folder",
                                "pass a checkpoint folder")
     assert time.perf_counter() - began < 30
+
+
+def test_ppo_with_a_policy_folder_that_is_not_there_is_one_line(running_server, tmp_path):
+    result, _ = run_cli("ppo", "--reward-url", running_server.http_url, "--policy", str(tmp_path / "no-such-folder"),
+                        "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert_refused_in_one_line(result, f"--policy: no model folder at {tmp_path / 'no-such-folder'}")
+
+
+def test_off_switches_take_none_as_the_help_says():
+    from rewardserve.trainer.config import PPOConfig
+
+    for word in ("none", "None", "null"):
+        config = PPOConfig(reward_url="http://x:1", reward_clip=word, missing_eos_penalty=word)
+        assert config.reward_clip is None and config.missing_eos_penalty is None
+    assert PPOConfig(reward_url="http://x:1", reward_clip="5").reward_clip == 5.0
