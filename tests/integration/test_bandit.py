@@ -4,9 +4,10 @@ The KL-regularised objective E[r(y)] - beta KL(pi || pi_ref) is maximised by pi*
 Here the response is one token out of four (the policy puts all but ~1e-9 of its mass on them, with a known
 reference distribution), and a reward model served by `rewardserve serve` gives each of them a known score. PPO
 with a fixed beta, and every reward transform that would change the objective off (server: raw scores; trainer: no
-whitening, no clip, no missing-EOS penalty), must end within 0.02 nats of pi*, for a small and a large beta. The critic is a separate copy of the trunk, so the value
-loss does not move the policy's logits (a shared trunk is PPO's default, and its value loss is a second objective
-on the same weights).
+whitening, no clip, no missing-EOS penalty), must end within 0.02 nats of pi*, for a small and a large beta.
+The KL counts the tokens outside the four as a fifth outcome, so mass that leaks there counts against PPO.
+The critic is a separate copy of the trunk, so the value loss does not move the policy's logits (a shared trunk
+is PPO's default, and its value loss is a second objective on the same weights).
 """
 from __future__ import annotations
 
