@@ -13,6 +13,10 @@ SERVE_ROWS = ["anchor naive b16", "anchor sorted 64k", "core", "core 64k budget"
               "HTTP 128x1", "HTTP text 16x32"]
 
 
+# The whole command takes about a minute on 2 cores: it runs under `make test-all`.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def bench_result(tmp_path_factory, smollm2_dir) -> dict:
     out = tmp_path_factory.mktemp("bench")

@@ -7,11 +7,14 @@ import json
 import re
 import subprocess
 
+import pytest
+
 from ..conftest import CLI, ServerProcess, build_tiny_policy, build_token_counting_reward_model, most_frequent_sampled_token
 
 PROMPT = "Say something."
 
 
+@pytest.mark.slow  # about 35 s of PPO on 2 cores; test_ppo_against_server keeps a short gold run in `make test`
 def test_the_run_stops_when_gold_falls_while_proxy_rises(tmp_path, smol_tokenizer):
     policy = build_tiny_policy(tmp_path / "policy", smol_tokenizer)
     token = most_frequent_sampled_token(policy, smol_tokenizer, PROMPT)

@@ -29,15 +29,19 @@ def test_https_and_grpcs_with_the_server_certificate(tiny_llama, certificate):
     server = ServerProcess(tiny_llama, "--tls-cert", str(cert), "--tls-key", str(key))
     try:
         item = [{"prompt": "Hi", "response": "Hello"}]
-        https = RewardClient(server.http_url, ca_file=str(cert)).score(item).scores
-        grpcs = RewardClient(server.grpc_url, ca_file=str(cert)).score(item).scores
+        with RewardClient(server.http_url, ca_file=str(cert)) as client:
+            https = client.score(item).scores
+        with RewardClient(server.grpc_url, ca_file=str(cert)) as client:
+            grpcs = client.score(item).scores
         assert server.http_url.startswith("https://") and https == pytest.approx(grpcs, abs=1e-5)
         with pytest.raises(httpx.ConnectError):  # an unknown certificate is not trusted
             httpx.post(f"{server.http_url}/score", json={"items": item})
         for url in (server.http_url, server.grpc_url):  # a configuration error: said at once, never retried
             began = time.perf_counter()
-            with pytest.raises(UntrustedServer, match="certificate is not trusted .*--reward-ca-file"):
-                RewardClient(url, timeout=5).score(item)
+            with RewardClient(url, timeout=5) as client, pytest.raises(UntrustedServer,
+                                                                      match="not trusted .*--reward-ca-file"):
+                client.score(item)
             assert time.perf_counter() - began < 3  # the 8 attempts of an outage take ~18 s
     finally:
-        server.stop()
+        stopped = time.perf_counter()
+        assert server.stop() == 0 and time.perf_counter() - stopped < 20  # drained, not killed after 30 s
