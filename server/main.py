@@ -37,6 +37,8 @@ from .tokenization import ItemEncoder, load_tokenizer, trained_max_length
 
 log = logging.getLogger("rewardserve")
 
+SECONDS_FOR_CONNECTIONS_TO_CLOSE = 3
+
 
 class _UvicornWithoutSignals(uvicorn.Server):
     """uvicorn re-raises a captured SIGTERM after it stops, which would kill us before the gRPC side has drained."""
@@ -238,6 +240,9 @@ async def start_http(config: ServeConfig, service: ScoringService):
         create_app(service, config.max_body_bytes), host=config.host, port=config.http_port,
         log_level=config.log_level, access_log=False, lifespan="off",
         ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
+        # By the time uvicorn stops, the batcher has drained and every answer is written; an idle keep-alive TLS
+        # connection would otherwise hold the exit for 30 s (asyncio waits that long for the client's close_notify)
+        timeout_graceful_shutdown=SECONDS_FOR_CONNECTIONS_TO_CLOSE,
     ))
     http_task = asyncio.create_task(http.serve())
     while not http.started:
