@@ -253,6 +253,15 @@ class PPOConfig(_Settings):
     """Stop with an error once more than this share of rollouts could not be scored."""
     critic: Literal["shared", "separate"] = "shared"
     """Value head on the policy's trunk (shared) or on a separate copy of it."""
+    samples_per_prompt: int = Field(1, gt=0)
+    """Responses per prompt: each step samples --batch-size / n prompts n times, and each group is scored in one
+    request (groups are never split across --generation-batch-size chunks, so a dropped chunk drops whole groups)."""
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
+    """gae: PPO's value head and GAE. grpo (scores centred, and divided by the std, within each prompt's group),
+    rloo (each score minus the mean of the others in its group), reinforce++ (the batch's token advantages
+    whitened): critic-free, no value loss; grpo and rloo need --samples-per-prompt 2 or more."""
+    grpo_scale_by_std: bool = True
+    """GRPO divides a group's centred scores by their std; --no-grpo-scale-by-std is Dr. GRPO."""
     seed: int = 0
     """Seed of the prompt order and of sampling."""
     device: str = "auto"
@@ -279,6 +288,17 @@ class PPOConfig(_Settings):
         for name in ("generation_batch_size", "mini_batch_size"):
             if getattr(self, name) is not None and self.batch_size % getattr(self, name):
                 raise ValueError(f"--batch-size {self.batch_size} must divide by --{name.replace('_', '-')}")
+        for name in ("batch_size", "generation_batch_size"):
+            size = getattr(self, name)
+            if size is not None and size % self.samples_per_prompt:
+                raise ValueError(f"--{name.replace('_', '-')} {size} must divide by --samples-per-prompt"
+                                 f" {self.samples_per_prompt} (a prompt's group is sampled and scored together)")
+        if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ValueError(f"--advantage-estimator {self.advantage_estimator} baselines each score with the other"
+                             " answers to its prompt: give --samples-per-prompt 2 or more")
+        if self.advantage_estimator != "gae" and self.critic == "separate":
+            raise ValueError(f"--advantage-estimator {self.advantage_estimator} trains no critic: leave out"
+                             " --critic separate")
         return self
 
 

@@ -36,8 +36,8 @@ from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot
 from .config import PPOConfig
 from .distributed import Ranks, setup_ranks, teardown
 from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
-                       clipped_value_loss, explained_variance, gae, kl_penalty, masked_mean, masked_whiten,
-                       per_token_rewards)
+                       clipped_value_loss, explained_variance, gae, group_baselined_scores, kl_penalty, masked_mean,
+                       masked_whiten, per_token_rewards, returns_to_go)
 from .generation import RolloutEngine, Sampling
 from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward
 from .tracking import JsonlLog, plot_curves
@@ -180,9 +180,20 @@ def advantages_for(rollout: Rollout, scores: torch.Tensor, beta: float, config: 
     (advantages, returns, kl (B,))."""
     mask = rollout.response_mask.float()
     kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, config.kl_estimator) * mask  # (B, R)
-    rewards = per_token_rewards(scores, kl, beta, mask)
-    advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
-    return masked_whiten(advantages, mask, total=ranks.sum_on_device) * mask, returns, kl.sum(-1)
+    if config.advantage_estimator == "gae":
+        rewards = per_token_rewards(scores, kl, beta, mask)
+        advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
+        return masked_whiten(advantages, mask, total=ranks.sum_on_device) * mask, returns, kl.sum(-1)
+    # Critic-free: each score baselined within its prompt's group, the KL penalty at every token, reward-to-go
+    baselined = group_baselined_scores(scores, config.samples_per_prompt, config.advantage_estimator,
+                                       config.grpo_scale_by_std)
+    advantages = returns_to_go(per_token_rewards(baselined, kl, beta, mask), mask)
+    if config.advantage_estimator == "reinforce++":
+        advantages = masked_whiten(advantages, mask, total=ranks.sum_on_device) * mask
+    return advantages, advantages, kl.sum(-1)  # no critic: the returns train nothing
+
+
+VALUE_METRICS = ("value_loss", "vf_clipfrac", "explained_variance")
 
 
 def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: PPOConfig, device,
@@ -196,6 +207,7 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
     stops only when all agree to. The early stop reads each epoch's own approximate KL.
     """
     batch = rollout.tensors(device) | {"advantages": advantages.to(device), "returns": returns.to(device)}
+    critic = config.advantage_estimator == "gae"  # the critic-free estimators add no value loss, log none
     stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
     applied: list[torch.Tensor] = []  # 1.0 for each minibatch step taken, 0.0 for each skipped
     count = len(rollout.responses)
@@ -210,7 +222,7 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
             policy = clipped_policy_loss(logprobs, mini["old_logprobs"], mini["advantages"], mask, config.cliprange)
             value_loss, vf_clipfrac = clipped_value_loss(values, mini["values"], mini["returns"], mask,
                                                          config.cliprange_value)
-            loss = policy.loss + config.vf_coef * value_loss
+            loss = policy.loss + config.vf_coef * value_loss if critic else policy.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -225,7 +237,7 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
         epoch_kl = applied_mean(stats["approx_kl"][epoch_began:], applied[epoch_began:])
         if ranks.mean({"approx_kl": epoch_kl})["approx_kl"] > config.max_approx_kl:
             break  # the epoch's one host read
-    summary = {k: applied_mean(v, applied) for k, v in stats.items()}
+    summary = {k: applied_mean(v, applied) for k, v in stats.items() if critic or k not in VALUE_METRICS}
     return summary | {"skipped_updates": int(len(applied) - torch.stack(applied).sum().item())}
 
 
@@ -339,7 +351,8 @@ def main(config: PPOConfig) -> dict:
     kl_controller = (AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon) if config.adaptive_kl
                      else FixedKLController(config.beta))
     moments = RunningMoments()
-    sampler = PromptSampler(load_prompts(config.prompts), config.batch_size, config.seed, ranks)
+    groups = config.samples_per_prompt
+    sampler = PromptSampler(load_prompts(config.prompts), config.batch_size // groups, config.seed, ranks)
     counters, start = {"generated": 0, "dropped": 0, "skipped_updates": 0}, 0
     if config.resume:
         start, counters = load_latest_checkpoint(out, model, optimizer, kl_controller, moments)
@@ -360,7 +373,7 @@ def main(config: PPOConfig) -> dict:
             progress.update(step - progress.n)  # the steps done before this one (a skipped step counts as done)
             began = time.perf_counter()
             torch.manual_seed(config.seed * 1_000_003 + step * ranks.world_size + ranks.rank)  # resumable sampling
-            prompts = sampler.batch(step)  # 1
+            prompts = [prompt for prompt in sampler.batch(step) for _ in range(groups)]  # 1: each group together
             model.eval()
             scored = rollout_and_score(model, reference, engine, tokenizer, prompts, client, pool, config, device)  # 2, 3
             counters["generated"] += ranks.total(scored.generated)
@@ -390,6 +403,7 @@ def main(config: PPOConfig) -> dict:
                                         "step": time.perf_counter() - began}
             record = step_metrics(step + 1, scored, scores, kl, kl_controller.beta, rollout, returns, update, timings,
                                   counters, ranks) | {"model_version_changed": changed}
+            record |= group_metrics(scored.scores, groups, config.advantage_estimator, ranks)
             kl_controller.update(record["kl"], len(rollout.responses) * ranks.world_size)  # 7
             stop = False
             if gold is not None:
@@ -422,6 +436,17 @@ def check_dropped(counters: dict, config: PPOConfig) -> None:
         )
 
 
+def group_metrics(scores: torch.Tensor, group_size: int, estimator: str, ranks: Ranks) -> dict:
+    """The estimator, and with groups: their mean within-group std of the server's rewards, and the share of groups
+    whose rewards are all equal (they teach a critic-free estimator nothing)."""
+    if group_size == 1:
+        return {"advantage_estimator": estimator}
+    groups = scores.reshape(-1, group_size)
+    equal = (groups == groups[:, :1]).all(-1).float().mean().item()
+    return {"advantage_estimator": estimator, **ranks.mean({"group_reward_std": groups.std(-1).mean().item(),
+                                                            "groups_all_equal": equal})}
+
+
 def step_metrics(step, scored, shaped, kl, beta, rollout, returns, update, timings, counters, ranks) -> dict:
     """One line of metrics.jsonl: rates and means averaged over the ranks, counts and throughput summed."""
     mask = rollout.response_mask.float()
@@ -433,7 +458,9 @@ def step_metrics(step, scored, shaped, kl, beta, rollout, returns, update, timin
         "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
         "reward_shaped_mean": shaped.mean().item(), "kl": kl.mean().item(),
         "response_length": lengths.mean().item(), "eos_rate": rollout.reached_eos.float().mean().item(),
-        "explained_variance": explained_variance(rollout.values, returns, mask), **update,
+        **({"explained_variance": explained_variance(rollout.values, returns, mask)} if "value_loss" in update
+           else {}),
+        **update,
         "score_wait_share": timings["score_wait"] / timings["step"],
         "generation/tokens_per_s": scored.generation["tokens"] / timings["generate"],
         "generation/decode_steps": scored.generation["decode_steps"],

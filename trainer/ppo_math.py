@@ -104,6 +104,54 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce++")
+
+
+def group_baselined_scores(scores: torch.Tensor, group_size: int, estimator: str, scale_by_std: bool = True,
+                           eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free sequence advantages from the scores (B,) of consecutive groups of `group_size` responses to one
+    prompt each (B divisible by the group size):
+
+    - grpo: the score minus its group's mean, divided by the group's standard deviation (unbiased, as TRL and
+      DeepSeekMath compute it); scale_by_std=False is Dr. GRPO (Liu et al. 2025), which leaves the scale alone.
+    - rloo: the score minus the mean of the *other* members of its group (Ahmadian et al. 2024): an unbiased
+      baseline, since it does not depend on the sample it is subtracted from. Needs groups of 2 or more.
+    - reinforce++: the score itself; its baseline is the batch-wide whitening of the token advantages.
+
+    A group whose scores are all equal gets zero advantages (never NaN): it teaches nothing.
+
+    >>> group_baselined_scores(torch.tensor([1., 2., 3., 6.]), 4, "rloo")
+    tensor([-2.6667, -1.3333,  0.0000,  4.0000])
+    """
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.reshape(-1, group_size)
+    if estimator == "reinforce++":
+        return scores.clone()
+    if estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs at least 2 samples per prompt (a baseline from the others)")
+        others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+        return (groups - others).reshape(-1)
+    if estimator == "grpo":
+        centred = groups - groups.mean(-1, keepdim=True)
+        if scale_by_std and group_size > 1:
+            centred = centred / (groups.std(-1, keepdim=True) + eps)
+        return centred.reshape(-1)
+    raise ValueError(f"no critic-free estimator {estimator!r}; choose one of {', '.join(ESTIMATORS[1:])}")
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each token's undiscounted sum of the rewards from it to the response's end: (B, T) -> (B, T). With the
+    sequence's (baselined) score at its last token and -beta KL at every token, this is the critic-free advantage.
+
+    >>> returns_to_go(torch.tensor([[-0.1, -0.2, 1.0]]), torch.ones(1, 3))
+    tensor([[0.7000, 0.8000, 1.0000]])
+    """
+    rewards = rewards * mask
+    return rewards.flip(-1).cumsum(-1).flip(-1) * mask
+
+
 @dataclass(frozen=True)
 class PolicyLoss:
     loss: torch.Tensor

@@ -115,8 +115,8 @@ def optimum(reference: torch.Tensor, rewards: torch.Tensor, beta: float) -> torc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("beta", [0.3, 1.0])
-def test_ppo_ends_at_the_kl_regularised_optimum(bandit, smol_tokenizer, tmp_path, beta):
+@pytest.mark.parametrize("beta, estimator", [(0.3, "gae"), (1.0, "gae"), (1.0, "rloo")])
+def test_ppo_ends_at_the_kl_regularised_optimum(bandit, smol_tokenizer, tmp_path, beta, estimator):
     policy, server, rewards = bandit
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n")
@@ -128,12 +128,14 @@ def test_ppo_ends_at_the_kl_regularised_optimum(bandit, smol_tokenizer, tmp_path
                           str(prompts), "--out", str(tmp_path / "run"), "--max-new-tokens", "1", "--beta", str(beta),
                           "--no-whiten-rewards", "--reward-clip", "none", "--missing-eos-penalty", "none",
                           "--steps", "80", "--batch-size", "64", "--mini-batch-size", "64", "--lr", "1e-3",
-                          "--device", "cpu", "--save-every", "1000", "--critic", "separate"],
+                          "--device", "cpu", "--save-every", "1000",
+                          *(["--critic", "separate"] if estimator == "gae" else
+                            ["--advantage-estimator", estimator, "--samples-per-prompt", "4"])],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     trained = distribution(tmp_path / "run" / "policy", smol_tokenizer)
     shown = lambda p: "[" + ", ".join(f"{v:.4f}" for v in p.tolist()) + "]"  # noqa: E731
-    print(f"beta {beta}: r {rewards.tolist()}; pi_ref {shown(reference)}, pi* {shown(target)}, pi_theta"
-          f" {shown(trained)} (A, B, C, D, every other token); KL(pi_theta||pi*) {kl(trained, target):.4f},"
+    print(f"{estimator}, beta {beta}: r {rewards.tolist()}; pi_ref {shown(reference)}, pi* {shown(target)},"
+          f" pi_theta {shown(trained)} (A, B, C, D, every other token); KL(pi_theta||pi*) {kl(trained, target):.4f},"
           f" KL(pi_ref||pi*) {kl(reference, target):.4f}")
     assert kl(trained, target) <= 0.02

@@ -56,15 +56,38 @@ def test_resume_continues_without_repeating_a_step(setup, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_mean_reward_rises_while_kl_stays_bounded(setup, tmp_path, protocol):
+@pytest.mark.parametrize("protocol, estimator", [("http", "gae"), ("grpc", "gae"), ("http", "grpo"),
+                                                 ("http", "rloo")])
+def test_mean_reward_rises_while_kl_stays_bounded(setup, tmp_path, protocol, estimator):
     policy, prompts, server = setup
     url = server.http_url if protocol == "http" else server.grpc_url
-    records = run_ppo(url, policy, prompts, tmp_path / protocol, 30)
+    groups = [] if estimator == "gae" else ["--advantage-estimator", estimator, "--samples-per-prompt", "4"]
+    records = run_ppo(url, policy, prompts, tmp_path / protocol, 30, *groups)
     early = sum(r["reward_mean"] for r in records[:6]) / 6
     late = sum(r["reward_mean"] for r in records[-6:]) / 6
     assert late > early + 0.5, (early, late)
     assert max(r["kl"] for r in records) < 20
+
+
+def test_a_grpo_step_scores_each_group_in_one_request_and_trains_no_critic(setup, tmp_path):
+    """8 rollouts a step as 2 prompts x 4 samples, sampled a group at a time: 2 requests a step, each of a whole
+    group; the log has the group figures and no value metrics."""
+    policy, prompts, server = setup
+    before = server_requests(server)
+    records = run_ppo(server.http_url, policy, prompts, tmp_path / "run", 3, "--batch-size", "8",
+                      "--generation-batch-size", "4", "--advantage-estimator", "grpo", "--samples-per-prompt", "4")
+    assert server_requests(server) - before == 1 + 3 * 2  # the start-up check, then one request per group
+    for record in records:
+        assert record["advantage_estimator"] == "grpo" and record["rollouts"] == 8
+        assert record["group_reward_std"] >= 0 and 0 <= record["groups_all_equal"] <= 1
+        assert not {"value_loss", "vf_clipfrac", "explained_variance"} & set(record)
+
+
+def server_requests(server) -> float:
+    import httpx
+
+    lines = httpx.get(f"{server.http_url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith('rewardserve_requests_total{outcome="ok"}'))
 
 
 def test_torchrun_two_ranks_on_the_cpu(setup, tmp_path):

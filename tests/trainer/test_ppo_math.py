@@ -6,7 +6,8 @@ import torch
 
 from rewardserve.trainer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
                                           clipped_value_loss, entropy_from_logits, explained_variance, gae,
-                                          gather_logprobs, kl_penalty, masked_mean, masked_whiten, per_token_rewards)
+                                          gather_logprobs, group_baselined_scores, kl_penalty, masked_mean,
+                                          masked_whiten, per_token_rewards, returns_to_go)
 
 
 def t(*rows):
@@ -105,3 +106,54 @@ def test_logprobs_entropy_and_explained_variance():
     returns, mask = t([1, 2, 3]), t([1, 1, 1])
     assert explained_variance(returns, returns, mask) == 1.0
     assert explained_variance(t([2, 2, 2]), returns, mask) == pytest.approx(0.0)
+
+
+# -- critic-free estimators: a group of 4 answers to one prompt, scores 1, 2, 3, 6 --------------------------------
+GROUP = torch.tensor([1.0, 2.0, 3.0, 6.0])
+
+
+def test_rloo_subtracts_the_mean_of_the_others_by_hand():
+    # baselines: (2+3+6)/3, (1+3+6)/3, (1+2+6)/3, (1+2+3)/3
+    expected = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3])
+    assert torch.allclose(group_baselined_scores(GROUP, 4, "rloo"), expected)
+
+
+def test_grpo_centres_and_scales_by_the_group_s_std_by_hand():
+    std = math.sqrt((4 + 1 + 0 + 9) / 3)  # deviations from the mean 3: -2, -1, 0, 3 (unbiased)
+    expected = torch.tensor([-2.0, -1.0, 0.0, 3.0]) / std
+    assert torch.allclose(group_baselined_scores(GROUP, 4, "grpo"), expected, atol=1e-5)
+    dr_grpo = group_baselined_scores(GROUP, 4, "grpo", scale_by_std=False)  # Dr. GRPO: centred only
+    assert torch.equal(dr_grpo, torch.tensor([-2.0, -1.0, 0.0, 3.0]))
+
+
+def test_groups_are_consecutive_and_independent():
+    two_groups = torch.cat([GROUP, GROUP + 100])
+    for estimator in ("grpo", "rloo"):
+        advantages = group_baselined_scores(two_groups, 4, estimator)
+        assert torch.allclose(advantages[:4], advantages[4:], atol=1e-5)  # a shift of a group's scores is baselined
+
+
+def test_all_equal_rewards_give_zero_advantages_and_no_nan():
+    for estimator in ("grpo", "rloo"):
+        advantages = group_baselined_scores(torch.full((8,), 0.7), 4, estimator)
+        assert torch.equal(advantages, torch.zeros(8)), estimator
+
+
+def test_reinforce_plus_plus_keeps_the_score_for_the_batch_whitening():
+    assert torch.equal(group_baselined_scores(GROUP, 1, "reinforce++"), GROUP)
+
+
+def test_estimator_misuse_is_refused_clearly():
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        group_baselined_scores(GROUP, 3, "grpo")
+    with pytest.raises(ValueError, match="rloo needs at least 2"):
+        group_baselined_scores(GROUP, 1, "rloo")
+    with pytest.raises(ValueError, match="no critic-free estimator 'ppo'"):
+        group_baselined_scores(GROUP, 4, "ppo")
+
+
+def test_returns_to_go_by_hand():
+    rewards = torch.tensor([[-0.1, -0.2, 1.0, 0.0], [0.5, -0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    expected = torch.tensor([[0.7, 0.8, 1.0, 0.0], [0.0, -0.5, 0.0, 0.0]])
+    assert torch.allclose(returns_to_go(rewards, mask), expected)
