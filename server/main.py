@@ -1,5 +1,6 @@
-"""The composition root of the server: load the models, warm them up, build Batcher -> ScoringService -> both
-adapters, and run uvicorn and grpc.aio on one asyncio loop, so both protocols share one batcher.
+"""The composition root of the server: build Batcher -> ScoringService -> both adapters, open uvicorn and grpc.aio
+on one asyncio loop (so both protocols share one batcher), and answer 503 / NOT_SERVING while the models load and
+warm up in a thread; then attach them and serve.
 
 Shutdown (SIGTERM or SIGINT): stop taking new work (503 / UNAVAILABLE), finish what is queued, then close both
 servers and exit 0.

@@ -123,7 +123,8 @@ class _Replicas:
         self._down: dict[int, float] = {}  # transport index -> when its outage began (monotonic)
         self._lock = threading.Lock()
         self._turn = itertools.count()
-        self._prober: threading.Thread | None = None
+        self._prober: threading.Thread | None = None  # running while some URL is out; set and cleared under the lock
+        self._closed = threading.Event()
 
     def pick(self):
         """Round-robin over the URLs in rotation (over all of them when none is)."""
@@ -139,7 +140,7 @@ class _Replicas:
                 self._down[index] = time.monotonic()
                 log.warning("reward server %s not answering (%s); out of the rotation until it answers its health"
                             " check", _url_of(transport), error)
-            if self._probes is not None and (self._prober is None or not self._prober.is_alive()):
+            if self._probes is not None and self._prober is None and not self._closed.is_set():
                 self._prober = threading.Thread(target=self._probe_until_all_back, name="reward-health-probe",
                                                 daemon=True)
                 self._prober.start()
@@ -155,16 +156,23 @@ class _Replicas:
             log.warning("reward server %s answering again after a %.1f s outage; back in the rotation",
                         _url_of(self._transports[index]), time.monotonic() - since)
 
+    def close(self) -> None:
+        """Stops the probe (the client is closed)."""
+        self._closed.set()
+
     def _probe_until_all_back(self) -> None:
-        while True:
+        while not self._closed.is_set():
             with self._lock:
                 down = list(self._down)
-            if not down:
-                return
+                if not down:  # decided under the lock, so a URL that goes out now starts a new probe
+                    self._prober = None
+                    return
             for index in down:
                 if self._probes[index]():
                     self._back(index)
-            time.sleep(self._probe_interval)
+            self._closed.wait(self._probe_interval)
+        with self._lock:
+            self._prober = None
 
 
 def _url_of(transport) -> str:
@@ -213,6 +221,7 @@ class RewardClient(_ClientCore):
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        self._replicas.close()
         for transport in self._transports:
             transport.close()
 
@@ -244,6 +253,7 @@ class AsyncRewardClient(_ClientCore):
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
+        self._replicas.close()
         for transport in self._transports:
             await transport.close()
 
