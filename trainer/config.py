@@ -262,6 +262,12 @@ class PPOConfig(_Settings):
     whitened): critic-free, no value loss; grpo and rloo need --samples-per-prompt 2 or more."""
     grpo_scale_by_std: bool = True
     """GRPO divides a group's centred scores by their std; --no-grpo-scale-by-std is Dr. GRPO."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference goes: `reward` (-beta * KL at every token, --kl-estimator), or `loss` (beta
+    times the k3 estimate of KL(policy || reference) added to the policy loss, GRPO's form)."""
+    loss_aggregation: Literal["token-mean", "sequence-mean", "token-sum-norm"] = "token-mean"
+    """How the policy loss averages over tokens: over every token of the minibatch, over each response then the
+    responses (GRPO's paper), or a sum over tokens divided by minibatch x --max-new-tokens (Dr. GRPO)."""
     seed: int = 0
     """Seed of the prompt order and of sampling."""
     device: str = "auto"

@@ -36,8 +36,8 @@ from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot
 from .config import PPOConfig
 from .distributed import Ranks, setup_ranks, teardown
 from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
-                       clipped_value_loss, explained_variance, gae, group_baselined_scores, kl_penalty, masked_mean,
-                       masked_whiten, per_token_rewards, returns_to_go)
+                       aggregate, clipped_value_loss, explained_variance, gae, group_baselined_scores, kl_penalty,
+                       masked_mean, masked_whiten, per_token_rewards, returns_to_go)
 from .generation import RolloutEngine, Sampling
 from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward
 from .tracking import JsonlLog, plot_curves
@@ -180,6 +180,8 @@ def advantages_for(rollout: Rollout, scores: torch.Tensor, beta: float, config: 
     (advantages, returns, kl (B,))."""
     mask = rollout.response_mask.float()
     kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, config.kl_estimator) * mask  # (B, R)
+    if config.kl_in == "loss":  # the KL is the update's own term: the rewards carry none of it
+        beta = 0.0
     if config.advantage_estimator == "gae":
         rewards = per_token_rewards(scores, kl, beta, mask)
         advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
@@ -193,11 +195,8 @@ def advantages_for(rollout: Rollout, scores: torch.Tensor, beta: float, config: 
     return advantages, advantages, kl.sum(-1)  # no critic: the returns train nothing
 
 
-VALUE_METRICS = ("value_loss", "vf_clipfrac", "explained_variance")
-
-
 def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: PPOConfig, device,
-               ranks: Ranks = Ranks()) -> dict:
+               ranks: Ranks = Ranks(), beta: float = 0.0) -> dict:
     """Phase 6: K epochs of minibatch steps on the clipped objectives; stops early past --max-approx-kl.
 
     The rollout goes to the device once, and a minibatch step never waits for it: statistics stay on the device
@@ -208,7 +207,9 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
     """
     batch = rollout.tensors(device) | {"advantages": advantages.to(device), "returns": returns.to(device)}
     critic = config.advantage_estimator == "gae"  # the critic-free estimators add no value loss, log none
-    stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy")}
+    stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy")}
+    stats |= {"kl_loss": []} if config.kl_in == "loss" else {}
+    stats |= {k: [] for k in ("value_loss", "vf_clipfrac") if critic}
     applied: list[torch.Tensor] = []  # 1.0 for each minibatch step taken, 0.0 for each skipped
     count = len(rollout.responses)
     minibatches = ranks.smallest(math.ceil(count / config.mini_batch_size))  # DDP: as many backward passes
@@ -219,10 +220,17 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
             mask = mini["response_mask"].float()
             logprobs, values, entropy = policy_forward(model, mini["input_ids"], mini["attention_mask"],
                                                        rollout.prompt_width, config.temperature)
-            policy = clipped_policy_loss(logprobs, mini["old_logprobs"], mini["advantages"], mask, config.cliprange)
-            value_loss, vf_clipfrac = clipped_value_loss(values, mini["values"], mini["returns"], mask,
-                                                         config.cliprange_value)
-            loss = policy.loss + config.vf_coef * value_loss if critic else policy.loss
+            policy = clipped_policy_loss(logprobs, mini["old_logprobs"], mini["advantages"], mask, config.cliprange,
+                                         config.loss_aggregation, config.max_new_tokens)
+            loss = policy.loss
+            if config.kl_in == "loss":  # GRPO's form: k3 of the current policy against the reference, with grad
+                kl_loss = aggregate(kl_penalty(logprobs, mini["ref_logprobs"], "k3"), mask, config.loss_aggregation,
+                                    config.max_new_tokens)
+                loss = loss + beta * kl_loss
+            if critic:
+                value_loss, vf_clipfrac = clipped_value_loss(values, mini["values"], mini["returns"], mask,
+                                                             config.cliprange_value)
+                loss = loss + config.vf_coef * value_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -230,14 +238,18 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
             optimizer.found_inf = not_finite.float()  # never apply a non-finite update
             optimizer.step()
             applied.append(1.0 - not_finite.float())
-            for name, value in (("policy_loss", policy.loss), ("value_loss", value_loss), ("clipfrac", policy.clipfrac),
-                                ("vf_clipfrac", vf_clipfrac), ("approx_kl", policy.approx_kl),
-                                ("entropy", masked_mean(entropy, mask))):
+            measured = {"policy_loss": policy.loss, "clipfrac": policy.clipfrac, "approx_kl": policy.approx_kl,
+                        "entropy": masked_mean(entropy, mask)}
+            if config.kl_in == "loss":
+                measured["kl_loss"] = kl_loss
+            if critic:
+                measured |= {"value_loss": value_loss, "vf_clipfrac": vf_clipfrac}
+            for name, value in measured.items():
                 stats[name].append(value.detach().float().nan_to_num(0.0))
         epoch_kl = applied_mean(stats["approx_kl"][epoch_began:], applied[epoch_began:])
         if ranks.mean({"approx_kl": epoch_kl})["approx_kl"] > config.max_approx_kl:
             break  # the epoch's one host read
-    summary = {k: applied_mean(v, applied) for k, v in stats.items() if critic or k not in VALUE_METRICS}
+    summary = {k: applied_mean(v, applied) for k, v in stats.items()}
     return summary | {"skipped_updates": int(len(applied) - torch.stack(applied).sum().item())}
 
 
@@ -309,13 +321,30 @@ def build_models(config: PPOConfig, device):
                            f" {str(error).strip().splitlines()[0][:300]}") from None
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise SystemExit(f"{policy_path}: the tokenizer needs a pad token distinct from EOS")
-    model = ActorCritic(policy, config.critic == "separate").to(device)
+    model = ActorCritic(policy, config.critic == "separate", critic=config.advantage_estimator == "gae").to(device)
     reference = reference.to(device)
     reference.eval().requires_grad_(False)
     model.policy.generation_config.pad_token_id = tokenizer.pad_token_id
     engine = RolloutEngine(model.policy, end_of_turn_ids(model.policy, tokenizer), tokenizer.pad_token_id,
                            config.compile_decode)
     return tokenizer, model, reference, engine
+
+
+def holdings(model: ActorCritic, reference, optimizer) -> str:
+    """What the run holds, said at start: each model's parameters, and the optimiser's (AdamW keeps two fp32
+    moments of each)."""
+    def count(modules) -> int:
+        return sum(p.numel() for module in modules if module is not None for p in module.parameters())
+
+    if model.value_head is None:
+        critic = "none (critic-free)"
+    elif model.critic_trunk is None:
+        critic = f"a value head of {count([model.value_head]):,} on the policy's trunk"
+    else:
+        critic = f"its own trunk and head, {count([model.critic_trunk, model.value_head]):,}"
+    optimised = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return (f"ppo holds: policy {count([model.policy]):,} parameters; reference {count([reference]):,} (frozen);"
+            f" critic {critic}; AdamW over {optimised:,} parameters ({8 * optimised / 2**30:.2f} GiB of moments)")
 
 
 def check_reward_server(client: RewardClient, target: RewardTarget) -> None:
@@ -348,6 +377,8 @@ def main(config: PPOConfig) -> dict:
     tokenizer, model, reference, engine = build_models(config, device)
     trainable = DistributedDataParallel(model) if ranks.active else model  # generation uses `model` directly
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, fused=True)  # fused: it can skip on the device
+    if ranks.is_main:
+        print(holdings(model, reference, optimizer), flush=True)
     kl_controller = (AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon) if config.adaptive_kl
                      else FixedKLController(config.beta))
     moments = RunningMoments()
@@ -397,7 +428,8 @@ def main(config: PPOConfig) -> dict:
                     save_policy(out / "best_gold", model, tokenizer, {"step": step + 1, **gold.metrics})
             model.train()
             update_began = time.perf_counter()
-            update = ppo_update(trainable, optimizer, rollout, advantages, returns, config, device, ranks)  # 6
+            update = ppo_update(trainable, optimizer, rollout, advantages, returns, config, device, ranks,
+                                kl_controller.beta)  # 6
             counters["skipped_updates"] += update.pop("skipped_updates")
             timings = scored.timings | {"update": time.perf_counter() - update_began,
                                         "step": time.perf_counter() - began}

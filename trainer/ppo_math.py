@@ -159,13 +159,40 @@ class PolicyLoss:
     approx_kl: torch.Tensor
 
 
-def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float) -> PolicyLoss:
-    """PPO's clipped surrogate: mean of max(-A r, -A clip(r, 1 - e, 1 + e)), r = exp(log p - log p_old)."""
+AGGREGATIONS = ("token-mean", "sequence-mean", "token-sum-norm")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token-mean",
+              max_tokens: int | None = None) -> torch.Tensor:
+    """A loss over (B, T) tokens as one number:
+
+    - token-mean: the mean over every real token of the batch (long responses weigh more);
+    - sequence-mean: each response's token mean, then the mean over responses (GRPO's paper);
+    - token-sum-norm: the sum over every real token divided by a constant, B x max_tokens (Dr. GRPO: no length
+      normalisation that would favour long wrong answers).
+
+    >>> mask = torch.tensor([[1., 1., 0.], [1., 0., 0.]])
+    >>> aggregate(torch.tensor([[1., 1., 0.], [4., 0., 0.]]), mask, "sequence-mean")  # (1 + 4) / 2
+    tensor(2.5000)
+    """
+    if how == "token-mean":
+        return masked_mean(per_token, mask)
+    if how == "sequence-mean":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    if how == "token-sum-norm":
+        return (per_token * mask).sum() / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
+    raise ValueError(f"unknown loss aggregation {how!r}; use one of {', '.join(AGGREGATIONS)}")
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, aggregation: str = "token-mean",
+                        max_tokens: int | None = None) -> PolicyLoss:
+    """PPO's clipped surrogate: max(-A r, -A clip(r, 1 - e, 1 + e)), r = exp(log p - log p_old), aggregated over
+    the tokens as `aggregation` says (see `aggregate`)."""
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 of old vs new: >= 0, low variance
     return PolicyLoss(loss, clipfrac.detach(), approx_kl.detach())

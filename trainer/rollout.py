@@ -18,16 +18,17 @@ PROMPT_WIDTH_MULTIPLE = 16
 
 
 class ActorCritic(nn.Module):
-    """A causal LM (the actor) and a scalar value head, on the LM's own trunk (shared) or on a copy (separate)."""
+    """A causal LM (the actor) and a scalar value head, on the LM's own trunk (shared) or on a copy (separate); or
+    no critic at all (the critic-free estimators), whose values are zeros that nothing trains."""
 
-    def __init__(self, policy: nn.Module, separate_critic: bool = False):
+    def __init__(self, policy: nn.Module, separate_critic: bool = False, critic: bool = True):
         super().__init__()
         self.policy = policy
-        self.critic_trunk = copy.deepcopy(policy.base_model) if separate_critic else None
-        hidden = policy.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.critic_trunk = copy.deepcopy(policy.base_model) if critic and separate_critic else None
+        self.value_head = nn.Linear(policy.config.hidden_size, 1) if critic else None
+        if critic:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int):
         """Logits (B, R, V) that predicted the R response tokens, and values (B, R) of the states before them.
@@ -47,6 +48,8 @@ class ActorCritic(nn.Module):
         finally:
             capture.remove()
         hidden = trunk["hidden"]  # (B, P + R, H)
+        if self.value_head is None:
+            return logits, logits.new_zeros(logits.shape[:2], dtype=torch.float32)
         if self.critic_trunk is not None:
             hidden = self.critic_trunk(input_ids=input_ids, position_ids=positions_from_mask(attention_mask),
                                        attention_mask=decoder_attention_mask(self.policy.config, attention_mask)

@@ -34,6 +34,7 @@ def run_ppo(url: str, policy: Path, prompts: Path, out: Path, steps: int, *extra
             *extra]
     run = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    (out / "stdout.txt").write_text(run.stdout)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -57,11 +58,14 @@ def test_resume_continues_without_repeating_a_step(setup, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol, estimator", [("http", "gae"), ("grpc", "gae"), ("http", "grpo"),
-                                                 ("http", "rloo")])
+                                                 ("http", "rloo"), ("http", "grpo-kl-loss")])
 def test_mean_reward_rises_while_kl_stays_bounded(setup, tmp_path, protocol, estimator):
     policy, prompts, server = setup
     url = server.http_url if protocol == "http" else server.grpc_url
-    groups = [] if estimator == "gae" else ["--advantage-estimator", estimator, "--samples-per-prompt", "4"]
+    groups = [] if estimator == "gae" else ["--advantage-estimator", estimator.split("-")[0], "--samples-per-prompt",
+                                            "4"]
+    if estimator == "grpo-kl-loss":
+        groups += ["--kl-in", "loss", "--loss-aggregation", "sequence-mean"]
     records = run_ppo(url, policy, prompts, tmp_path / protocol, 30, *groups)
     early = sum(r["reward_mean"] for r in records[:6]) / 6
     late = sum(r["reward_mean"] for r in records[-6:]) / 6
@@ -71,7 +75,7 @@ def test_mean_reward_rises_while_kl_stays_bounded(setup, tmp_path, protocol, est
 
 def test_a_grpo_step_scores_each_group_in_one_request_and_trains_no_critic(setup, tmp_path):
     """8 rollouts a step as 2 prompts x 4 samples, sampled a group at a time: 2 requests a step, each of a whole
-    group; the log has the group figures and no value metrics."""
+    group; no critic is built, the log has the group figures and no value metrics, and a resumed run goes on."""
     policy, prompts, server = setup
     before = server_requests(server)
     records = run_ppo(server.http_url, policy, prompts, tmp_path / "run", 3, "--batch-size", "8",
@@ -81,6 +85,12 @@ def test_a_grpo_step_scores_each_group_in_one_request_and_trains_no_critic(setup
         assert record["advantage_estimator"] == "grpo" and record["rollouts"] == 8
         assert record["group_reward_std"] >= 0 and 0 <= record["groups_all_equal"] <= 1
         assert not {"value_loss", "vf_clipfrac", "explained_variance"} & set(record)
+    assert "critic none (critic-free)" in (tmp_path / "run" / "stdout.txt").read_text()
+    # resumed with GRPO's own KL (a loss term) and Dr. GRPO's aggregation
+    resumed = run_ppo(server.http_url, policy, prompts, tmp_path / "run", 4, "--batch-size", "8",
+                      "--generation-batch-size", "4", "--advantage-estimator", "grpo", "--samples-per-prompt", "4",
+                      "--resume", "--kl-in", "loss", "--loss-aggregation", "token-sum-norm", "--no-grpo-scale-by-std")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and "kl_loss" in resumed[-1] and "kl_loss" not in resumed[0]
 
 
 def server_requests(server) -> float:

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from rewardserve.trainer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
-                                          clipped_value_loss, entropy_from_logits, explained_variance, gae,
-                                          gather_logprobs, group_baselined_scores, kl_penalty, masked_mean,
-                                          masked_whiten, per_token_rewards, returns_to_go)
+from rewardserve.trainer.ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, aggregate,
+                                          clipped_policy_loss, clipped_value_loss, entropy_from_logits,
+                                          explained_variance, gae, gather_logprobs, group_baselined_scores,
+                                          kl_penalty, masked_mean, masked_whiten, per_token_rewards, returns_to_go)
 
 
 def t(*rows):
@@ -157,3 +157,15 @@ def test_returns_to_go_by_hand():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     expected = torch.tensor([[0.7, 0.8, 1.0, 0.0], [0.0, -0.5, 0.0, 0.0]])
     assert torch.allclose(returns_to_go(rewards, mask), expected)
+
+
+def test_loss_aggregations_by_hand():
+    """Two responses of 2 and 1 tokens, losses (1, 1) and (4): token-mean (1+1+4)/3, sequence-mean (1 + 4)/2,
+    token-sum-norm (1+1+4) / (2 responses x 4 tokens of budget)."""
+    losses = torch.tensor([[1.0, 1.0, 0.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert aggregate(losses, mask, "token-mean").item() == pytest.approx(2.0)
+    assert aggregate(losses, mask, "sequence-mean").item() == pytest.approx(2.5)
+    assert aggregate(losses, mask, "token-sum-norm", max_tokens=4).item() == pytest.approx(6 / 8)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate(losses, mask, "median")
