@@ -58,14 +58,11 @@ def test_resume_continues_without_repeating_a_step(setup, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol, estimator", [("http", "gae"), ("grpc", "gae"), ("http", "grpo"),
-                                                 ("http", "rloo"), ("http", "grpo-kl-loss")])
+                                                 ("http", "rloo")])
 def test_mean_reward_rises_while_kl_stays_bounded(setup, tmp_path, protocol, estimator):
     policy, prompts, server = setup
     url = server.http_url if protocol == "http" else server.grpc_url
-    groups = [] if estimator == "gae" else ["--advantage-estimator", estimator.split("-")[0], "--samples-per-prompt",
-                                            "4"]
-    if estimator == "grpo-kl-loss":
-        groups += ["--kl-in", "loss", "--loss-aggregation", "sequence-mean"]
+    groups = [] if estimator == "gae" else ["--advantage-estimator", estimator, "--samples-per-prompt", "4"]
     records = run_ppo(url, policy, prompts, tmp_path / protocol, 30, *groups)
     early = sum(r["reward_mean"] for r in records[:6]) / 6
     late = sum(r["reward_mean"] for r in records[-6:]) / 6
@@ -73,24 +70,31 @@ def test_mean_reward_rises_while_kl_stays_bounded(setup, tmp_path, protocol, est
     assert max(r["kl"] for r in records) < 20
 
 
+GRPO = ["--batch-size", "8", "--generation-batch-size", "4", "--advantage-estimator", "grpo", "--samples-per-prompt",
+        "4"]
+
+
 def test_a_grpo_step_scores_each_group_in_one_request_and_trains_no_critic(setup, tmp_path):
     """8 rollouts a step as 2 prompts x 4 samples, sampled a group at a time: 2 requests a step, each of a whole
-    group; no critic is built, the log has the group figures and no value metrics, and a resumed run goes on."""
+    group; no critic is built, the log has the group figures, GRPO's KL loss and no value metrics."""
     policy, prompts, server = setup
     before = server_requests(server)
-    records = run_ppo(server.http_url, policy, prompts, tmp_path / "run", 3, "--batch-size", "8",
-                      "--generation-batch-size", "4", "--advantage-estimator", "grpo", "--samples-per-prompt", "4")
-    assert server_requests(server) - before == 1 + 3 * 2  # the start-up check, then one request per group
+    records = run_ppo(server.http_url, policy, prompts, tmp_path / "run", 2, *GRPO, "--kl-in", "loss",
+                      "--loss-aggregation", "token-sum-norm")
+    assert server_requests(server) - before == 1 + 2 * 2  # the start-up check, then one request per group
     for record in records:
-        assert record["advantage_estimator"] == "grpo" and record["rollouts"] == 8
+        assert record["advantage_estimator"] == "grpo" and record["rollouts"] == 8 and "kl_loss" in record
         assert record["group_reward_std"] >= 0 and 0 <= record["groups_all_equal"] <= 1
         assert not {"value_loss", "vf_clipfrac", "explained_variance"} & set(record)
     assert "critic none (critic-free)" in (tmp_path / "run" / "stdout.txt").read_text()
-    # resumed with GRPO's own KL (a loss term) and Dr. GRPO's aggregation
-    resumed = run_ppo(server.http_url, policy, prompts, tmp_path / "run", 4, "--batch-size", "8",
-                      "--generation-batch-size", "4", "--advantage-estimator", "grpo", "--samples-per-prompt", "4",
-                      "--resume", "--kl-in", "loss", "--loss-aggregation", "token-sum-norm", "--no-grpo-scale-by-std")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and "kl_loss" in resumed[-1] and "kl_loss" not in resumed[0]
+
+
+@pytest.mark.slow
+def test_a_critic_free_run_resumes_from_its_checkpoint(setup, tmp_path):
+    policy, prompts, server = setup
+    first = run_ppo(server.http_url, policy, prompts, tmp_path / "run", 2, *GRPO, "--save-every", "1")
+    resumed = run_ppo(server.http_url, policy, prompts, tmp_path / "run", 3, *GRPO, "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[:2] == first
 
 
 def server_requests(server) -> float:
