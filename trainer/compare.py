@@ -23,7 +23,7 @@ from rewardserve.server.modeling import resolve_device
 from .client import RewardClient, RewardClientError, RewardTarget
 from .config import CompareConfig
 from .labeling import judge_both_orders, load_constitution, prompt_text
-from .ppo import load_prompts, scoring_items
+from .ppo import check_reward_server, load_prompts, policy_folder, scoring_items
 from .rollout import encode_prompt, end_of_turn_ids, pad_left, response_mask_until_eos
 from .tracking import format_table
 
@@ -61,11 +61,10 @@ def win_rate(outcomes: list[float], prompt_of: list[int], resamples: int = 2000,
 
 
 @torch.no_grad()
-def answer(policy: str, prompts: list, config: CompareConfig, device) -> tuple[list[str], list[int]]:
+def answer(path: str, prompts: list, config: CompareConfig, device) -> tuple[list[str], list[int]]:
     """Each prompt's `samples` responses (greedy: one), prompt-major, cut at EOS; and their lengths in tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(policy)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     torch.manual_seed(config.seed)
@@ -110,15 +109,17 @@ def judge_outcomes(config: CompareConfig, prompts: list, a: list[str], b: list[s
 def main(config: CompareConfig) -> dict:
     print("rewardserve compare " + json.dumps(config.printable(), indent=2), flush=True)
     device = resolve_device(config.device)
+    policy_a, policy_b = policy_folder(config.policy_a, "--policy-a"), policy_folder(config.policy_b, "--policy-b")
     prompts = load_prompts(config.prompts)[: config.max_prompts]
     client = RewardClient(config.reward_url, timeout=config.reward_timeout,
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
                           ca_file=config.reward_ca_file)
     target = RewardTarget.from_names(config.reward_model, config.reward_combination)
+    check_reward_server(client, target)  # a refusal is one line now, not after both policies have answered
     asked = [prompt for prompt in prompts for _ in range(config.samples)]
     prompt_of = [i for i in range(len(prompts)) for _ in range(config.samples)]
-    a, a_lengths = answer(config.policy_a, prompts, config, device)
-    b, b_lengths = answer(config.policy_b, prompts, config, device)
+    a, a_lengths = answer(policy_a, prompts, config, device)
+    b, b_lengths = answer(policy_b, prompts, config, device)
     try:
         a_rewards, b_rewards = (reward_scores(client, target, asked, side) for side in (a, b))
     except RewardClientError as error:  # never a loss for either side: the comparison stops
