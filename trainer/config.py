@@ -275,7 +275,7 @@ class PPOConfig(_Settings):
     save_every: int = Field(50, gt=0)
     """Steps between checkpoints (OUT/checkpoints/step-N)."""
     keep_checkpoints: int = Field(1, gt=0)
-    """Checkpoints kept, the newest (each is the policy, value head and AdamW state in fp32, ~12 bytes a parameter:
+    """Checkpoints kept, the newest (each is the policy, any critic and AdamW state in fp32, ~12 bytes a parameter:
     1.6 GB for 135M). One is enough to resume: a checkpoint replaces the last only once it is whole."""
     resume: bool = False
     """Continue from the latest checkpoint in OUT/checkpoints."""

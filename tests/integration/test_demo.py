@@ -46,6 +46,7 @@ def test_demo_runs_every_stage_then_caches_them(tiny_policy, tiny_base, tmp_path
     assert second.count(": cached") == 3
 
 
+@pytest.mark.slow  # 22 s; the hot reload itself is in test_reload.py
 def test_demo_refreshes_the_reward_model_without_stopping_the_server(tiny_policy, tiny_base, tmp_path):  # noqa: F811
     out = tmp_path / "demo"
     printed = run_demo(out, tiny_policy, tiny_base, "--ppo-steps", "4", "--refresh-every", "2",

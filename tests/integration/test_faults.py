@@ -92,6 +92,7 @@ def test_a_killed_trainer_resumes_from_its_last_whole_checkpoint(setup, tmp_path
     assert (out / "policy" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # 13 s, most of it the batcher's 3 s wait for company
 def test_a_client_that_hangs_up_costs_no_forward_pass(tiny_llama):
     # An idle batcher waits up to 3 s for company, so the request is still queued when its client goes away.
     server = ServerProcess(tiny_llama, "--max-wait-ms", "3000")

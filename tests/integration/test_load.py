@@ -76,6 +76,7 @@ def test_soak_64_clients_mixed_batches(tiny_llama):
         assert server.stop() == 0
 
 
+@pytest.mark.slow  # 18 s; the full queue's Overloaded (503 + Retry-After) is unit-tested in test_batcher.py
 def test_backpressure_gives_503_with_retry_after_and_the_client_rides_it_out(tiny_llama):
     server = ServerProcess(tiny_llama, "--max-queue-items", "16", "--max-wait-ms", "50")
     pool = item_pool(16, seed=1)

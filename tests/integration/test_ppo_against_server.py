@@ -124,6 +124,7 @@ def test_torchrun_two_ranks_on_the_cpu(setup, tmp_path):
         assert record["gold/reward_mean"] == pytest.approx(record["reward_mean"], abs=1e-5)
 
 
+@pytest.mark.slow  # 14 s; the rotation over replicas is in test_replicas.py
 def test_two_replicas_of_one_checkpoint_are_one_reward_model(setup, tmp_path):
     """Two servers of one checkpoint (loaded at different times, so their versions differ after the `@`): the
     trainer sees one model, never a change, and logs which replica scored how many rollouts."""
