@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.modeling import resolve_device
 
 from .client import RewardClient, RewardClientError, RewardTarget
@@ -95,11 +94,11 @@ def reward_scores(client: RewardClient, target: RewardTarget, prompts: list, res
     return rewards
 
 
-def judge_outcomes(config: CompareConfig, prompts: list, a: list[str], b: list[str], device) -> list[float]:
+def judge_outcomes(path: str, config: CompareConfig, prompts: list, a: list[str], b: list[str],
+                   device) -> list[float]:
     """The judge's verdict on each comparison, asked in both orders: P(B is better) > 1/2 is a win for B."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(config.judge)
     judge = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     verdicts = judge_both_orders(judge, AutoTokenizer.from_pretrained(path), [prompt_text(p) for p in prompts], b, a,
                                  load_constitution(config.constitution), config.batch_size, device)
@@ -110,6 +109,7 @@ def main(config: CompareConfig) -> dict:
     print("rewardserve compare " + json.dumps(config.printable(), indent=2), flush=True)
     device = resolve_device(config.device)
     policy_a, policy_b = policy_folder(config.policy_a, "--policy-a"), policy_folder(config.policy_b, "--policy-b")
+    judge = policy_folder(config.judge, "--judge") if config.judge else None
     prompts = load_prompts(config.prompts)[: config.max_prompts]
     client = RewardClient(config.reward_url, timeout=config.reward_timeout,
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
@@ -133,7 +133,7 @@ def main(config: CompareConfig) -> dict:
                "reward": asdict(win_rate(by_reward, prompt_of, seed=config.seed)),
                "mean_reward": {"a": sum(a_rewards) / len(a), "b": sum(b_rewards) / len(b)},
                "mean_length_tokens": {"a": sum(a_lengths) / len(a), "b": sum(b_lengths) / len(b)}}
-    by_judge = judge_outcomes(config, asked, a, b, device) if config.judge else None
+    by_judge = judge_outcomes(judge, config, asked, a, b, device) if judge else None
     if by_judge is not None:
         summary["judge"] = asdict(win_rate(by_judge, prompt_of, seed=config.seed))
     write_comparisons(Path(config.out), asked, prompt_of, a, b, a_rewards, b_rewards, by_judge, a_lengths, b_lengths)
