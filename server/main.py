@@ -26,8 +26,8 @@ from .grpc_api import create_grpc_server, set_serving
 from .http_api import create_app
 from . import metrics
 from .errors import InsufficientMemory, RewardServeError, StartupError
-from .modeling import (LOCAL_PATH_PREFIXES, RewardModel, check_local_checkpoint, free_memory, local_checkpoint,
-                       resolve_device, resolve_dtype, weights_bytes)
+from .modeling import (RewardModel, check_local_checkpoint, free_memory, is_local, local_checkpoint, resolve_device,
+                       resolve_dtype, weights_bytes)
 from .normalization import RewardStatistics, RewardTransform
 from .registry import ModelRegistry, ServedModel
 from .reloading import Reloader
@@ -210,7 +210,7 @@ def check_before_listening(config: ServeConfig) -> None:
     """What is wrong without loading anything is said before the ports open: the device, the local folders."""
     resolve_device(config.device)
     for name, path in config.model_specs():
-        if path.startswith(LOCAL_PATH_PREFIXES) or Path(path).is_dir():
+        if is_local(path):
             check_local_checkpoint(path, name)
 
 

@@ -239,6 +239,11 @@ LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
 
 
+def is_local(spec: str) -> bool:
+    """A path (it exists, or it is written as one), not a hub id."""
+    return spec.startswith(LOCAL_PATH_PREFIXES) or Path(spec).is_dir()
+
+
 def check_local_checkpoint(path: str | os.PathLike, name: str = "") -> None:
     """A local folder that is absent, or holds pickle weights only, is refused before anything loads."""
     folder = Path(path).expanduser()
@@ -259,7 +264,7 @@ def check_local_checkpoint(path: str | os.PathLike, name: str = "") -> None:
 def local_checkpoint(spec: str, name: str = "") -> Path:
     """The checkpoint folder to load: `spec` itself when it is a path, else the hub repository `spec` fetched (or
     found in the cache) once; the hub's failure is one line that says what to do, not a traceback after retries."""
-    if spec.startswith(LOCAL_PATH_PREFIXES) or Path(spec).is_dir():
+    if is_local(spec):
         check_local_checkpoint(spec, name)
         return Path(spec).expanduser()
     from huggingface_hub import snapshot_download

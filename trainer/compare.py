@@ -21,9 +21,9 @@ from rewardserve.server.modeling import resolve_device
 
 from .client import RewardClient, RewardClientError, RewardTarget
 from .config import CompareConfig
-from .labeling import judge_both_orders, load_constitution, prompt_text
+from .labeling import generate_responses, judge_both_orders, load_constitution, prompt_text
 from .ppo import check_reward_server, load_prompts, policy_folder, scoring_items
-from .rollout import encode_prompt, end_of_turn_ids, pad_left, response_mask_until_eos
+from .rollout import end_of_turn_ids
 from .tracking import format_table
 
 
@@ -59,30 +59,18 @@ def win_rate(outcomes: list[float], prompt_of: list[int], resamples: int = 2000,
                    sum(o == 0.5 for o in outcomes), sum(o == 0.0 for o in outcomes))
 
 
-@torch.no_grad()
 def answer(path: str, prompts: list, config: CompareConfig, device) -> tuple[list[str], list[int]]:
-    """Each prompt's `samples` responses (greedy: one), prompt-major, cut at EOS; and their lengths in tokens."""
+    """Each prompt's `samples` responses (greedy: one), prompt-major, cut at the policy's end-of-turn tokens; and
+    their lengths in tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     torch.manual_seed(config.seed)
     repeated = [prompt for prompt in prompts for _ in range(config.samples)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ends = end_of_turn_ids(model, tokenizer)
-    responses, lengths = [], []
-    for start in range(0, len(repeated), config.batch_size):
-        ids, mask = pad_left([encode_prompt(tokenizer, p, 1024) for p in repeated[start:start + config.batch_size]],
-                             pad)
-        sampling = {"do_sample": False} if config.greedy else {"do_sample": True, "top_k": 0,
-                                                               "temperature": config.temperature}
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=config.max_new_tokens, pad_token_id=pad, eos_token_id=ends, **sampling)
-        generated = out[:, ids.shape[1]:].cpu()
-        kept = response_mask_until_eos(generated, ends)[0].sum(-1)
-        responses += [tokenizer.decode(g[:n], skip_special_tokens=True).strip() for g, n in zip(generated, kept)]
-        lengths += kept.tolist()
-    return responses, lengths
+    return generate_responses(model, tokenizer, repeated, config.max_new_tokens,
+                              None if config.greedy else config.temperature, config.batch_size, device,
+                              end_of_turn_ids(model, tokenizer))
 
 
 def reward_scores(client: RewardClient, target: RewardTarget, prompts: list, responses: list[str],

@@ -61,19 +61,24 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list, config: LabelConfig, device) -> list[str]:
-    """One sampled response per prompt, in batches (left-padded), cut at EOS."""
-    responses = []
-    for start in range(0, len(prompts), config.batch_size):
-        ids, mask = pad_left([encode_prompt(tokenizer, p, 512) for p in prompts[start:start + config.batch_size]],
-                             tokenizer.pad_token_id)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=0,
-                             temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        generated = out[:, ids.shape[1]:]
-        lengths = response_mask_until_eos(generated, tokenizer.eos_token_id)[0].sum(-1)
-        responses += [tokenizer.decode(g[:n], skip_special_tokens=True).strip() for g, n in zip(generated, lengths)]
-    return responses
+def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float | None,
+                       batch_size: int, device, end_ids: int | list[int] | None = None) -> tuple[list[str], list[int]]:
+    """One response per prompt, in batches (left-padded), cut at the first end id (default: the tokenizer's EOS):
+    sampled at `temperature`, or greedy when it is None. Returns the texts and their lengths in tokens."""
+    end_ids = tokenizer.eos_token_id if end_ids is None else end_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "top_k": 0,
+                                                                 "temperature": temperature}
+    responses, lengths = [], []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = pad_left([encode_prompt(tokenizer, p, 512) for p in prompts[start:start + batch_size]], pad)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=end_ids, **sampling)
+        generated = out[:, ids.shape[1]:].cpu()
+        kept = response_mask_until_eos(generated, end_ids)[0].sum(-1)
+        responses += [tokenizer.decode(g[:n], skip_special_tokens=True).strip() for g, n in zip(generated, kept)]
+        lengths += kept.tolist()
+    return responses, lengths
 
 
 def verdict_token_ids(tokenizer) -> tuple[int, int]:
@@ -152,7 +157,8 @@ def main(config: LabelConfig) -> dict:
     policy_path, judge_path = resolve_model_path(config.policy), resolve_model_path(config.judge)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     policy = AutoModelForCausalLM.from_pretrained(policy_path).to(device).eval()
-    candidates = [sample_responses(policy, tokenizer, prompts, config, device)
+    candidates = [generate_responses(policy, tokenizer, prompts, config.max_new_tokens, config.temperature,
+                                     config.batch_size, device)[0]
                   for _ in range(config.responses_per_prompt)]
     sampled = time.perf_counter()
     judge = policy if judge_path == policy_path else AutoModelForCausalLM.from_pretrained(judge_path).to(device).eval()

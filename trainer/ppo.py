@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.errors import StartupError
-from rewardserve.server.modeling import LOCAL_PATH_PREFIXES, describe_device
+from rewardserve.server.modeling import describe_device, is_local
 from .client import (RequestRejected, RetryPolicy, RewardClient, RewardTarget, RewardUnavailable,
                      UntrustedServer)
 from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot_gold
@@ -303,7 +303,7 @@ def policy_folder(spec: str, flag: str) -> str:
     """What to load `spec` from: a folder (the embedded model converted first) or a hub id. A path that is not a
     folder is one line naming it, as `serve` does, not a traceback about hub repository ids."""
     path = resolve_model_path(spec)
-    if not Path(path).is_dir() and path.startswith(LOCAL_PATH_PREFIXES):
+    if is_local(path) and not Path(path).is_dir():
         raise StartupError(f"{flag}: no model folder at {spec}")
     return path
 
