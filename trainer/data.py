@@ -174,12 +174,26 @@ def write_pairs(pairs: list[PreferencePair], path) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def split_train_eval(pairs: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Fixed-seed held-out split: indices 0..n-1 shuffled with random.Random(seed), the first (1 - f) train."""
-    order = list(range(len(pairs)))
+def prompt_key(pair) -> str:
+    """What groups pairs for the held-out split: their prompt, text or messages."""
+    return json.dumps(pair.prompt)
+
+
+def split_train_eval(pairs: list, eval_fraction: float, seed: int, group_of=None) -> tuple[list, list]:
+    """Fixed-seed held-out split. Pairs of one group (`group_of(pair)`, e.g. its prompt) stay on one side: pairs
+    that share a prompt share responses too (every pair among k responses), so splitting them would leak the
+    held-out responses into training. Groups are shuffled with random.Random(seed), and the first fill the
+    training side up to (1 - f) of the pairs; without groups, each pair is its own."""
+    keys = [group_of(pair) if group_of else index for index, pair in enumerate(pairs)]
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    cut = round(len(pairs) * (1 - eval_fraction))
-    return [pairs[i] for i in order[:cut]], [pairs[i] for i in order[cut:]]
+    cut, train = round(len(pairs) * (1 - eval_fraction)), []
+    while order and len(train) < cut:
+        train += order.pop(0)
+    return [pairs[i] for i in train], [pairs[i] for group in order for i in group]
 
 
 # -- encoding -------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from rewardserve.server.tokenization import ItemEncoder, load_tokenizer, trained
 
 from .config import EvalConfig, RMTrainConfig
 from .data import (DataReport, EncodedPair, PairBatch, PreferencePair, collate_pairs, encode_pairs,
-                   length_bucketed_batches, pair_fingerprint, read_pairs, split_train_eval, write_pairs)
+                   length_bucketed_batches, pair_fingerprint, prompt_key, read_pairs, split_train_eval, write_pairs)
 from .preference import (bradley_terry_loss, brier_score, expected_calibration_error, label_log_likelihood,
                          length_only_accuracy, pairwise_accuracy, pairwise_wins, pearson, reward_statistics,
                          winner_margin)
@@ -192,7 +192,8 @@ def prepare_data(config: RMTrainConfig, encoder: ItemEncoder) -> PreparedData:
     if config.eval_data:
         train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, eval_report)
     else:
-        train_pairs, eval_pairs = split_train_eval(pairs, config.eval_fraction, config.seed)
+        train_pairs, eval_pairs = split_train_eval(pairs, config.eval_fraction, config.seed,
+                                                   group_of=prompt_key)
     train = encode_pairs(train_pairs, encoder, train_report)
     held_out = encode_pairs(eval_pairs, encoder, eval_report if config.eval_data else train_report)
     print(f"train: --data {train_report.describe()}", flush=True)

@@ -70,7 +70,9 @@ def test_debiased_rewards_have_no_length_trend_on_fresh_responses(length_model, 
     assert abs(debiased_slope) < 0.05 * raw_slope, (raw_slope, debiased_slope)  # within 5% of zero
     assert debiased["transform"]["name"] == "debias" and debiased["transform"]["length_fit"]["slope"] > 0
     assert refused.status_code == 422 and "send `prompt` + `response`" in refused.json()["error"]["message"]
-    assert default["transform"]["name"] == "debias" and default["rewards"] == debiased["rewards"][:5]
+    # five items alone and the same five among 600: equal to float rounding (the CPU's matmuls block by batch size)
+    assert default["transform"]["name"] == "debias"
+    assert default["rewards"] == pytest.approx(debiased["rewards"][:5], abs=1e-5)
 
 
 def test_eval_reports_raw_and_debiased_length_preference(length_model, tmp_path):

@@ -70,6 +70,13 @@ def test_split_is_the_documented_fixed_seed_shuffle():
     assert train == order[:9] and held_out == order[9:]
 
 
+def test_split_keeps_the_pairs_of_one_prompt_on_one_side():
+    pairs = [(prompt, k) for prompt in "abcdefghij" for k in range(3)]  # three pairs per prompt
+    train, held_out = split_train_eval(pairs, 0.2, seed=0, group_of=lambda pair: pair[0])
+    assert len(train) == 24 and len(held_out) == 6 and sorted(train + held_out) == pairs
+    assert not {prompt for prompt, _ in train} & {prompt for prompt, _ in held_out}
+
+
 def test_collate_puts_chosen_then_rejected_in_one_batch():
     pairs = [EncodedPair([1, 2, 3], [4], 1.0, None, False), EncodedPair([5], [6, 7], None, 0.7, False)]
     batch = collate_pairs(pairs, pad_token_id=0)
