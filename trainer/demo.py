@@ -1,12 +1,15 @@
 """The main job, end to end on the embedded defaults:
 
+0. split   the prompt set: every fifth prompt is held out, never used in PPO -> OUT/prompts/
 1. label   AI-labelled preferences (the judge under the constitution)      -> OUT/prefs.jsonl
 2. train   a Bradley–Terry reward model on them                            -> OUT/rm/
 3. serve   the reward model, as its own process, on a free loopback port
 4. ppo     the policy against that server, over HTTP                        -> OUT/ppo/
            with --refresh-every N, every N steps: label the current policy's completions, train the reward
            model further on old plus new pairs, hot-reload it into the running server, continue -> OUT/refresh-K/
-5. report  what each stage achieved and where its outputs are              -> OUT/summary.json
+5. compare the trained policy against the starting one on the held-out prompts: win rates under the reward
+           model and under the AI judge in both orders                      -> OUT/compare/
+6. report  what each stage achieved and where its outputs are              -> OUT/summary.json
 
 Each stage's output is cached: a second run skips what is done (--fresh redoes everything).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from .config import DemoConfig, LabelConfig, PPOConfig, RMTrainConfig
+from .config import CompareConfig, DemoConfig, LabelConfig, PPOConfig, RMTrainConfig
 
 
 def main(config: DemoConfig) -> dict:
@@ -34,7 +38,8 @@ def main(config: DemoConfig) -> dict:
     if config.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    timings, started = {}, time.perf_counter()
+    split_prompts(out)
     if "label" in config.stages:
         timings["label"] = run_stage("label", out / "prefs.jsonl", lambda: label(config, out))
     if "train" in config.stages:
@@ -42,6 +47,9 @@ def main(config: DemoConfig) -> dict:
     if "ppo" in config.stages:
         done = out / "ppo" / ("refreshes.json" if config.refresh_every else "policy/config.json")
         timings["serve+ppo"] = run_stage("ppo", done, lambda: ppo(config, out))
+    if "compare" in config.stages:
+        timings["serve+compare"] = run_stage("compare", out / "compare" / "summary.json", lambda: compare(config, out))
+    timings["total"] = round(time.perf_counter() - started, 1)
     summary = report(out, timings)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -57,12 +65,28 @@ def run_stage(name: str, done_marker: Path, stage) -> float | None:
     return round(time.perf_counter() - started, 1)
 
 
+def split_prompts(out: Path) -> None:
+    """The built-in prompts, every fifth held out (each kind of prompt on both sides), the rest shuffled once so
+    that labelling's first N and PPO's batches mix the kinds: OUT/prompts/{train,held_out}.jsonl."""
+    from .ppo import load_prompts
+
+    prompts = load_prompts("builtin")
+    held_out = [p for i, p in enumerate(prompts) if i % 5 == 4]
+    train = [p for i, p in enumerate(prompts) if i % 5 != 4]
+    random.Random(0).shuffle(train)
+    folder = out / "prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("held_out", held_out)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+
+
 def label(config: DemoConfig, out: Path) -> None:
     from .labeling import main as label_main
 
-    summary = label_main(LabelConfig(out=str(out / "prefs.jsonl"), policy=config.policy, judge=config.judge,
-                                     max_prompts=config.label_prompts, max_new_tokens=config.max_new_tokens,
-                                     device=config.device, seed=config.seed))
+    summary = label_main(LabelConfig(out=str(out / "prefs.jsonl"), prompts=str(out / "prompts" / "train.jsonl"),
+                                     policy=config.policy, judge=config.judge, max_prompts=config.label_prompts,
+                                     responses_per_prompt=config.label_responses, labels=config.label_form,
+                                     max_new_tokens=config.max_new_tokens, device=config.device, seed=config.seed))
     (out / "label_summary.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -71,8 +95,8 @@ def train(config: DemoConfig, out: Path) -> None:
 
     train_main(RMTrainConfig(base=config.base, data=[str(out / "prefs.jsonl")], out=str(out / "rm"),
                              epochs=config.rm_epochs, lr=config.rm_lr, batch_size=8, max_length=config.rm_max_length,
-                             eval_fraction=0.15, warmup_ratio=0.1, log_every=1, device=config.device,
-                             seed=config.seed))
+                             eval_fraction=config.rm_eval_fraction, warmup_ratio=0.1, log_every=1,
+                             device=config.device, seed=config.seed))
 
 
 def ppo(config: DemoConfig, out: Path) -> None:
@@ -85,11 +109,27 @@ def ppo(config: DemoConfig, out: Path) -> None:
 
 
 def ppo_config(config: DemoConfig, out: Path, url: str, steps: int, resume: bool = False) -> PPOConfig:
-    chunk = config.ppo_batch_size // 2 if config.ppo_batch_size % 2 == 0 else config.ppo_batch_size
-    return PPOConfig(reward_url=[url], policy=config.policy, out=str(out / "ppo"), steps=steps,
-                     batch_size=config.ppo_batch_size, mini_batch_size=chunk, ppo_epochs=1, lr=config.ppo_lr,
-                     max_new_tokens=config.max_new_tokens, device=config.device, seed=config.seed,
-                     save_every=max(1, config.ppo_steps // 2), resume=resume)
+    # one minibatch, one epoch: one optimiser step per batch of rollouts, on-policy (an AdamW step over 135M
+    # parameters costs seconds on a CPU)
+    return PPOConfig(reward_url=[url], policy=config.policy, prompts=str(out / "prompts" / "train.jsonl"),
+                     out=str(out / "ppo"), steps=steps, batch_size=config.ppo_batch_size,
+                     mini_batch_size=config.ppo_batch_size,
+                     ppo_epochs=1, lr=config.ppo_lr, beta=config.ppo_beta, max_new_tokens=config.max_new_tokens,
+                     advantage_estimator=config.advantage_estimator, samples_per_prompt=config.samples_per_prompt,
+                     device=config.device, seed=config.seed, save_every=max(1, config.ppo_steps // 2),
+                     resume=resume)
+
+
+def compare(config: DemoConfig, out: Path) -> None:
+    """The trained policy (B) against the starting one (A) on the held-out prompts, sampled as PPO samples."""
+    from .compare import main as compare_main
+
+    with reward_server(out / "rm", out / "compare-server.log") as url:
+        compare_main(CompareConfig(policy_a=config.policy, policy_b=str(out / "ppo" / "policy"),
+                                   prompts=str(out / "prompts" / "held_out.jsonl"), reward_url=[url],
+                                   judge=config.judge, samples=config.compare_samples,
+                                   max_new_tokens=config.max_new_tokens, out=str(out / "compare"),
+                                   device=config.device, seed=config.seed))
 
 
 def ppo_with_refreshes(config: DemoConfig, out: Path) -> None:
@@ -122,15 +162,16 @@ def refresh(config: DemoConfig, out: Path, reward_model: Path, url: str, admin_k
     folder = out / f"refresh-{number}"
     print(f"== refresh {number}, after PPO step {after_step}: label the policy's completions, train on old + new"
           " pairs, reload", flush=True)
-    labels = label_main(LabelConfig(out=str(folder / "prefs.jsonl"), policy=str(out / "ppo" / "policy"),
-                                    judge=config.judge, max_prompts=config.refresh_prompts,
-                                    max_new_tokens=config.max_new_tokens, device=config.device,
-                                    seed=config.seed + number))
+    labels = label_main(LabelConfig(out=str(folder / "prefs.jsonl"), prompts=str(out / "prompts" / "train.jsonl"),
+                                    policy=str(out / "ppo" / "policy"), judge=config.judge,
+                                    max_prompts=config.refresh_prompts, responses_per_prompt=config.label_responses,
+                                    labels=config.label_form, max_new_tokens=config.max_new_tokens,
+                                    device=config.device, seed=config.seed + number))
     data = [str(out / "prefs.jsonl")] + [str(out / f"refresh-{k}" / "prefs.jsonl") for k in range(1, number + 1)]
     report = train_main(RMTrainConfig(init_from=str(reward_model), data=data, out=str(folder / "rm"), epochs=1,
                                       lr=config.rm_lr, batch_size=8, max_length=config.rm_max_length,
-                                      eval_fraction=0.15, warmup_ratio=0.1, log_every=1, device=config.device,
-                                      seed=config.seed))
+                                      eval_fraction=config.rm_eval_fraction, warmup_ratio=0.1, log_every=1,
+                                      device=config.device, seed=config.seed))
     reply = httpx.post(f"{url}/admin/reload", json={"path": str(folder / "rm")},
                        headers={"Authorization": f"Bearer {admin_key}"}, timeout=600)
     if reply.status_code != 200:
@@ -182,25 +223,56 @@ def report(out: Path, timings: dict) -> dict:
     def read(path: Path):
         return json.loads(path.read_text()) if path.exists() else {}
 
-    labels, rm = read(out / "label_summary.json"), read(out / "rm" / "eval_report.json")
+    labels, rm, compared = read(out / "label_summary.json"), read(out / "rm" / "eval_report.json"), \
+        read(out / "compare" / "summary.json")
+    rm_std = read(out / "rm" / "config.json").get("reward_statistics", {}).get("std")
     metrics_path = out / "ppo" / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     summary = {
-        "labelling": {"rows": labels.get("rows_written"), "consistency_rate": labels.get("consistency_rate"),
-                      **{key: labels.get(key) for key in ("judge_position_bias_logit", "judge_content_signal_logit",
+        "labelling": {"rows": labels.get("rows_written"),
+                      **{key: labels.get(key) for key in ("consistency_rate", "consistency_rate_debiased",
+                                                          "judge_position_bias_logit", "judge_content_signal_logit",
                                                           "judge_answer_mass")}},
         "reward_model": {"held_out_accuracy": rm.get("accuracy"), "held_out_pairs": rm.get("pairs"),
-                         "length_only_accuracy": rm.get("length_only_accuracy")},
-        "ppo": {"steps": len(metrics),
-                "reward_start": metrics[0]["reward_mean"] if metrics else None,
-                "reward_end": metrics[-1]["reward_mean"] if metrics else None,
-                "kl_start": metrics[0]["kl"] if metrics else None, "kl_end": metrics[-1]["kl"] if metrics else None,
-                "reward_model_changed_at_steps": [m["step"] for m in metrics if m.get("model_version_changed")]},
+                         "length_only_accuracy": rm.get("length_only_accuracy"), "score_std": rm_std},
+        "ppo": ppo_figures(metrics),
+        "held_out_comparison": comparison_figures(compared),
         "refreshes": read(out / "ppo" / "refreshes.json") or None,
         "seconds_per_stage": timings,
         "outputs": {"preferences": str(out / "prefs.jsonl"), "reward_model": str(out / "rm"),
                     "reward_model_plot": str(out / "rm" / "training.png"), "ppo_metrics": str(metrics_path),
-                    "ppo_plot": str(out / "ppo" / "ppo.png"), "policy": str(out / "ppo" / "policy")},
+                    "ppo_plot": str(out / "ppo" / "ppo.png"), "policy": str(out / "ppo" / "policy"),
+                    "comparisons": str(out / "compare" / "comparisons.jsonl"),
+                    "win_rate_plot": str(out / "compare" / "win_rates.png")},
     }
     print("\n== summary\n" + json.dumps(summary, indent=2), flush=True)
     return summary
+
+
+def ppo_figures(metrics: list[dict]) -> dict:
+    """Did PPO move? The mean reward of the last quarter of steps against the first quarter's. The server whitens
+    with the reward model's own score statistics, so rewards are in units of its score std, and the gain is too."""
+    if not metrics:
+        return {"steps": 0}
+    quarter = max(1, len(metrics) // 4)
+
+    def mean(key, rows):
+        return round(sum(m[key] for m in rows) / len(rows), 4)
+
+    first, last = mean("reward_mean", metrics[:quarter]), mean("reward_mean", metrics[-quarter:])
+    return {"steps": len(metrics), "advantage_estimator": metrics[-1].get("advantage_estimator"),
+            "beta": metrics[-1]["beta"], "reward_first_quarter": first, "reward_last_quarter": last,
+            "reward_gain_in_rm_std": round(last - first, 4),
+            "kl_mean": mean("kl", metrics), "kl_last_quarter": mean("kl", metrics[-quarter:]),
+            "response_length_first_quarter": mean("response_length", metrics[:quarter]),
+            "response_length_last_quarter": mean("response_length", metrics[-quarter:]),
+            "reward_model_changed_at_steps": [m["step"] for m in metrics if m.get("model_version_changed")]}
+
+
+def comparison_figures(compared: dict) -> dict | None:
+    if not compared:
+        return None
+    return {"prompts": compared["prompts"], "comparisons": compared["comparisons"],
+            **{f"win_rate_{name}": [compared[name]["rate"], compared[name]["low"], compared[name]["high"]]
+               for name in ("reward", "judge") if name in compared},
+            "mean_length_tokens": compared["mean_length_tokens"], "mean_reward": compared["mean_reward"]}

@@ -3,10 +3,12 @@ constitution, and write soft-labelled preference rows that `rewardserve train` r
 
 The judge is asked which of two responses better follows the principles and must answer with one letter; its
 verdict is read from the next-token probabilities of "A" and "B". Each pair is asked in both orders and the two
-probabilities averaged, which cancels the judge's preference for a position. When the two orders disagree on
-the winner, the judge contradicted itself: the row's label is shrunk towards 0.5 (or the row dropped), and the
-share of pairs where it did not is reported as the consistency rate. Small judges have a strong position bias and
-a low consistency rate; the averaged label still carries their (weak) preference.
+probabilities averaged in logit space, which cancels the judge's preference for a position. The share of pairs
+whose two orders pick the same winner is the consistency rate. A small judge's position bias is nearly a constant
+(the 135M SmolLM2 adds about 2 logits to whatever is shown as A), so a low raw rate says little about its
+preference; the debiased consistency rate asks the same question after taking the run's mean bias off each
+order. A pair whose orders still disagree after that is one the judge contradicted itself on: its label is shrunk
+towards 0.5 (or the row dropped).
 
 Each run reports what the labels can carry, in logits of "the first is better": the judge's mean position bias
 (towards the letter A; the two orders differ by twice it), its mean content signal (the size of the order-free
@@ -45,6 +47,7 @@ Which response follows the principles better? Answer with one letter, A or B."""
 class Verdict:
     p_first: float  # probability, averaged over both orders, that the first response is better
     consistent: bool  # both orders picked the same winner
+    consistent_debiased: bool = True  # ... once the run's mean position bias is taken off each order
     position_bias: float = 0.0  # logit added to "the response shown as A is better", whatever it says
     content_signal: float = 0.0  # the order-free logit that the first is better
     answer_mass: float = 1.0  # next-token probability on "A" or "B" at all, averaged over both orders
@@ -94,20 +97,61 @@ def p_first_wins(judge, tokenizer, questions: list[str], firsts: list[str], seco
                  batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """P(judge answers "A") with the first response shown as A, from the next-token logits of A and B, and the
     probability the judge puts on "A" or "B" at all (over its whole vocabulary): two (N,) tensors."""
-    token_a, token_b = verdict_token_ids(tokenizer)
-    probabilities, masses = [], []
-    for start in range(0, len(questions), batch_size):
-        chunk = range(start, min(start + batch_size, len(questions)))
-        prompts = [JUDGE_TEMPLATE.format(constitution=constitution, question=questions[i], a=firsts[i], b=seconds[i])
-                   for i in chunk]
-        ids, mask = pad_left([encode_prompt(tokenizer, p, 2048) for p in prompts], tokenizer.pad_token_id)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = judge(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=1).logits[:, -1]  # (N, V) at the answer's first token
-        pair = torch.stack([logits[:, token_a], logits[:, token_b]], dim=-1).float()
-        probabilities.append(pair.softmax(-1)[:, 0].cpu())
-        masses.append(logits.float().softmax(-1)[:, [token_a, token_b]].sum(-1).cpu())
-    return torch.cat(probabilities), torch.cat(masses)
+    prompts = [JUDGE_TEMPLATE.format(constitution=constitution, question=q, a=a, b=b)
+               for q, a, b in zip(questions, firsts, seconds)]
+    letters, mass = answer_logits(judge, [encode_prompt(tokenizer, p, 2048) for p in prompts],
+                                  list(verdict_token_ids(tokenizer)), tokenizer.pad_token_id, batch_size, device)
+    return letters.softmax(-1)[:, 0], mass
+
+
+def cache_argument(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.2x; older releases know only the first."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many tokens every sequence begins with, leaving each at least one token of its own."""
+    longest = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    for position in range(longest):
+        if any(s[position] != first[position] for s in sequences):
+            return position
+    return max(0, longest)
+
+
+@torch.no_grad()
+def answer_logits(model, sequences: list[list[int]], token_ids: list[int], pad_token_id: int, batch_size: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token logits of `token_ids` after each sequence (N, k), and the probability the model puts on them
+    at all (N,). The prefix every sequence shares (the chat template's system turn and the judge's constitution:
+    about half of each prompt) is computed once, and each batch attends to its cache: with causal attention the
+    prefix's keys and values do not depend on what follows, so this is the unshared forward, at half the cost.
+    Each batch's own parts are left-padded after the prefix (the padding masked out, positions continuing from
+    the prefix), so every row ends at the last column."""
+    import copy
+
+    shared = shared_prefix_length(sequences)
+    prefix = None
+    if shared:
+        output = model(input_ids=torch.tensor([sequences[0][:shared]], device=device), use_cache=True)
+        prefix = output["cache"] if "cache" in output else output["past_key_values"]  # renamed in transformers 5.2x
+    letters, masses = [], []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = pad_left([s[shared:] for s in sequences[start:start + batch_size]], pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        cache = None
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(ids))
+        full_mask = torch.cat([torch.ones(len(ids), shared, dtype=mask.dtype, device=device), mask], dim=-1)
+        positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, logits_to_keep=1,
+                       **{cache_argument(model): cache}).logits[:, -1].float()  # (B, V) at the answer's first token
+        letters.append(logits[:, token_ids].cpu())
+        masses.append(logits.softmax(-1)[:, token_ids].sum(-1).cpu())
+    return torch.cat(letters), torch.cat(masses)
 
 
 def judge_both_orders(judge, tokenizer, questions, first, second, constitution, batch_size, device) -> list[Verdict]:
@@ -120,8 +164,10 @@ def judge_both_orders(judge, tokenizer, questions, first, second, constitution, 
     shown_first, shown_second = torch.logit(forward, eps=1e-6), torch.logit(backward, eps=1e-6)  # s + b, s - b
     signal, bias = (shown_first + shown_second) / 2, (shown_first - shown_second) / 2
     mass = (forward_mass + backward_mass) / 2
-    return [Verdict(torch.sigmoid(s).item(), bool((f > 0.5) == (b > 0.5)), c.item(), s.item(), m.item())
-            for s, f, b, c, m in zip(signal, forward, backward, bias, mass)]
+    # with the mean bias taken off each order (s + b - mean b, s - b + mean b), they agree when |s| > |b - mean b|
+    debiased = signal.abs() > (bias - bias.mean()).abs()
+    return [Verdict(torch.sigmoid(s).item(), bool((f > 0.5) == (b > 0.5)), bool(d), c.item(), s.item(), m.item())
+            for s, f, b, d, c, m in zip(signal, forward, backward, debiased, bias, mass)]
 
 
 def judge_figures(verdicts: list[Verdict]) -> dict:
@@ -133,17 +179,19 @@ def judge_figures(verdicts: list[Verdict]) -> dict:
             "judge_answer_mass": round(sum(v.answer_mass for v in verdicts) / count, 4)}
 
 
-def preference_rows(prompts, first, second, verdicts: list[Verdict], inconsistent: str) -> list[dict]:
+def preference_rows(prompts, first, second, verdicts: list[Verdict], inconsistent: str,
+                    labels: str = "soft") -> list[dict]:
     rows = []
     for prompt, x, y, verdict in zip(prompts, first, second, verdicts):
         if x.strip() == y.strip() or not x.strip() or not y.strip():
             continue  # nothing to learn from identical or empty candidates
-        if not verdict.consistent and inconsistent == "drop":
+        if not verdict.consistent_debiased and inconsistent == "drop":
             continue
-        p = verdict.p_first if verdict.consistent else 0.5 + (verdict.p_first - 0.5) / 2
+        p = verdict.p_first if verdict.consistent_debiased else 0.5 + (verdict.p_first - 0.5) / 2
         chosen, rejected, p_chosen = (x, y, p) if p >= 0.5 else (y, x, 1 - p)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "p_chosen": round(p_chosen, 4),
-                     "judge_consistent": verdict.consistent})
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "p_chosen": 1.0 if labels == "hard" else round(p_chosen, 4),
+                     "judge_consistent": verdict.consistent_debiased})
     return rows
 
 
@@ -169,10 +217,12 @@ def main(config: LabelConfig) -> dict:
         pair_verdicts = judge_both_orders(judge, judge_tokenizer, questions, candidates[i], candidates[j],
                                           constitution, config.batch_size, device)
         verdicts += pair_verdicts
-        rows += preference_rows(prompts, candidates[i], candidates[j], pair_verdicts, config.inconsistent)
+        rows += preference_rows(prompts, candidates[i], candidates[j], pair_verdicts, config.inconsistent,
+                                config.labels)
     write_rows(Path(config.out), rows)
     summary = {"prompts": len(prompts), "pairs_judged": len(verdicts), "rows_written": len(rows),
                "consistency_rate": sum(v.consistent for v in verdicts) / max(1, len(verdicts)),
+               "consistency_rate_debiased": sum(v.consistent_debiased for v in verdicts) / max(1, len(verdicts)),
                **judge_figures(verdicts),
                "seconds_sampling": round(sampled - started, 1),
                "seconds_judging": round(time.perf_counter() - sampled, 1)}

@@ -40,10 +40,23 @@ def test_demo_runs_every_stage_then_caches_them(tiny_policy, tiny_base, tmp_path
     assert 0 <= labelling["judge_answer_mass"] <= 1 and labelling["judge_content_signal_logit"] >= 0
     assert isinstance(labelling["judge_position_bias_logit"], float)
     assert summary["reward_model"]["held_out_accuracy"] is not None and summary["ppo"]["steps"] == 2
+    assert summary["ppo"]["reward_gain_in_rm_std"] == pytest.approx(metrics[1]["reward_mean"] - metrics[0]["reward_mean"],
+                                                                    abs=1e-4)
+    # held-out prompts: never labelled, never in PPO; the comparison answers each of them
+    held_out = (out / "prompts" / "held_out.jsonl").read_text().splitlines()
+    assert len(held_out) == 51 and not set(held_out) & set((out / "prompts" / "train.jsonl").read_text().splitlines())
+    compared = [json.loads(line) for line in (out / "compare" / "comparisons.jsonl").read_text().splitlines()]
+    assert [json.dumps({"prompt": row["prompt"]}) for row in compared] == held_out
+    comparison = summary["held_out_comparison"]
+    assert comparison["comparisons"] == 51 and set(comparison["mean_length_tokens"]) == {"a", "b"}
+    for name in ("win_rate_reward", "win_rate_judge"):
+        rate_low_high = comparison[name]
+        assert 0 <= rate_low_high[1] <= rate_low_high[0] <= rate_low_high[2] <= 1
+    assert (out / "compare" / "win_rates.png").is_file()
     assert "== summary" in first
 
     second = run_demo(out, tiny_policy, tiny_base)
-    assert second.count(": cached") == 3
+    assert second.count(": cached") == 4
 
 
 @pytest.mark.slow  # 22 s; the hot reload itself is in test_reload.py
