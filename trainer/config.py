@@ -330,7 +330,8 @@ class LabelConfig(_Settings):
     batch_size: int = Field(16, gt=0)
     """Sequences per generation or judging batch."""
     inconsistent: Literal["drop", "downweight"] = "downweight"
-    """A pair the judge ranks differently in the two orders: drop it, or keep it with p_chosen shrunk towards 0.5."""
+    """A pair the judge ranks differently in the two orders, once their mean position bias is taken off: drop it, or
+    keep it with p_chosen shrunk towards 0.5."""
     labels: Literal["soft", "hard"] = "soft"
     """soft: p_chosen is the judge's order-free probability that the chosen one is better; hard: the judge's
     winner with p_chosen 1 (a weak judge's probabilities sit near 0.5 and teach a reward model little)."""
@@ -480,6 +481,10 @@ class BenchConfig(_Settings):
     """Rollouts per PPO step in the ppo part. Default: 64 on a GPU (the reference), 16 on a CPU."""
     ppo_new_tokens: int | None = Field(None, gt=0)
     """New tokens per rollout in the ppo part. Default: 128 on a GPU (the reference), 32 on a CPU."""
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
+    """The ppo part's estimator (as `rewardserve ppo --advantage-estimator`)."""
+    samples_per_prompt: int = Field(1, gt=0)
+    """The ppo part's group size (as `rewardserve ppo --samples-per-prompt`; must divide the rollouts)."""
     train_max_length: int = Field(1024, gt=8)
     """Sequence length of both trainers."""
     device: str = "auto"

@@ -22,12 +22,14 @@ def bench_result(tmp_path_factory, smollm2_dir) -> dict:
     out = tmp_path_factory.mktemp("bench")
     began = time.perf_counter()
     run = subprocess.run([*CLI, "bench", "all", "--shapes", "tiny", "--out", str(out), "--cache", str(out / "cache"),
-                          "--data-dir", str(SHARED_DATA), "--budget-s", "1", "--train-pairs", "64"],
+                          "--data-dir", str(SHARED_DATA), "--budget-s", "1", "--train-pairs", "64",
+                          "--advantage-estimator", "grpo", "--samples-per-prompt", "8"],  # PPO's own runs cover gae
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     result["wall_s"] = time.perf_counter() - began
     assert "## serve" in (out / "bench.md").read_text() and "## serve" in run.stdout
+    assert "| 16 x 32 | grpo, 8 |" in (out / "bench.md").read_text()  # the ppo rows name their estimator and group
     return result
 
 
@@ -60,6 +62,7 @@ def test_train_compares_ours_with_trl_on_the_same_pairs(bench_result):
 def test_ppo_reports_three_steps_after_the_warm_up(bench_result):
     ppo = bench_result["ppo"][0]
     assert [s["step"] for s in ppo["steps"]] == [2, 3, 4]
+    assert (ppo["advantage_estimator"], ppo["samples_per_prompt"], ppo["rollouts"]) == ("grpo", 8, 16)
     for step in ppo["steps"]:
         assert 1 <= step["generation/decode_steps"] <= ppo["max_new_tokens"]
         assert step["generation/tokens_per_s"] > 0 and step["time/step"] >= step["time/generate"]

@@ -36,11 +36,12 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("ppo"):
         lines += ["## ppo (after one warm-up step)", "",
-                  "| model | rollouts x new tokens | step | generation tokens/s | decode steps | generate s | score wait s"
-                  " | update s | step s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | rollouts x new tokens | estimator, group | step | generation tokens/s | decode steps"
+                  " | generate s | score wait s | update s | step s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in result["ppo"]:
+            group = f"{p.get('advantage_estimator', 'gae')}, {p.get('samples_per_prompt', 1)}"
             for s in p["steps"]:
-                lines.append(f"| {p['model']} | {p['rollouts']} x {p['max_new_tokens']} | {s['step']} |"
+                lines.append(f"| {p['model']} | {p['rollouts']} x {p['max_new_tokens']} | {group} | {s['step']} |"
                              f" {_f(s['generation/tokens_per_s'], 0)} |"
                              f" {s['generation/decode_steps']} | {_f(s['time/generate'], 2)} | {_f(s['time/score_wait'], 2)}"
                              f" | {_f(s['time/update'], 2)} | {_f(s['time/step'], 2)} |")
