@@ -107,6 +107,14 @@ def bandit(tmp_path_factory, smol_tokenizer):
     server.stop()
 
 
+ESTIMATOR_FLAGS = {
+    "gae": ["--critic", "separate"],
+    "rloo": ["--advantage-estimator", "rloo", "--samples-per-prompt", "4"],
+    # GRPO without the division by the group's std (Dr. GRPO): the score minus the group mean, an unbiased baseline
+    "dr-grpo": ["--advantage-estimator", "grpo", "--samples-per-prompt", "4", "--no-grpo-scale-by-std"],
+}
+
+
 def optimum(reference: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """pi*(y) ∝ pi_ref(y) exp(r(y) / beta), over the four candidates and the lumped rest. The rest is given reward
     0: any reward below ~15 beta leaves its share of pi* under 1e-3 of what PPO must reach."""
@@ -115,7 +123,7 @@ def optimum(reference: torch.Tensor, rewards: torch.Tensor, beta: float) -> torc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("beta, estimator", [(0.3, "gae"), (1.0, "gae"), (1.0, "rloo")])
+@pytest.mark.parametrize("beta, estimator", [(0.3, "gae"), (1.0, "gae"), (1.0, "rloo"), (1.0, "dr-grpo")])
 def test_ppo_ends_at_the_kl_regularised_optimum(bandit, smol_tokenizer, tmp_path, beta, estimator):
     policy, server, rewards = bandit
     prompts = tmp_path / "prompts.jsonl"
@@ -129,8 +137,7 @@ def test_ppo_ends_at_the_kl_regularised_optimum(bandit, smol_tokenizer, tmp_path
                           "--no-whiten-rewards", "--reward-clip", "none", "--missing-eos-penalty", "none",
                           "--steps", "80", "--batch-size", "64", "--mini-batch-size", "64", "--lr", "1e-3",
                           "--device", "cpu", "--save-every", "1000",
-                          *(["--critic", "separate"] if estimator == "gae" else
-                            ["--advantage-estimator", estimator, "--samples-per-prompt", "4"])],
+                          *ESTIMATOR_FLAGS[estimator]],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     trained = distribution(tmp_path / "run" / "policy", smol_tokenizer)
