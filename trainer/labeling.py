@@ -6,8 +6,8 @@ verdict is read from the next-token probabilities of "A" and "B". Each pair is a
 probabilities averaged in logit space, which cancels the judge's preference for a position. The share of pairs
 whose two orders pick the same winner is the consistency rate. A small judge's position bias is nearly a constant
 (the 135M SmolLM2 adds about 2 logits to whatever is shown as A), so a low raw rate says little about its
-preference; the debiased consistency rate asks the same question after taking the run's mean bias off each
-order. A pair whose orders still disagree after that is one the judge contradicted itself on: its label is shrunk
+preference; the debiased consistency rate asks the same question after taking the mean bias of the pairs asked
+together off each order. A pair whose orders still disagree after that is one the judge contradicted itself on: its label is shrunk
 towards 0.5 (or the row dropped).
 
 Each run reports what the labels can carry, in logits of "the first is better": the judge's mean position bias
@@ -16,6 +16,8 @@ part), and the share of its next-token probability that lands on the two answer 
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import itertools
 import json
 import time
@@ -47,7 +49,7 @@ Which response follows the principles better? Answer with one letter, A or B."""
 class Verdict:
     p_first: float  # probability, averaged over both orders, that the first response is better
     consistent: bool  # both orders picked the same winner
-    consistent_debiased: bool = True  # ... once the run's mean position bias is taken off each order
+    consistent_debiased: bool = True  # ... once the mean position bias of the pairs asked together is taken off
     position_bias: float = 0.0  # logit added to "the response shown as A is better", whatever it says
     content_signal: float = 0.0  # the order-free logit that the first is better
     answer_mass: float = 1.0  # next-token probability on "A" or "B" at all, averaged over both orders
@@ -106,8 +108,6 @@ def p_first_wins(judge, tokenizer, questions: list[str], firsts: list[str], seco
 
 def cache_argument(model) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.2x; older releases know only the first."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -127,12 +127,12 @@ def answer_logits(model, sequences: list[list[int]], token_ids: list[int], pad_t
     """The next-token logits of `token_ids` after each sequence (N, k), and the probability the model puts on them
     at all (N,). The prefix every sequence shares (the chat template's system turn and the judge's constitution:
     about half of each prompt) is computed once, and each batch attends to its cache: with causal attention the
-    prefix's keys and values do not depend on what follows, so this is the unshared forward, at half the cost.
+    prefix's keys and values do not depend on what follows, so this is the unshared forward, at about half the cost.
     Each batch's own parts are left-padded after the prefix (the padding masked out, positions continuing from
     the prefix), so every row ends at the last column."""
-    import copy
-
-    shared = shared_prefix_length(sequences)
+    if not sequences:
+        return torch.empty(0, len(token_ids)), torch.empty(0)
+    shared, cache_name = shared_prefix_length(sequences), cache_argument(model)
     prefix = None
     if shared:
         output = model(input_ids=torch.tensor([sequences[0][:shared]], device=device), use_cache=True)
@@ -148,7 +148,7 @@ def answer_logits(model, sequences: list[list[int]], token_ids: list[int], pad_t
         full_mask = torch.cat([torch.ones(len(ids), shared, dtype=mask.dtype, device=device), mask], dim=-1)
         positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, logits_to_keep=1,
-                       **{cache_argument(model): cache}).logits[:, -1].float()  # (B, V) at the answer's first token
+                       **{cache_name: cache}).logits[:, -1].float()  # (B, V) at the answer's first token
         letters.append(logits[:, token_ids].cpu())
         masses.append(logits.softmax(-1)[:, token_ids].sum(-1).cpu())
     return torch.cat(letters), torch.cat(masses)
