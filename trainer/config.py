@@ -302,10 +302,15 @@ class PPOConfig(_Settings):
         if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"--advantage-estimator {self.advantage_estimator} baselines each score with the other"
                              " answers to its prompt: give --samples-per-prompt 2 or more")
-        if self.advantage_estimator != "gae" and self.critic == "separate":
+        if not self.has_critic and self.critic == "separate":
             raise ValueError(f"--advantage-estimator {self.advantage_estimator} trains no critic: leave out"
                              " --critic separate")
         return self
+
+    @property
+    def has_critic(self) -> bool:
+        """A value head (and with --critic separate, its trunk): GAE needs one, the critic-free estimators do not."""
+        return self.advantage_estimator == "gae"
 
 
 class LabelConfig(_Settings):

@@ -190,10 +190,10 @@ def split_train_eval(pairs: list, eval_fraction: float, seed: int, group_of=None
         groups.setdefault(key, []).append(index)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
-    cut, train = round(len(pairs) * (1 - eval_fraction)), []
-    while order and len(train) < cut:
-        train += order.pop(0)
-    return [pairs[i] for i in train], [pairs[i] for group in order for i in group]
+    cut, train, held_out = round(len(pairs) * (1 - eval_fraction)), [], []
+    for group in order:
+        (train if len(train) < cut else held_out).extend(group)
+    return [pairs[i] for i in train], [pairs[i] for i in held_out]
 
 
 # -- encoding -------------------------------------------------------------------------------------------------------

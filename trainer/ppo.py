@@ -206,7 +206,7 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
     stops only when all agree to. The early stop reads each epoch's own approximate KL.
     """
     batch = rollout.tensors(device) | {"advantages": advantages.to(device), "returns": returns.to(device)}
-    critic = config.advantage_estimator == "gae"  # the critic-free estimators add no value loss, log none
+    critic = config.has_critic  # the critic-free estimators add no value loss, log none
     stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy")}
     stats |= {"kl_loss": []} if config.kl_in == "loss" else {}
     stats |= {k: [] for k in ("value_loss", "vf_clipfrac") if critic}
@@ -321,7 +321,7 @@ def build_models(config: PPOConfig, device):
                            f" {str(error).strip().splitlines()[0][:300]}") from None
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise SystemExit(f"{policy_path}: the tokenizer needs a pad token distinct from EOS")
-    model = ActorCritic(policy, config.critic == "separate", critic=config.advantage_estimator == "gae").to(device)
+    model = ActorCritic(policy, config.critic == "separate", critic=config.has_critic).to(device)
     reference = reference.to(device)
     reference.eval().requires_grad_(False)
     model.policy.generation_config.pad_token_id = tokenizer.pad_token_id
