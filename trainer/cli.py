@@ -71,7 +71,8 @@ class PPO(PPOConfig):
 
 
 class Label(LabelConfig):
-    """Label preference pairs with an AI judge under a written constitution (RLAIF)."""
+    """Label preference pairs with an AI judge (RLAIF): a causal LM under a written constitution, asked in both
+    orders, or a sentence encoder scoring each response's relevance to its question."""
 
     def cli_cmd(self) -> None:
         from .labeling import main
@@ -80,7 +81,8 @@ class Label(LabelConfig):
 
 
 class Compare(CompareConfig):
-    """Win rate of policy B over policy A on a prompt set, under a reward server (and optionally an AI judge)."""
+    """Win rate of policy B over policy A on a prompt set, under a reward server (and optionally an AI judge and a
+    relevance judge)."""
 
     def cli_cmd(self) -> None:
         from .compare import main

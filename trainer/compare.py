@@ -1,7 +1,8 @@
 """`rewardserve compare`: is policy B better than policy A? Its win rate on a prompt set.
 
 Both policies answer every prompt (greedy, or k samples each); a reward server scores both answers (any model or
-combination it serves), and an AI judge may give a second opinion in both orders. A comparison B wins counts 1, a
+combination it serves); an AI judge may give a second opinion in both orders, and a relevance judge (a sentence
+encoder: which answer is closer to the prompt) a third. A comparison B wins counts 1, a
 tie 1/2, a loss 0; the win rate is their mean, with a 95% bootstrap interval that resamples prompts (a prompt's k
 samples move together, since they share the prompt). A request the server cannot answer is retried by the
 client; one it never answers stops the comparison rather than count as anyone's loss.
@@ -25,6 +26,10 @@ from .labeling import generate_responses, judge_both_orders, load_constitution, 
 from .ppo import check_reward_server, load_prompts, policy_folder, scoring_items
 from .rollout import end_of_turn_ids
 from .tracking import format_table
+
+
+SCORERS = {"reward": "reward model", "judge": "AI judge, both orders", "relevance": "relevance judge"}
+PLOT_LABELS = {"reward": "reward\nmodel", "judge": "AI judge,\nboth orders", "relevance": "relevance\njudge"}
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,15 @@ def judge_outcomes(path: str, config: CompareConfig, prompts: list, a: list[str]
     return [outcome(v.p_first, 0.5) for v in verdicts]
 
 
+def relevance_scores(spec: str, config: CompareConfig, prompts: list, a: list[str], b: list[str],
+                     device) -> tuple[list[float], list[float]]:
+    """Each side's cosine with its prompt under a sentence encoder: B wins where it is closer."""
+    from .relevance import RelevanceJudge
+
+    judge, questions = RelevanceJudge(spec, device, config.batch_size), [prompt_text(p) for p in prompts]
+    return judge.scores(questions, a).tolist(), judge.scores(questions, b).tolist()
+
+
 def main(config: CompareConfig) -> dict:
     print("rewardserve compare " + json.dumps(config.printable(), indent=2), flush=True)
     device = resolve_device(config.device)
@@ -124,7 +138,14 @@ def main(config: CompareConfig) -> dict:
     by_judge = judge_outcomes(judge, config, asked, a, b, device) if judge else None
     if by_judge is not None:
         summary["judge"] = asdict(win_rate(by_judge, prompt_of, seed=config.seed))
-    write_comparisons(Path(config.out), asked, prompt_of, a, b, a_rewards, b_rewards, by_judge, a_lengths, b_lengths)
+    relevance = None
+    if config.relevance_judge:
+        relevance = relevance_scores(config.relevance_judge, config, asked, a, b, device)
+        by_relevance = [outcome(rb, ra) for ra, rb in zip(*relevance)]
+        summary["relevance"] = asdict(win_rate(by_relevance, prompt_of, seed=config.seed))
+        summary["mean_relevance"] = {"a": sum(relevance[0]) / len(a), "b": sum(relevance[1]) / len(b)}
+    write_comparisons(Path(config.out), asked, prompt_of, a, b, a_rewards, b_rewards, by_judge, a_lengths, b_lengths,
+                      relevance)
     (Path(config.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_win_rates(summary, Path(config.out) / "win_rates.png")
     print_summary(summary)
@@ -140,13 +161,13 @@ def plot_win_rates(summary: dict, out_png: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = [name for name in ("reward", "judge") if name in summary]
+    names = [name for name in SCORERS if name in summary]
     figure, (rates, lengths) = plt.subplots(1, 2, figsize=(8.4, 3.2))
     values = [summary[name]["rate"] for name in names]
     errors = [[summary[n]["rate"] - summary[n]["low"] for n in names],
               [summary[n]["high"] - summary[n]["rate"] for n in names]]
-    rates.bar(["reward model" if n == "reward" else "AI judge, both orders" for n in names], values, yerr=errors,
-              capsize=6, color=["tab:blue", "tab:orange"][:len(names)])
+    rates.bar([PLOT_LABELS[n] for n in names], values, yerr=errors, capsize=6,
+              color=["tab:blue", "tab:orange", "tab:purple"][:len(names)])
     rates.axhline(0.5, color="gray", linestyle="--", linewidth=1)
     rates.set_ylim(0, 1)
     rates.set_title(f"B's win rate over A ({summary['comparisons']} comparisons)")
@@ -160,7 +181,7 @@ def plot_win_rates(summary: dict, out_png: Path) -> Path | None:
 
 
 def write_comparisons(out: Path, prompts, prompt_of, a, b, a_rewards, b_rewards, by_judge, a_lengths,
-                      b_lengths) -> None:
+                      b_lengths, relevance=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "comparisons.jsonl", "w") as handle:
         for i, prompt in enumerate(prompts):
@@ -169,18 +190,23 @@ def write_comparisons(out: Path, prompts, prompt_of, a, b, a_rewards, b_rewards,
                    "a_tokens": a_lengths[i], "b_tokens": b_lengths[i]}
             if by_judge is not None:
                 row["judge_outcome"] = by_judge[i]
+            if relevance is not None:
+                row["a_relevance"], row["b_relevance"] = relevance[0][i], relevance[1][i]
             handle.write(json.dumps(row) + "\n")
 
 
 def print_summary(summary: dict) -> None:
     rows = []
-    for name in ("reward", "judge"):
+    for name in SCORERS:
         if name in summary:
             w = summary[name]
             rows.append((f"B's win rate, {name}", f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]"
                                                   f" ({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"))
-    rows += [("mean reward, A -> B", f"{summary['mean_reward']['a']:.3f} -> {summary['mean_reward']['b']:.3f}"),
-             ("mean length (tokens), A -> B",
-              f"{summary['mean_length_tokens']['a']:.1f} -> {summary['mean_length_tokens']['b']:.1f}")]
+    rows.append(("mean reward, A -> B", f"{summary['mean_reward']['a']:.3f} -> {summary['mean_reward']['b']:.3f}"))
+    if "mean_relevance" in summary:
+        rows.append(("mean relevance (cosine), A -> B",
+                     f"{summary['mean_relevance']['a']:.3f} -> {summary['mean_relevance']['b']:.3f}"))
+    rows.append(("mean length (tokens), A -> B",
+                 f"{summary['mean_length_tokens']['a']:.1f} -> {summary['mean_length_tokens']['b']:.1f}"))
     print(format_table(rows, f"{summary['b']} (B) against {summary['a']} (A), {summary['comparisons']} comparisons"
                              f" on {summary['prompts']} prompts"), flush=True)

@@ -1,14 +1,14 @@
 """The main job, end to end on the embedded defaults:
 
 0. split   the prompt set: every fifth prompt is held out, never used in PPO -> OUT/prompts/
-1. label   AI-labelled preferences (the judge under the constitution)      -> OUT/prefs.jsonl
+1. label   AI-labelled preferences (by default the relevance judge)         -> OUT/prefs.jsonl
 2. train   a Bradley–Terry reward model on them                            -> OUT/rm/
 3. serve   the reward model, as its own process, on a free loopback port
 4. ppo     the policy against that server, over HTTP                        -> OUT/ppo/
            with --refresh-every N, every N steps: label the current policy's completions, train the reward
            model further on old plus new pairs, hot-reload it into the running server, continue -> OUT/refresh-K/
 5. compare the trained policy against the starting one on the held-out prompts: win rates under the reward
-           model and under the AI judge in both orders                      -> OUT/compare/
+           model, the AI judge in both orders and the relevance judge       -> OUT/compare/
 6. report  what each stage achieved and where its outputs are              -> OUT/summary.json
 
 Each stage's output is cached: a second run skips what is done (--fresh redoes everything).
@@ -83,11 +83,21 @@ def split_prompts(out: Path) -> None:
 def label(config: DemoConfig, out: Path) -> None:
     from .labeling import main as label_main
 
-    summary = label_main(LabelConfig(out=str(out / "prefs.jsonl"), prompts=str(out / "prompts" / "train.jsonl"),
-                                     policy=config.policy, judge=config.judge, max_prompts=config.label_prompts,
-                                     responses_per_prompt=config.label_responses, labels=config.label_form,
-                                     max_new_tokens=config.max_new_tokens, device=config.device, seed=config.seed))
+    summary = label_main(label_config(config, out, out / "prefs.jsonl", config.policy, config.label_prompts,
+                                      config.seed))
     (out / "label_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def label_config(config: DemoConfig, out: Path, prefs: Path, policy: str, prompts: int, seed: int) -> LabelConfig:
+    """The training split's first `prompts` prompts, answered by `policy`, judged as the demo's settings say."""
+    return LabelConfig(out=str(prefs), prompts=str(out / "prompts" / "train.jsonl"), policy=policy,
+                       judge_mode=config.label_judge_mode, judge=label_judge(config), max_prompts=prompts,
+                       responses_per_prompt=config.label_responses, labels=config.label_form,
+                       max_new_tokens=config.max_new_tokens, device=config.device, seed=seed)
+
+
+def label_judge(config: DemoConfig) -> str:
+    return config.label_judge or ("minilm" if config.label_judge_mode == "relevance" else config.judge)
 
 
 def train(config: DemoConfig, out: Path) -> None:
@@ -115,6 +125,7 @@ def ppo_config(config: DemoConfig, out: Path, url: str, steps: int, resume: bool
                      out=str(out / "ppo"), steps=steps, batch_size=config.ppo_batch_size,
                      mini_batch_size=config.ppo_batch_size,
                      ppo_epochs=1, lr=config.ppo_lr, beta=config.ppo_beta, max_new_tokens=config.max_new_tokens,
+                     missing_eos_penalty=config.missing_eos_penalty,
                      advantage_estimator=config.advantage_estimator, samples_per_prompt=config.samples_per_prompt,
                      device=config.device, seed=config.seed, save_every=max(1, config.ppo_steps // 2),
                      resume=resume)
@@ -128,6 +139,8 @@ def compare(config: DemoConfig, out: Path) -> None:
         compare_main(CompareConfig(policy_a=config.policy, policy_b=str(out / "ppo" / "policy"),
                                    prompts=str(out / "prompts" / "held_out.jsonl"), reward_url=[url],
                                    judge=config.judge, samples=config.compare_samples,
+                                   relevance_judge=label_judge(config) if config.label_judge_mode == "relevance"
+                                   else None,
                                    max_new_tokens=config.max_new_tokens, out=str(out / "compare"),
                                    device=config.device, seed=config.seed))
 
@@ -162,11 +175,8 @@ def refresh(config: DemoConfig, out: Path, reward_model: Path, url: str, admin_k
     folder = out / f"refresh-{number}"
     print(f"== refresh {number}, after PPO step {after_step}: label the policy's completions, train on old + new"
           " pairs, reload", flush=True)
-    labels = label_main(LabelConfig(out=str(folder / "prefs.jsonl"), prompts=str(out / "prompts" / "train.jsonl"),
-                                    policy=str(out / "ppo" / "policy"), judge=config.judge,
-                                    max_prompts=config.refresh_prompts, responses_per_prompt=config.label_responses,
-                                    labels=config.label_form, max_new_tokens=config.max_new_tokens,
-                                    device=config.device, seed=config.seed + number))
+    labels = label_main(label_config(config, out, folder / "prefs.jsonl", str(out / "ppo" / "policy"),
+                                     config.refresh_prompts, config.seed + number))
     data = [str(out / "prefs.jsonl")] + [str(out / f"refresh-{k}" / "prefs.jsonl") for k in range(1, number + 1)]
     report = train_main(RMTrainConfig(init_from=str(reward_model), data=data, out=str(folder / "rm"), epochs=1,
                                       lr=config.rm_lr, batch_size=8, max_length=config.rm_max_length,
@@ -229,7 +239,7 @@ def report(out: Path, timings: dict) -> dict:
     metrics_path = out / "ppo" / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     summary = {
-        "labelling": {"rows": labels.get("rows_written"),
+        "labelling": {"judge_mode": labels.get("judge_mode"), "rows": labels.get("rows_written"),
                       **{key: labels.get(key) for key in ("consistency_rate", "consistency_rate_debiased",
                                                           "judge_position_bias_logit", "judge_content_signal_logit",
                                                           "judge_answer_mass")}},
@@ -274,5 +284,6 @@ def comparison_figures(compared: dict) -> dict | None:
         return None
     return {"prompts": compared["prompts"], "comparisons": compared["comparisons"],
             **{f"win_rate_{name}": [compared[name]["rate"], compared[name]["low"], compared[name]["high"]]
-               for name in ("reward", "judge") if name in compared},
-            "mean_length_tokens": compared["mean_length_tokens"], "mean_reward": compared["mean_reward"]}
+               for name in ("reward", "judge", "relevance") if name in compared},
+            "mean_length_tokens": compared["mean_length_tokens"], "mean_reward": compared["mean_reward"],
+            **({"mean_relevance": compared["mean_relevance"]} if "mean_relevance" in compared else {})}

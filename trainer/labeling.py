@@ -1,7 +1,11 @@
-"""AI preference labelling (RLAIF): sample candidate responses, let a judge model compare them under a written
-constitution, and write soft-labelled preference rows that `rewardserve train` reads.
+"""AI preference labelling (RLAIF): sample candidate responses, let a judge model compare them, and write
+soft-labelled preference rows that `rewardserve train` reads. Two judges:
 
-The judge is asked which of two responses better follows the principles and must answer with one letter; its
+- pairwise (the default): a causal LM compares two responses under a written constitution, as below;
+- relevance: a sentence encoder scores each response alone by how directly it answers its question
+  (`relevance.py`), and a pair's label is the score gap; no order, so no position bias.
+
+The pairwise judge is asked which of two responses better follows the principles and must answer with one letter; its
 verdict is read from the next-token probabilities of "A" and "B". Each pair is asked in both orders and the two
 probabilities averaged in logit space, which cancels the judge's preference for a position. The share of pairs
 whose two orders pick the same winner is the consistency rate. A small judge's position bias is nearly a constant
@@ -52,7 +56,7 @@ class Verdict:
     consistent_debiased: bool = True  # ... once the mean position bias of the pairs asked together is taken off
     position_bias: float = 0.0  # logit added to "the response shown as A is better", whatever it says
     content_signal: float = 0.0  # the order-free logit that the first is better
-    answer_mass: float = 1.0  # next-token probability on "A" or "B" at all, averaged over both orders
+    answer_mass: float | None = 1.0  # next-token probability on "A" or "B" at all, averaged over both orders
 
 
 def load_constitution(spec: str) -> str:
@@ -170,13 +174,21 @@ def judge_both_orders(judge, tokenizer, questions, first, second, constitution, 
             for s, f, b, d, c, m in zip(signal, forward, backward, debiased, bias, mass)]
 
 
+def relevance_verdicts(first_scores: torch.Tensor, second_scores: torch.Tensor, temperature: float) -> list[Verdict]:
+    """A pointwise judge's verdicts: the logit that the first is better is the score gap over the temperature. The
+    order the two were shown in plays no part, so every verdict is consistent and the position bias is 0."""
+    signal = (first_scores - second_scores) / temperature
+    return [Verdict(torch.sigmoid(s).item(), True, True, 0.0, s.item(), None) for s in signal]
+
+
 def judge_figures(verdicts: list[Verdict]) -> dict:
     """How much the labels can carry: the mean position bias and mean |content signal| in logits, and the mean
-    share of the judge's next-token probability on the two answer letters."""
+    share of the judge's next-token probability on the two answer letters (None for a pointwise judge)."""
     count = max(1, len(verdicts))
+    masses = [v.answer_mass for v in verdicts if v.answer_mass is not None]
     return {"judge_position_bias_logit": round(sum(v.position_bias for v in verdicts) / count, 4),
             "judge_content_signal_logit": round(sum(abs(v.content_signal) for v in verdicts) / count, 4),
-            "judge_answer_mass": round(sum(v.answer_mass for v in verdicts) / count, 4)}
+            "judge_answer_mass": round(sum(masses) / len(masses), 4) if masses else None}
 
 
 def preference_rows(prompts, first, second, verdicts: list[Verdict], inconsistent: str,
@@ -202,25 +214,40 @@ def main(config: LabelConfig) -> dict:
     torch.manual_seed(config.seed)
     device, started = resolve_device(config.device), time.perf_counter()
     prompts = load_prompts(config.prompts)[: config.max_prompts]
-    policy_path, judge_path = resolve_model_path(config.policy), resolve_model_path(config.judge)
+    policy_path, judge_path = resolve_model_path(config.policy), resolve_model_path(config.judge_model)
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     policy = AutoModelForCausalLM.from_pretrained(policy_path).to(device).eval()
     candidates = [generate_responses(policy, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                      config.batch_size, device)[0]
                   for _ in range(config.responses_per_prompt)]
     sampled = time.perf_counter()
-    judge = policy if judge_path == policy_path else AutoModelForCausalLM.from_pretrained(judge_path).to(device).eval()
-    judge_tokenizer = tokenizer if judge_path == policy_path else AutoTokenizer.from_pretrained(judge_path)
-    questions, constitution = [prompt_text(p) for p in prompts], load_constitution(config.constitution)
+    questions = [prompt_text(p) for p in prompts]
+    if config.judge_mode == "relevance":
+        from .relevance import RelevanceJudge
+
+        relevance = RelevanceJudge(judge_path, device, config.batch_size)
+        scores = [relevance.scores(questions, responses) for responses in candidates]  # each response once
+
+        def judge_pair(i: int, j: int) -> list[Verdict]:
+            return relevance_verdicts(scores[i], scores[j], config.relevance_temperature)
+    else:
+        judge = policy if judge_path == policy_path else \
+            AutoModelForCausalLM.from_pretrained(judge_path).to(device).eval()
+        judge_tokenizer = tokenizer if judge_path == policy_path else AutoTokenizer.from_pretrained(judge_path)
+        constitution = load_constitution(config.constitution)
+
+        def judge_pair(i: int, j: int) -> list[Verdict]:
+            return judge_both_orders(judge, judge_tokenizer, questions, candidates[i], candidates[j], constitution,
+                                     config.batch_size, device)
     rows, verdicts = [], []
     for i, j in itertools.combinations(range(config.responses_per_prompt), 2):
-        pair_verdicts = judge_both_orders(judge, judge_tokenizer, questions, candidates[i], candidates[j],
-                                          constitution, config.batch_size, device)
+        pair_verdicts = judge_pair(i, j)
         verdicts += pair_verdicts
         rows += preference_rows(prompts, candidates[i], candidates[j], pair_verdicts, config.inconsistent,
                                 config.labels)
     write_rows(Path(config.out), rows)
-    summary = {"prompts": len(prompts), "pairs_judged": len(verdicts), "rows_written": len(rows),
+    summary = {"judge_mode": config.judge_mode, "prompts": len(prompts), "pairs_judged": len(verdicts),
+               "rows_written": len(rows),
                "consistency_rate": sum(v.consistent for v in verdicts) / max(1, len(verdicts)),
                "consistency_rate_debiased": sum(v.consistent_debiased for v in verdicts) / max(1, len(verdicts)),
                **judge_figures(verdicts),

@@ -53,14 +53,18 @@ def test_the_win_rate_is_that_of_the_server_s_scores(running_server, policies, t
     assert "B's win rate, reward" in run.stdout
 
 
-def test_a_policy_against_itself_ties_every_greedy_comparison(running_server, policies, tmp_path):
-    """Under the reward server, and under an AI judge asked in both orders (whose position bias then cancels)."""
+def test_a_policy_against_itself_ties_every_greedy_comparison(running_server, policies, minilm_dir, tmp_path):
+    """Under the reward server, under an AI judge asked in both orders (whose position bias then cancels), and
+    under the relevance judge."""
     a, _, prompts = policies
-    run = compare(running_server.http_url, (a, a, prompts), tmp_path, "--greedy", "--judge", str(a))
+    run = compare(running_server.http_url, (a, a, prompts), tmp_path, "--greedy", "--judge", str(a),
+                  "--relevance-judge", str(minilm_dir))
     assert run.returncode == 0, run.stderr[-3000:]
     rows, summary = read(tmp_path)
     assert summary["reward"] == {"rate": 0.5, "low": 0.5, "high": 0.5, "wins": 0, "ties": 6, "losses": 0}
     assert summary["judge"]["ties"] == 6 and [row["judge_outcome"] for row in rows] == [0.5] * 6
+    assert summary["relevance"]["ties"] == 6 and all(row["a_relevance"] == row["b_relevance"] for row in rows)
+    assert "B's win rate, relevance" in run.stdout
 
 
 def test_a_server_that_refuses_at_first_is_retried_not_counted_as_a_loss(tiny_llama, policies, tmp_path):

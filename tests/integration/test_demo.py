@@ -35,10 +35,10 @@ def test_demo_runs_every_stage_then_caches_them(tiny_policy, tiny_base, tmp_path
     assert (out / "ppo" / "ppo.png").is_file() and (out / "ppo" / "policy" / "config.json").is_file()
     assert "rewardserve ready" in (out / "server.log").read_text()  # the server really ran, as its own process
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["labelling"]["rows"] == len(rows) and 0 <= summary["labelling"]["consistency_rate"] <= 1
-    labelling = summary["labelling"]  # what the judge's labels can carry (a random tiny judge: a mass near 0)
-    assert 0 <= labelling["judge_answer_mass"] <= 1 and labelling["judge_content_signal_logit"] >= 0
-    assert isinstance(labelling["judge_position_bias_logit"], float)
+    labelling = summary["labelling"]  # the default judge, the embedded encoder: pointwise, so order plays no part
+    assert labelling["judge_mode"] == "relevance" and labelling["rows"] == len(rows)
+    assert labelling["consistency_rate"] == 1.0 and labelling["judge_position_bias_logit"] == 0.0
+    assert labelling["judge_content_signal_logit"] > 0 and labelling["judge_answer_mass"] is None
     assert summary["reward_model"]["held_out_accuracy"] is not None and summary["ppo"]["steps"] == 2
     assert summary["ppo"]["reward_gain_in_rm_std"] == pytest.approx(metrics[1]["reward_mean"] - metrics[0]["reward_mean"],
                                                                     abs=1e-4)
@@ -49,7 +49,8 @@ def test_demo_runs_every_stage_then_caches_them(tiny_policy, tiny_base, tmp_path
     assert [json.dumps({"prompt": row["prompt"]}) for row in compared] == held_out
     comparison = summary["held_out_comparison"]
     assert comparison["comparisons"] == 51 and set(comparison["mean_length_tokens"]) == {"a", "b"}
-    for name in ("win_rate_reward", "win_rate_judge"):
+    assert all(-1 <= row["a_relevance"] <= 1 and -1 <= row["b_relevance"] <= 1 for row in compared)
+    for name in ("win_rate_reward", "win_rate_judge", "win_rate_relevance"):
         rate_low_high = comparison[name]
         assert 0 <= rate_low_high[1] <= rate_low_high[0] <= rate_low_high[2] <= 1
     assert (out / "compare" / "win_rates.png").is_file()
@@ -59,11 +60,15 @@ def test_demo_runs_every_stage_then_caches_them(tiny_policy, tiny_base, tmp_path
     assert second.count(": cached") == 4
 
 
-@pytest.mark.slow  # 22 s; the hot reload itself is in test_reload.py
+@pytest.mark.slow  # 22 s; the hot reload itself is in test_reload.py, the pairwise judge's figures in test_labeling.py
 def test_demo_refreshes_the_reward_model_without_stopping_the_server(tiny_policy, tiny_base, tmp_path):  # noqa: F811
+    """With the pairwise judge (the tiny policy, asked "A or B" in both orders) labelling the refreshes too."""
     out = tmp_path / "demo"
     printed = run_demo(out, tiny_policy, tiny_base, "--ppo-steps", "4", "--refresh-every", "2",
-                       "--refresh-prompts", "6")
+                       "--refresh-prompts", "6", "--label-judge-mode", "pairwise")
+    labelling = json.loads((out / "label_summary.json").read_text())  # a random tiny judge: a mass near 0
+    assert labelling["judge_mode"] == "pairwise" and 0 <= labelling["judge_answer_mass"] <= 1
+    assert 0 <= labelling["consistency_rate"] <= 1 and isinstance(labelling["judge_position_bias_logit"], float)
     assert "== refresh 1, after PPO step 2" in printed and "while the server kept serving" in printed
     refreshes = json.loads((out / "ppo" / "refreshes.json").read_text())
     assert len(refreshes) == 1 and refreshes[0]["after_step"] == 2 and refreshes[0]["new_pairs"] > 0

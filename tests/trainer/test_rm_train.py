@@ -78,6 +78,12 @@ def test_training_learns_writes_statistics_and_a_plain_hf_checkpoint(tiny_base, 
     assert plain.config.num_labels == 1 and plain.config.pad_token_id != plain.config.eos_token_id
 
 
+def test_whitening_statistics_come_from_held_out_responses_when_there_are_enough():
+    train, held_out = torch.arange(10.0), torch.ones(rm_train.MIN_HELD_OUT_RESPONSES)
+    assert rm_train.whitening_scores(train, held_out) == (held_out, "64 held-out responses")
+    assert rm_train.whitening_scores(train, held_out[:-1]) == (train, "10 training responses")
+
+
 def test_resume_continues_to_the_same_weights(tiny_base, pairs_file, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     rm_train.main(config(tiny_base, pairs_file, straight))
