@@ -301,7 +301,8 @@ class Batcher:
         except Exception as error:  # on a GPU a forward's failure can surface when its result is read
             await self._isolate(flight.jobs, error)
             return
-        self._record_batch([job.input_ids for job in flight.jobs], time.perf_counter() - flight.started)
+        self._record_batch([job.input_ids for job in flight.jobs], time.perf_counter() - flight.started,
+                           getattr(flight.engine, "name", "model"), getattr(flight.pending, "computed_tokens", None))
         for job, score in zip(flight.jobs, scores):
             if job.future.done():
                 continue
@@ -348,9 +349,13 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(error)
 
-    def _record_batch(self, sequences: list[list[int]], seconds: float) -> None:
+    def _record_batch(self, sequences: list[list[int]], seconds: float, model: str = "model",
+                      computed: int | None = None) -> None:
+        """computed: the tokens the engine says its forward ran (None: it does not say; the padded count)."""
         real = sum(len(s) for s in sequences)
         padded = len(sequences) * max(len(s) for s in sequences)
+        metrics.MODEL_TOKENS.labels(model).inc(real)
+        metrics.COMPUTED_TOKENS.labels(model).inc(padded if computed is None else computed)
         metrics.BATCH_SIZE.observe(len(sequences))
         metrics.BATCH_TOKENS.observe(padded)
         metrics.TOKENS.inc(real)

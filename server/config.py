@@ -55,6 +55,12 @@ class ServeConfig(BaseSettings):
     """truncate: keep the response and cut the prompt from the left (the item says truncated); error: answer 413."""
     max_batch_tokens: int = Field(16384, gt=0)
     """Token budget of one forward pass, padding included (rows x longest row)."""
+    min_shared_prefix: int = Field(32, ge=0)
+    """Items of a batch (from one request or several) whose tokens begin with the same N or more are computed as
+    that prefix once, then each one's own tokens attending to it: exactly the unshared scores, for a group of
+    responses to one prompt at about the cost of one prompt. Decoders only (an encoder's prefix states depend on
+    what follows); 0 turns it off. 32 is past a chat template's header, so unrelated items share only a long
+    system prompt, where sharing starts to pay."""
     max_wait_ms: float = Field(2.0, ge=0)
     """How long an idle batcher waits for more requests to join a batch."""
     max_queue_items: int = Field(8192, gt=0)

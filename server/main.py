@@ -58,7 +58,9 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     folder = str(local_checkpoint(path, name))
     tokenizer = load_tokenizer(folder, config.trust_remote_code)
     model = RewardModel.load(folder, config.dtype, config.device, config.trust_remote_code,
-                             max_length=config.max_length or trained_max_length(tokenizer))
+                             max_length=config.max_length or trained_max_length(tokenizer),
+                             min_shared_prefix=config.min_shared_prefix)
+    model.name = name  # the served name, which the batcher's per-model metrics are labelled with
     if config.max_length is not None and config.max_length > model.max_length:
         log.warning("--max-length %d is over the %d positions of model %s (%s): it scores at most %d tokens",
                     config.max_length, model.max_positions, name, model.architecture, model.max_length)
@@ -88,6 +90,7 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
         default_transform=default_transform.describe(), statistics=asdict(statistics) if statistics else None,
         max_items_per_request=config.max_items_per_request, max_batch_tokens=config.max_batch_tokens,
         length_fit=asdict(model.length_fit) if model.length_fit else None,
+        min_shared_prefix=model.min_shared_prefix, shared_prefix=model.shared_prefix_note(config.min_shared_prefix),
     )
     engine = model
     if config.stand_in_forward_us:

@@ -11,6 +11,10 @@ REQUESTS = Counter("rewardserve_requests_total", "Scoring requests answered, by 
 ITEMS = Counter("rewardserve_items_total", "Items scored")
 TOKENS = Counter("rewardserve_tokens_total", "Real (unpadded) tokens scored")
 PADDED_TOKENS = Counter("rewardserve_padded_tokens_total", "Tokens computed including padding")
+MODEL_TOKENS = Counter("rewardserve_model_tokens_total", "Tokens clients sent, by model", ["model"])
+COMPUTED_TOKENS = Counter("rewardserve_computed_tokens_total",
+                          "Tokens the forward ran, by model: padding included where a model is scored padded,"
+                          " a shared prefix counted once", ["model"])
 TRUNCATED = Counter("rewardserve_truncated_items_total", "Items cut to max_length")
 ERRORS = Counter("rewardserve_errors_total", "Errors answered, by kind", ["kind"])
 CANCELLED = Counter("rewardserve_cancelled_items_total", "Items dropped before the forward: their client had gone")

@@ -367,14 +367,16 @@ class RewardModel:
     statistics: RewardStatistics | None
     max_length: int  # the longest sequence this model is given: what was asked, capped at max_positions
     packs: bool = False  # padding-free forwards (server/packing.py) for the architectures that support them
+    min_shared_prefix: int | None = None  # packed decoders: items sharing this many leading tokens share their forward
     length_fit: LengthFit | None = None
     weights_hash: str = ""  # checkpoint_hash(path): what the model is; with loaded_at, its version
     loaded_at: float = field(default_factory=time.time)
 
     @classmethod
     def load(cls, path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-             max_length: int | None = None):
-        """max_length: the longest sequence to expect, capped at the model's positions (None: the positions)."""
+             max_length: int | None = None, min_shared_prefix: int = 0):
+        """max_length: the longest sequence to expect, capped at the model's positions (None: the positions).
+        min_shared_prefix: share the forward of a prefix this long or longer (0: never); decoders that pack only."""
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         log.info("loading reward model %s on %s", path, describe_device(target, torch_dtype))
@@ -389,8 +391,10 @@ class RewardModel:
         if not packs:
             log.info("%s is scored padded: %s", type(network).__name__,
                      plain_attention_blocker(config, length) or "its head is not a linear score or pooled classifier")
+        shares = packs and is_decoder_reward_model(network) and min_shared_prefix > 0
         return cls(network, _model_name(path), target, torch_dtype, int(pad), positions, read_statistics(config),
-                   length, packs=packs, length_fit=read_length_fit(config), weights_hash=checkpoint_hash(path, config))
+                   length, packs=packs, min_shared_prefix=min_shared_prefix if shares else None,
+                   length_fit=read_length_fit(config), weights_hash=checkpoint_hash(path, config))
 
     @property
     def embedding_rows(self) -> int:
@@ -410,6 +414,16 @@ class RewardModel:
     def architecture(self) -> str:
         return type(self.network).__name__
 
+    def shared_prefix_note(self, asked: int) -> str:
+        """Why sharing is on or off, for /info."""
+        if self.min_shared_prefix:
+            return f"on: items sharing {self.min_shared_prefix} or more leading tokens compute them once"
+        if not self.packs:
+            return "off: this model is scored padded"
+        if not self.is_decoder:
+            return "off: in an encoder a prefix's states depend on what follows it, so they cannot be shared"
+        return "off: --min-shared-prefix 0" if asked == 0 else "off"
+
     # -- the forward, in two halves so the batcher can overlap host work with the device -----------------------
     @torch.inference_mode()
     def launch(self, sequences: list[list[int]]) -> "PendingScores":
@@ -423,20 +437,22 @@ class RewardModel:
         pinned = self.device.type == "cuda"
         try:
             if self.packs:
-                scores = packed_scores(self.network, to_device(pack(sequences, pin_memory=pinned), self.device))
+                packed = pack(sequences, pin_memory=pinned, min_shared_prefix=self.min_shared_prefix)
+                scores, computed = packed_scores(self.network, to_device(packed, self.device)), packed.computed_tokens
             else:
                 input_ids, attention_mask = pad_right(sequences, self.pad_token_id, pin_memory=pinned)
                 scores = sequence_scores(self.network, input_ids.to(self.device, non_blocking=pinned),
                                          attention_mask.to(self.device, non_blocking=pinned))
+                computed = input_ids.numel()
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
         if not pinned:
-            return PendingScores(scores, None)
+            return PendingScores(scores, None, computed)
         host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
         host.copy_(scores, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return PendingScores(host, done)
+        return PendingScores(host, done, computed)
 
     @staticmethod
     def collect(pending: "PendingScores") -> list[float]:
@@ -453,6 +469,7 @@ class RewardModel:
 class PendingScores:
     scores: torch.Tensor  # (B,) on the host (pinned on a GPU machine), complete once `done` has fired
     done: "torch.cuda.Event | None"
+    computed_tokens: int = 0  # what the forward ran: padding included, a shared prefix once
 
 
 def checkpoint_hash(path: str | os.PathLike, config=None) -> str:

@@ -32,44 +32,136 @@ ATTENTION_NAME = "rewardserve_packed"
 
 @dataclass
 class Documents:
-    """Where each sequence lies in the packed row; travels to the attention function as a forward kwarg."""
+    """Where each segment lies in the packed row, and which segment's keys it reads besides its own (the prompt it
+    shares with others); travels to the attention function as a forward kwarg."""
 
-    bounds: list[int]  # B + 1 offsets, on the host: the CPU kernel slices with them without asking the device
+    bounds: list[int]  # S + 1 offsets, on the host: the CPU kernel slices with them without asking the device
     block_masks: dict  # causal flag -> flex_attention BlockMask, built on first use (CUDA only)
-    ids: torch.Tensor | None = None  # (N,) document index of each token, on the device (for the block mask)
+    ids: torch.Tensor | None = None  # (N,) segment index of each token, on the device (for the block mask)
+    prefixes: list[int] | None = None  # per segment, on the host: the segment it also attends to, or -1 (None: none)
+    prefix_ids: torch.Tensor | None = None  # (N,) each token's segment's prefix, on the device (for the block mask)
 
     def spans(self) -> list[tuple[int, int]]:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
+
+    def prefix_spans(self) -> list[tuple[int, int] | None]:
+        spans = self.spans()
+        return [None if p < 0 else spans[p] for p in (self.prefixes or [-1] * len(spans))]
 
 
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # (1, N)
-    position_ids: torch.Tensor  # (1, N): 0.. within each sequence
+    position_ids: torch.Tensor  # (1, N): 0.. within each sequence; a suffix's go on from its prefix's
     documents: Documents
     first_index: torch.Tensor  # (B,) each sequence's first token in the row
     last_index: torch.Tensor  # (B,) each sequence's last token in the row
 
+    @property
+    def computed_tokens(self) -> int:
+        return self.input_ids.shape[1]
 
-def pack(sequences: list[list[int]], pin_memory: bool = False) -> PackedBatch:
-    """Lays the sequences end to end (host tensors; pinned when they are bound for a GPU)."""
-    lengths = torch.tensor([len(s) for s in sequences])
+
+def shared_prefix_groups(sequences: list[tuple[int, ...]], min_shared: int) -> list[tuple[int, list[int]]]:
+    """Distinct sequences cut into groups that are each computed over one shared prefix: (prefix length, member
+    indices), every index in one group; a group of one shares nothing (length 0).
+
+    Sorted, sequences that share a prefix are neighbours, and a run of neighbours shares the shortest common prefix
+    of its adjacent pairs. A run is kept whole, or cut where that shortest prefix lies, whichever saves more tokens
+    (its parts cut the same way): so a system prompt common to the whole batch does not swallow the longer prompt
+    that each group of responses shares."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    common = [_common_prefix(sequences[a], sequences[b]) for a, b in zip(order, order[1:])]
+    best: dict[tuple[int, int], tuple[int, list]] = {}  # run [a, b) of `order` -> (tokens saved, its groups)
+    stack = [(0, len(order), False)]  # post-order without recursion: a run's parts are decided before it
+    while stack:
+        a, b, parts_done = stack.pop()
+        if b - a == 1:
+            best[a, b] = (0, [(0, [order[a]])])
+            continue
+        shortest = min(common[a:b - 1])
+        cuts = [a] + [k + 1 for k in range(a, b - 1) if common[k] == shortest] + [b]
+        parts = list(zip(cuts[:-1], cuts[1:]))
+        if not parts_done and len(parts) > 1:
+            stack.append((a, b, True))
+            stack.extend((x, y, False) for x, y in parts)
+            continue
+        whole = (b - a - 1) * shortest if shortest >= min_shared else 0
+        below = sum(best[part][0] for part in parts) if len(parts) > 1 else 0
+        if whole > 0 and whole >= below:
+            best[a, b] = (whole, [(shortest, order[a:b])])
+        else:
+            best[a, b] = (below, [group for part in parts for group in best[part][1]]) if len(parts) > 1 \
+                else (0, [(0, [i]) for i in order[a:b]])
+    return best[0, len(order)][1] if order else []
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix: int | None = None) -> PackedBatch:
+    """Lays the sequences end to end (host tensors; pinned when they are bound for a GPU). Identical sequences are
+    computed once. With `min_shared_prefix`, sequences that begin with the same `min_shared_prefix` tokens or more
+    are laid out as that prefix once, then each one's own suffix: the suffix attends to the prefix and to itself,
+    its positions go on from the prefix's, and its score is read at its own last token (a sequence that is the
+    whole prefix, at the prefix's). With causal attention the prefix's states do not depend on what follows it, so
+    this is exactly the unshared forward; encoders must never share."""
+    distinct: dict[tuple[int, ...], int] = {}
+    which = [distinct.setdefault(tuple(s), len(distinct)) for s in sequences]
+    uniques = list(distinct)
+    groups = shared_prefix_groups(uniques, min_shared_prefix) if min_shared_prefix else \
+        [(0, [i]) for i in range(len(uniques))]
+    tokens, first_positions, prefixes, ends_at = [], [], [], [None] * len(uniques)  # ends_at: (segment, offset)
+    for shared, members in groups:
+        if shared == 0:
+            (member,) = members
+            ends_at[member] = (len(tokens), len(uniques[member]) - 1)
+            tokens.append(uniques[member])
+            first_positions.append(0)
+            prefixes.append(-1)
+            continue
+        prefix_segment = len(tokens)
+        tokens.append(uniques[members[0]][:shared])
+        first_positions.append(0)
+        prefixes.append(-1)
+        for member in members:
+            own = uniques[member][shared:]
+            if not own:  # the prefix is this whole sequence
+                ends_at[member] = (prefix_segment, shared - 1)
+                continue
+            ends_at[member] = (len(tokens), len(own) - 1)
+            tokens.append(own)
+            first_positions.append(shared)
+            prefixes.append(prefix_segment)
+    lengths = torch.tensor([len(t) for t in tokens])
     ends = lengths.cumsum(0)
     starts = ends - lengths
     total = int(ends[-1])
-    input_ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)[None]  # (1, N)
-    position_ids = (torch.arange(total) - starts.repeat_interleave(lengths))[None]  # (1, N)
-    ids = torch.arange(len(sequences)).repeat_interleave(lengths)  # (N,)
+    input_ids = torch.tensor([t for segment in tokens for t in segment], dtype=torch.long)[None]  # (1, N)
+    position_ids = (torch.arange(total) - (starts - torch.tensor(first_positions)).repeat_interleave(lengths))[None]
+    ids = torch.arange(len(tokens)).repeat_interleave(lengths)  # (N,)
+    shares = any(p >= 0 for p in prefixes)
+    prefix_ids = torch.tensor(prefixes).repeat_interleave(lengths) if shares else None
     if pin_memory:
         input_ids, position_ids, ids = input_ids.pin_memory(), position_ids.pin_memory(), ids.pin_memory()
-    documents = Documents([0] + ends.tolist(), {}, ids)
-    return PackedBatch(input_ids, position_ids, documents, starts, ends - 1)
+        prefix_ids = prefix_ids.pin_memory() if shares else None
+    documents = Documents([0] + ends.tolist(), {}, ids, prefixes if shares else None, prefix_ids)
+    segment_of = torch.tensor([ends_at[w][0] for w in which])
+    offset_in = torch.tensor([ends_at[w][1] for w in which])
+    return PackedBatch(input_ids, position_ids, documents, starts[segment_of], starts[segment_of] + offset_in)
 
 
 def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     non_blocking = device.type == "cuda"
     move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-    documents = Documents(batch.documents.bounds, {}, move(batch.documents.ids))
+    shared = batch.documents.prefix_ids
+    documents = Documents(batch.documents.bounds, {}, move(batch.documents.ids), batch.documents.prefixes,
+                          None if shared is None else move(shared))
     return PackedBatch(move(batch.input_ids), move(batch.position_ids), documents, move(batch.first_index),
                        move(batch.last_index))
 
@@ -93,8 +185,19 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         output = _flex_attention(query, key, value, rewardserve_documents, causal, scaling)
         if output is not None:
             return output.transpose(1, 2).contiguous(), None
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=causal,
-                                            dropout_p=dropout, scale=scaling) for s, e in rewardserve_documents.spans()]
+    parts = []
+    for (s, e), prefix in zip(rewardserve_documents.spans(), rewardserve_documents.prefix_spans()):
+        if prefix is None:
+            parts.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                        is_causal=causal, dropout_p=dropout, scale=scaling))
+            continue
+        # a suffix: its queries see every key of its prefix, then its own causally (lower-right aligned)
+        p, own = prefix[1] - prefix[0], e - s
+        keys = torch.cat([key[:, :, prefix[0]:prefix[1]], key[:, :, s:e]], dim=2)
+        values = torch.cat([value[:, :, prefix[0]:prefix[1]], value[:, :, s:e]], dim=2)
+        visible = torch.ones(own, p + own, dtype=torch.bool, device=query.device).tril(p)
+        parts.append(F.scaled_dot_product_attention(query[:, :, s:e], keys, values, attn_mask=visible,
+                                                    dropout_p=dropout, scale=scaling))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -107,7 +210,8 @@ def _flex_attention(query, key, value, documents: Documents, causal: bool, scali
             _flex = torch.compile(flex_attention, dynamic=True)
         mask = documents.block_masks.get(causal)
         if mask is None:
-            mask = documents.block_masks[causal] = document_block_mask(documents.ids, causal, create_block_mask)
+            mask = documents.block_masks[causal] = document_block_mask(documents.ids, causal, create_block_mask,
+                                                                       documents.prefix_ids)
         return _flex(query, key, value, block_mask=mask, scale=scaling)
     except Exception as error:  # never die of an optimisation nobody could try here
         log.warning("flex_attention failed (%s: %s); packed attention runs one SDPA call per document from now on",
@@ -116,12 +220,17 @@ def _flex_attention(query, key, value, documents: Documents, causal: bool, scali
         return None
 
 
-def document_block_mask(ids: torch.Tensor, causal: bool, create_block_mask):
-    """A flex_attention block mask: token q sees token k of the same document (and, if causal, only k <= q)."""
+def document_block_mask(ids: torch.Tensor, causal: bool, create_block_mask, prefix_ids: torch.Tensor | None = None):
+    """A flex_attention block mask: token q sees token k of the same segment (and, if causal, only k <= q), and
+    every token of the prefix its segment shares (which lies before it in the row)."""
     def same_document(_b, _h, q, k):
         return (ids[q] == ids[k]) & (q >= k) if causal else ids[q] == ids[k]
 
-    return create_block_mask(same_document, None, None, ids.shape[0], ids.shape[0], device=ids.device)
+    def same_document_or_prefix(b, h, q, k):
+        return same_document(b, h, q, k) | (prefix_ids[q] == ids[k])
+
+    visible = same_document if prefix_ids is None else same_document_or_prefix
+    return create_block_mask(visible, None, None, ids.shape[0], ids.shape[0], device=ids.device)
 
 
 def register() -> None:

@@ -189,6 +189,9 @@ class ModelInfo(BaseModel):
     max_items_per_request: int
     max_batch_tokens: int
     forward: str = Field("model", description="`model`, or the stand-in a benchmark replaced its forward with")
+    min_shared_prefix: int | None = Field(None, description="items sharing this many leading tokens or more are"
+                                                            " computed over that prefix once; None: sharing is off")
+    shared_prefix: str = Field("", description="why sharing is on or off for this model")
     length_fit: LengthFitOut | None = None
 
 
