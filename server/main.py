@@ -90,7 +90,7 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
         default_transform=default_transform.describe(), statistics=asdict(statistics) if statistics else None,
         max_items_per_request=config.max_items_per_request, max_batch_tokens=config.max_batch_tokens,
         length_fit=asdict(model.length_fit) if model.length_fit else None,
-        min_shared_prefix=model.min_shared_prefix, shared_prefix=model.shared_prefix_note(config.min_shared_prefix),
+        min_shared_prefix=model.min_shared_prefix, shared_prefix=model.shared_prefix_note(),
     )
     engine = model
     if config.stand_in_forward_us:

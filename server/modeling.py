@@ -414,7 +414,7 @@ class RewardModel:
     def architecture(self) -> str:
         return type(self.network).__name__
 
-    def shared_prefix_note(self, asked: int) -> str:
+    def shared_prefix_note(self) -> str:
         """Why sharing is on or off, for /info."""
         if self.min_shared_prefix:
             return f"on: items sharing {self.min_shared_prefix} or more leading tokens compute them once"
@@ -422,7 +422,7 @@ class RewardModel:
             return "off: this model is scored padded"
         if not self.is_decoder:
             return "off: in an encoder a prefix's states depend on what follows it, so they cannot be shared"
-        return "off: --min-shared-prefix 0" if asked == 0 else "off"
+        return "off: --min-shared-prefix 0"
 
     # -- the forward, in two halves so the batcher can overlap host work with the device -----------------------
     @torch.inference_mode()

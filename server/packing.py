@@ -82,17 +82,16 @@ def shared_prefix_groups(sequences: list[tuple[int, ...]], min_shared: int) -> l
         shortest = min(common[a:b - 1])
         cuts = [a] + [k + 1 for k in range(a, b - 1) if common[k] == shortest] + [b]
         parts = list(zip(cuts[:-1], cuts[1:]))
-        if not parts_done and len(parts) > 1:
+        if not parts_done:  # the shortest prefix lies somewhere in the run, so there are two parts or more
             stack.append((a, b, True))
             stack.extend((x, y, False) for x, y in parts)
             continue
         whole = (b - a - 1) * shortest if shortest >= min_shared else 0
-        below = sum(best[part][0] for part in parts) if len(parts) > 1 else 0
+        below = sum(best[part][0] for part in parts)
         if whole > 0 and whole >= below:
             best[a, b] = (whole, [(shortest, order[a:b])])
         else:
-            best[a, b] = (below, [group for part in parts for group in best[part][1]]) if len(parts) > 1 \
-                else (0, [(0, [i]) for i in order[a:b]])
+            best[a, b] = (below, [group for part in parts for group in best[part][1]])
     return best[0, len(order)][1] if order else []
 
 
@@ -105,17 +104,20 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 
 def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix: int | None = None) -> PackedBatch:
-    """Lays the sequences end to end (host tensors; pinned when they are bound for a GPU). Identical sequences are
-    computed once. With `min_shared_prefix`, sequences that begin with the same `min_shared_prefix` tokens or more
-    are laid out as that prefix once, then each one's own suffix: the suffix attends to the prefix and to itself,
-    its positions go on from the prefix's, and its score is read at its own last token (a sequence that is the
-    whole prefix, at the prefix's). With causal attention the prefix's states do not depend on what follows it, so
-    this is exactly the unshared forward; encoders must never share."""
-    distinct: dict[tuple[int, ...], int] = {}
-    which = [distinct.setdefault(tuple(s), len(distinct)) for s in sequences]
-    uniques = list(distinct)
-    groups = shared_prefix_groups(uniques, min_shared_prefix) if min_shared_prefix else \
-        [(0, [i]) for i in range(len(uniques))]
+    """Lays the sequences end to end (host tensors; pinned when they are bound for a GPU). With
+    `min_shared_prefix`, identical sequences are computed once, and sequences that begin with the same
+    `min_shared_prefix` tokens or more are laid out as that prefix once, then each one's own suffix: the suffix
+    attends to the prefix and to itself, its positions go on from the prefix's, and its score is read at its own
+    last token (a sequence that is the whole prefix, at the prefix's). With causal attention the prefix's states do
+    not depend on what follows it, so this is exactly the unshared forward; encoders must never share."""
+    if min_shared_prefix:
+        distinct: dict[tuple[int, ...], int] = {}
+        which = [distinct.setdefault(tuple(s), len(distinct)) for s in sequences]
+        uniques = list(distinct)
+        groups = shared_prefix_groups(uniques, min_shared_prefix)
+    else:
+        which, uniques = list(range(len(sequences))), sequences
+        groups = [(0, [i]) for i in range(len(sequences))]
     tokens, first_positions, prefixes, ends_at = [], [], [], [None] * len(uniques)  # ends_at: (segment, offset)
     for shared, members in groups:
         if shared == 0:

@@ -496,6 +496,11 @@ class BenchConfig(_Settings):
     """Seconds for optional repetitions; every row always gets a warm-up and two timed passes."""
     peer: bool = True
     """Also run the peer (TRL's RewardTrainer) in the train part."""
+    workload: Literal["W", "G"] = "W"
+    """serve: W, 512 sequences of log-normal lengths with no shared prefixes; or G, 64 prompts of W-like length with
+    8 responses each (a group a request), which shared prefixes serve (see docs/benchmarks.md)."""
+    groups: int | None = Field(None, gt=0, le=64)
+    """Groups of workload G to use (its first N). Default: all 64 on a GPU, 8 on a CPU."""
     sequences: int | None = Field(None, gt=0, le=512)
     """Sequences of workload W to use (its first N). Default: all 512 on a GPU (the reference figures), 64 on a
     CPU."""

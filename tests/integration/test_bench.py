@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
 import pytest
 
+from rewardserve.trainer.bench.common import workload_g
+
 from ..conftest import CLI, SHARED_DATA
 
-SERVE_ROWS = ["anchor naive b16", "anchor sorted 64k", "core", "core 64k budget", "HTTP 16x32", "gRPC 16x32",
-              "HTTP 128x1", "HTTP text 16x32"]
+SERVE_ROWS = ["anchor naive b16", "anchor sorted 64k", "core", "core 64k budget", "core, sharing off", "HTTP 16x32",
+              "gRPC 16x32", "HTTP 128x1", "HTTP text 16x32"]
+SHARED_ROWS = ["core, sharing off", "core, sharing on", "HTTP 8 clients, a group a request",
+               "gRPC 8 clients, a group a request"]
 
 
 # The whole command takes about a minute on 2 cores: it runs under `make test-all`.
@@ -44,7 +49,7 @@ def test_every_serve_row_is_there_with_its_ratio_to_the_core(bench_result):
         # (2 layers of q, k, v, o, gate, up, down and two norms, the final norm, and the one-output head)
         implied = row["mfu"] * row["seconds"] * bench_result["peak"]["flops"] / (2 * row["tokens"])
         assert implied == pytest.approx(74_112, rel=1e-6)
-    for name in SERVE_ROWS[4:]:
+    for name in SERVE_ROWS[5:]:
         assert rows[name]["p50_s"] is not None and rows[name]["p99_s"] >= rows[name]["p50_s"]
     assert rows["HTTP 16x32"]["tokens"] == rows["core"]["tokens"]  # the server scored every token of W's slice
 
@@ -72,3 +77,23 @@ def test_the_environment_and_the_budget(bench_result):
     env = bench_result["environment"]
     assert env["torch"] and env["transformers"] and env["python"] and env["flags"]["shapes"] == ["tiny"]
     assert bench_result["wall_s"] < 180  # the command itself must stay under 2 minutes here; this adds start-up
+
+
+def test_workload_g_shares_each_group_s_prompt(tmp_path):
+    """`bench serve --workload G` on its first 3 groups: the core with sharing off computes every token sent, with
+    it on little more than each prompt once; so does the server (HTTP and gRPC, a group a request)."""
+    run = subprocess.run([*CLI, "bench", "serve", "--workload", "G", "--groups", "3", "--shapes", "tiny", "--out",
+                          str(tmp_path), "--cache", str(tmp_path / "cache"), "--budget-s", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    groups = workload_g(3)
+    sent = sum(len(s) for group in groups for s in group)
+    prompt_once = sent - sum((len(group) - 1) * len(os.path.commonprefix(group)) for group in groups)
+    assert result["workload"] == {"name": "G", "groups": 3, "sequences": 24, "tokens": sent, "complete": False}
+    rows = {r["row"]: r for r in result["serve"][0]["rows"]}
+    assert list(rows) == SHARED_ROWS and all(r["tokens"] == sent for r in rows.values())
+    assert rows["core, sharing off"]["computed_per_sent"] == 1.0
+    for name in SHARED_ROWS[1:]:  # a group the token budget splits computes its prompt once per part
+        assert prompt_once / sent <= rows[name]["computed_per_sent"] < 0.5
+    assert "## serve, workload G" in (tmp_path / "bench.md").read_text()

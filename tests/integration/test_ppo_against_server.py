@@ -38,6 +38,7 @@ def run_ppo(url: str, policy: Path, prompts: Path, out: Path, steps: int, *extra
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 21 s; the default suite resumes a killed trainer in test_faults.py
 def test_resume_continues_without_repeating_a_step(setup, tmp_path):
     policy, prompts, server = setup
     out = tmp_path / "run"

@@ -197,8 +197,9 @@ def test_openrlhf_endpoint_and_trl_function_take_a_combination(server):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--reward-combination", "ens"], {"reward/a", "reward/b", "reward/c", "reward/ensemble_std"}),
-    (["--reward-combination", "safe"], {"reward/a", "reward/b"}),
-    (["--reward-model", "b,c"], {"reward/b", "reward/c"}),
+    # 9 s each; the ensemble above logs every kind of component in the default suite
+    pytest.param(["--reward-combination", "safe"], {"reward/a", "reward/b"}, marks=pytest.mark.slow),
+    pytest.param(["--reward-model", "b,c"], {"reward/b", "reward/c"}, marks=pytest.mark.slow),
 ])
 def test_ppo_logs_each_component(server, smol_tokenizer, tmp_path, flags, expected):
     from tests.conftest import CLI, build_tiny_policy

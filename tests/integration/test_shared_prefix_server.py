@@ -50,12 +50,3 @@ def test_a_group_in_one_request_scores_as_each_item_alone(server):
                                                  for i in items])
         reply = stub.Score(request, timeout=30)
     assert list(reply.rewards) == pytest.approx(alone, abs=1e-5)
-
-
-def test_an_encoder_server_says_it_never_shares(tiny_bert):
-    process = ServerProcess(tiny_bert, "--transform", "raw")
-    try:
-        info = httpx.get(f"{process.http_url}/info").json()
-        assert info["min_shared_prefix"] is None and "encoder" in info["shared_prefix"]
-    finally:
-        process.stop()

@@ -35,8 +35,8 @@ def test_pack_lays_the_prefix_once_then_each_suffix_by_hand():
     assert batch.documents.bounds == [0, 3, 4, 6, 7] and batch.documents.prefixes == [-1, 0, 0, -1]
     assert batch.documents.prefix_ids.tolist() == [-1, -1, -1, 0, 0, 0, -1]
     assert batch.last_index.tolist() == [3, 5, 6, 3] and batch.computed_tokens == 7
-    unshared = packing.pack([[1, 2, 3, 4], [1, 2, 3, 5, 6]])
-    assert unshared.computed_tokens == 9 and unshared.documents.prefixes is None
+    unshared = packing.pack([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4]])  # off: every sequence, as it is
+    assert unshared.computed_tokens == 13 and unshared.documents.prefixes is None
 
 
 def alone(model: RewardModel, sequences) -> torch.Tensor:
@@ -83,6 +83,6 @@ def test_the_flex_attention_kernel_takes_the_prefix_structure(tmp_path, smol_tok
 
 def test_encoders_and_padded_models_never_share(tiny_bert, tmp_path, smol_tokenizer):
     encoder = RewardModel.load(str(tiny_bert), min_shared_prefix=4)
-    assert encoder.min_shared_prefix is None and "encoder" in encoder.shared_prefix_note(4)
+    assert encoder.min_shared_prefix is None and "encoder" in encoder.shared_prefix_note()
     off = RewardModel.load(str(build_checkpoint(tmp_path / "llama", "llama", smol_tokenizer)), min_shared_prefix=0)
-    assert off.min_shared_prefix is None and off.shared_prefix_note(0) == "off: --min-shared-prefix 0"
+    assert off.min_shared_prefix is None and off.shared_prefix_note() == "off: --min-shared-prefix 0"

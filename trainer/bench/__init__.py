@@ -14,7 +14,7 @@ from rewardserve.server.modeling import resolve_device
 
 from ..config import BenchConfig
 from . import ppo as ppo_part, serve as serve_part, train as train_part
-from .common import Budget, environment, measure_peak, workload_w, write_json
+from .common import Budget, environment, measure_peak, workload_g, workload_w, write_json
 from .models import real_models, shape_models
 from .report import markdown
 
@@ -39,6 +39,12 @@ def main(config: BenchConfig) -> dict:
     ppo_size = (config.ppo_rollouts or (64 if on_gpu else 16), config.ppo_new_tokens or (128 if on_gpu else 32))
     result["workload"] = {"name": "W", "sequences": len(sequences), "tokens": sum(map(len, sequences)),
                           "complete": len(sequences) == 512}
+    groups = None
+    if config.workload == "G":
+        groups = workload_g(config.groups or (64 if on_gpu else 8))
+        flat = [s for group in groups for s in group]
+        result["workload"] = {"name": "G", "groups": len(groups), "sequences": len(flat),
+                              "tokens": sum(map(len, flat)), "complete": len(groups) == 64}
     budget = Budget(config.budget_s)
     parts = ("serve", "train", "ppo") if config.part == "all" else (config.part,)
     cache = Path(config.cache) if config.cache else None
@@ -49,7 +55,10 @@ def main(config: BenchConfig) -> dict:
         progress(f"models: {spec}")
         models = real_models(spec, device, cache) if config.model else shape_models(spec, config.tokenizer, device,
                                                                                       cache)
-        if "serve" in parts:
+        if "serve" in parts and groups is not None:
+            rows = serve_part.run_shared(models, groups, device, peak["flops"], budget, progress)
+            result["serve"].append({"model": models.name, "rows": rows})
+        elif "serve" in parts:
             rows = serve_part.run(models, sequences, device, peak["flops"], budget, config.stand_in_forward_us,
                                   progress)
             result["serve"].append({"model": models.name, "rows": rows})

@@ -49,6 +49,22 @@ def workload_w(count: int = 512) -> list[list[int]]:
     return sequences[:count]
 
 
+def workload_g(groups: int = 64) -> list[list[list[int]]]:
+    """The shared-prompt workload: 64 prompts of W-like length, each with 8 responses (a GRPO group), every
+    sequence the prompt then a response; one group per request. `groups` < 64 takes its first groups.
+
+    From one generator (seed 2): the 64 prompt lengths, then for each prompt its 8 response lengths, its prompt's
+    token ids and its responses' token ids, in that order."""
+    g = torch.Generator().manual_seed(2)
+    prompt_lengths = torch.clamp(torch.exp(0.7 * torch.randn(64, generator=g) + math.log(500)), 32, 2048).long()
+    workload = []
+    for prompt_length in prompt_lengths:
+        response_lengths = torch.clamp(torch.exp(0.6 * torch.randn(8, generator=g) + math.log(150)), 16, 1024).long()
+        prompt = torch.randint(5, 32000, (int(prompt_length),), generator=g).tolist()
+        workload.append([prompt + torch.randint(5, 32000, (int(n),), generator=g).tolist() for n in response_lengths])
+    return workload[:groups]
+
+
 # -- the machine ----------------------------------------------------------------------------------------------------
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -7,9 +7,18 @@ def markdown(result: dict) -> str:
     lines = [f"# rewardserve bench on {env['device']}", "",
              f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, commit "
              f"{env['commit'] or 'unknown'}; peak {peak['flops'] / 1e12:.2f} TFLOP/s ({peak['matmul']} matmul); "
-             f"workload W: {result['workload']['sequences']} sequences, {result['workload']['tokens']:,} tokens"
-             f"{'' if result['workload']['complete'] else ' (the first of W, not all of it)'}.", ""]
-    if result.get("serve"):
+             f"{_workload(result['workload'])}.", ""]
+    if result.get("serve") and result["workload"]["name"] == "G":
+        lines += ["## serve, workload G (sent tokens/s; computed/sent: what the forward ran)", "",
+                  "| model | row | sent tokens/s | sequences/s | MFU (computed) | p50 | p99 | ratio to core, sharing on"
+                  " | computed/sent | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for block in result["serve"]:
+            for r in block["rows"]:
+                lines.append(f"| {block['model']} | {r['row']} | {r['tokens_per_s']:,.0f} | {r['sequences_per_s']:,.1f}"
+                             f" | {_f(r['mfu'] and 100 * r['mfu'], 1, '%')} | {_s(r['p50_s'])} | {_s(r['p99_s'])} |"
+                             f" {r['ratio_to_core']:.2f} | {_f(r.get('computed_per_sent'))} | {r['passes']} |")
+        lines.append("")
+    elif result.get("serve"):
         lines += ["## serve", "", "| model | row | tokens/s | sequences/s | MFU | p50 | p99 | ratio to core | padded/real"
                   " | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
         for block in result["serve"]:
@@ -47,6 +56,14 @@ def markdown(result: dict) -> str:
                              f" | {_f(s['time/update'], 2)} | {_f(s['time/step'], 2)} |")
         lines += ["", lines_note, ""]
     return "\n".join(lines)
+
+
+def _workload(workload: dict) -> str:
+    if workload["name"] == "G":
+        return (f"workload G: {workload['groups']} groups, {workload['sequences']} sequences, {workload['tokens']:,}"
+                f" tokens sent{'' if workload['complete'] else ' (the first groups of G, not all of it)'}")
+    return (f"workload W: {workload['sequences']} sequences, {workload['tokens']:,} tokens"
+            f"{'' if workload['complete'] else ' (the first of W, not all of it)'}")
 
 
 def _s(seconds: float | None) -> str:

@@ -1,9 +1,11 @@
 """`rewardserve bench serve`: workload W through two transformers anchors, the project's scoring core in process,
 and the real server in its own process over HTTP and gRPC, side by side in one run.
 
-Rows (see docs/benchmarks.md): anchor naive b16, anchor sorted 64k, core (server default budget), core 64k budget,
-HTTP 16x32, gRPC 16x32, HTTP 128x1, HTTP text 16x32. Server rows count the real tokens the server itself reports
-(its `rewardserve_tokens_total`), so text items, which it tokenizes, count what it scored.
+Rows (see docs/benchmarks.md): anchor naive b16, anchor sorted 64k, core (server default budget and prefix sharing),
+core 64k budget, core with sharing off, HTTP 16x32, gRPC 16x32, HTTP 128x1, HTTP text 16x32. Server rows count the
+real tokens the server itself reports (its `rewardserve_tokens_total`), so text items, which it tokenizes, count what
+it scored. Workload G (`--workload G`, groups of responses to one prompt): the core with sharing off and on, then
+HTTP and gRPC with a group a request; every row counts the tokens sent, and says what the forward computed.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from .common import Budget, ServerProcess, best_of_passes, percentile
 from .models import BenchModels, non_embedding_parameters
 
 DEFAULT_BUDGET = ServeConfig.model_fields["max_batch_tokens"].default
+SHARING_DEFAULT = ServeConfig.model_fields["min_shared_prefix"].default
 
 
 def run(models: BenchModels, sequences: list[list[int]], device: torch.device, peak: float, budget: Budget,
         stand_in_us: float | None, progress) -> list[dict]:
     rows: list[dict] = []
-    model = RewardModel.load(str(models.reward), device=str(device))
+    model = RewardModel.load(str(models.reward), device=str(device), min_shared_prefix=SHARING_DEFAULT)
     parameters = non_embedding_parameters(model.network)
     real_tokens = sum(len(s) for s in sequences)
 
@@ -63,6 +66,10 @@ def run(models: BenchModels, sequences: list[list[int]], device: torch.device, p
         best, passes = best_of_passes(lambda: _core_pass(forward, sequences, max_batch_tokens, device), budget)
         padded = real_tokens if packs else _padded_tokens(sequences, max_batch_tokens)
         add(name, best | {"padded_tokens": padded}, passes, note)
+    if model.min_shared_prefix and stand_in_us is None:  # W shares nothing: what looking for prefixes costs
+        model.min_shared_prefix = None
+        best, passes = best_of_passes(lambda: _core_pass(model, sequences, DEFAULT_BUDGET, device), budget)
+        add("core, sharing off", best | {"padded_tokens": real_tokens}, passes, note)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -77,6 +84,43 @@ def run(models: BenchModels, sequences: list[list[int]], device: torch.device, p
             requests = [items[i:i + per_request] for i in range(0, len(items), per_request)]
             add(name, *best_of_passes(lambda: _server_pass(server, protocol, clients, requests), budget), note)
     core = next(r for r in rows if r["row"] == "core")
+    for row in rows:
+        row["ratio_to_core"] = row["tokens_per_s"] / core["tokens_per_s"]
+    return rows
+
+
+def run_shared(models: BenchModels, groups: list[list[list[int]]], device: torch.device, peak: float,
+               budget: Budget, progress) -> list[dict]:
+    """Workload G: the core with sharing off and on, then the server (sharing on, its default) over HTTP and gRPC,
+    one group a request from 8 clients. Every row counts the tokens the clients sent, and says what was computed."""
+    rows: list[dict] = []
+    sequences = [s for group in groups for s in group]
+    sent = sum(len(s) for s in sequences)
+
+    def add(name: str, best: dict, passes: int, parameters: int) -> None:
+        computed = best.get("computed_tokens")
+        row = {"row": name, "tokens_per_s": sent / best["seconds"], "sequences_per_s": len(sequences) / best["seconds"],
+               "mfu": 2 * parameters * (computed or sent) / best["seconds"] / peak, "passes": passes,
+               "seconds": best["seconds"], "tokens": sent, "p50_s": percentile(best.get("latencies", []), 50),
+               "p99_s": percentile(best.get("latencies", []), 99), "note": "",
+               "computed_per_sent": None if computed is None else computed / sent}
+        rows.append(row)
+        progress(f"serve G {models.name}: {name}: {row['tokens_per_s']:,.0f} sent tokens/s"
+                 + ("" if computed is None else f", computed/sent {computed / sent:.2f}"))
+
+    for name, minimum in (("core, sharing off", 0), ("core, sharing on", SHARING_DEFAULT)):
+        model = RewardModel.load(str(models.reward), device=str(device), min_shared_prefix=minimum)
+        parameters = non_embedding_parameters(model.network)
+        add(name, *best_of_passes(lambda: _core_pass(model, sequences, DEFAULT_BUDGET, device), budget), parameters)
+        del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with ServerProcess(str(models.reward), "--device", str(device)) as server:
+        for name, protocol in (("HTTP 8 clients, a group a request", "http"),
+                               ("gRPC 8 clients, a group a request", "grpc")):
+            requests = [[{"input_ids": s} for s in group] for group in groups]
+            add(name, *best_of_passes(lambda: _server_pass(server, protocol, 8, requests), budget), parameters)
+    core = next(r for r in rows if r["row"] == "core, sharing on")
     for row in rows:
         row["ratio_to_core"] = row["tokens_per_s"] / core["tokens_per_s"]
     return rows
@@ -102,12 +146,28 @@ def _anchor_pass(model, sequences, batches, pad_token_id: int, device) -> dict:
 
 
 # -- the core: what the server's forward worker runs ----------------------------------------------------------------
+class _CountingForward:
+    """The engine as the batcher drives it, adding up the tokens each forward says it ran."""
+
+    def __init__(self, forward):
+        self.forward, self.computed_tokens = forward, 0
+
+    def launch(self, sequences):
+        pending = self.forward.launch(sequences)
+        self.computed_tokens += getattr(pending, "computed_tokens", 0)
+        return pending
+
+    def collect(self, pending):
+        return self.forward.collect(pending)
+
+
 def _core_pass(forward, sequences, max_batch_tokens: int, device) -> dict:
+    counting = _CountingForward(forward)
     synchronize(device)
     began = time.perf_counter()
-    score_in_batches(forward, sequences, max_batch_tokens)
+    score_in_batches(counting, sequences, max_batch_tokens)
     synchronize(device)
-    return {"seconds": time.perf_counter() - began}
+    return {"seconds": time.perf_counter() - began, "computed_tokens": counting.computed_tokens or None}
 
 
 def _padded_tokens(sequences, max_batch_tokens: int) -> int:
@@ -125,12 +185,13 @@ def _texts(models: BenchModels, sequences) -> list[str]:
 
 
 def _server_pass(server: ServerProcess, protocol: str, clients: int, requests: list[list[dict]]) -> dict:
-    before = server.metric("rewardserve_tokens_total")
+    before, computed_before = server.metric("rewardserve_tokens_total"), server.metric("rewardserve_computed_tokens_total")
     began = time.perf_counter()
     latencies = asyncio.run(_http_load(server, clients, requests) if protocol == "http"
                             else _grpc_load(server, clients, requests))
     seconds = time.perf_counter() - began
-    return {"seconds": seconds, "latencies": latencies, "tokens": server.metric("rewardserve_tokens_total") - before}
+    return {"seconds": seconds, "latencies": latencies, "tokens": server.metric("rewardserve_tokens_total") - before,
+            "computed_tokens": server.metric("rewardserve_computed_tokens_total") - computed_before}
 
 
 async def _drive(clients: int, count: int, send) -> list[float]:
