@@ -112,6 +112,7 @@ def main(config: CompareConfig) -> dict:
     device = resolve_device(config.device)
     policy_a, policy_b = policy_folder(config.policy_a, "--policy-a"), policy_folder(config.policy_b, "--policy-b")
     judge = policy_folder(config.judge, "--judge") if config.judge else None
+    relevance_judge = policy_folder(config.relevance_judge, "--relevance-judge") if config.relevance_judge else None
     prompts = load_prompts(config.prompts)[: config.max_prompts]
     client = RewardClient(config.reward_url, timeout=config.reward_timeout,
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
@@ -139,8 +140,8 @@ def main(config: CompareConfig) -> dict:
     if by_judge is not None:
         summary["judge"] = asdict(win_rate(by_judge, prompt_of, seed=config.seed))
     relevance = None
-    if config.relevance_judge:
-        relevance = relevance_scores(config.relevance_judge, config, asked, a, b, device)
+    if relevance_judge:
+        relevance = relevance_scores(relevance_judge, config, asked, a, b, device)
         by_relevance = [outcome(rb, ra) for ra, rb in zip(*relevance)]
         summary["relevance"] = asdict(win_rate(by_relevance, prompt_of, seed=config.seed))
         summary["mean_relevance"] = {"a": sum(relevance[0]) / len(a), "b": sum(relevance[1]) / len(b)}

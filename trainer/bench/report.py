@@ -8,24 +8,18 @@ def markdown(result: dict) -> str:
              f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, commit "
              f"{env['commit'] or 'unknown'}; peak {peak['flops'] / 1e12:.2f} TFLOP/s ({peak['matmul']} matmul); "
              f"{_workload(result['workload'])}.", ""]
-    if result.get("serve") and result["workload"]["name"] == "G":
-        lines += ["## serve, workload G (sent tokens/s; computed/sent: what the forward ran)", "",
-                  "| model | row | sent tokens/s | sequences/s | MFU (computed) | p50 | p99 | ratio to core, sharing on"
-                  " | computed/sent | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if result.get("serve"):
+        shared = result["workload"]["name"] == "G"  # every row counts the tokens sent, and says what was computed
+        title, last, key = (("## serve, workload G (sent tokens/s; computed/sent: what the forward ran)",
+                             "ratio to core, sharing on | computed/sent", "computed_per_sent") if shared else
+                            ("## serve", "ratio to core | padded/real", "padded_per_real"))
+        lines += [title, "", f"| model | row | tokens/s | sequences/s | MFU | p50 | p99 | {last} | passes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for block in result["serve"]:
             for r in block["rows"]:
                 lines.append(f"| {block['model']} | {r['row']} | {r['tokens_per_s']:,.0f} | {r['sequences_per_s']:,.1f}"
                              f" | {_f(r['mfu'] and 100 * r['mfu'], 1, '%')} | {_s(r['p50_s'])} | {_s(r['p99_s'])} |"
-                             f" {r['ratio_to_core']:.2f} | {_f(r.get('computed_per_sent'))} | {r['passes']} |")
-        lines.append("")
-    elif result.get("serve"):
-        lines += ["## serve", "", "| model | row | tokens/s | sequences/s | MFU | p50 | p99 | ratio to core | padded/real"
-                  " | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for block in result["serve"]:
-            for r in block["rows"]:
-                lines.append(f"| {block['model']} | {r['row']} | {r['tokens_per_s']:,.0f} | {r['sequences_per_s']:,.1f}"
-                             f" | {_f(r['mfu'] and 100 * r['mfu'], 1, '%')} | {_s(r['p50_s'])} | {_s(r['p99_s'])} | {r['ratio_to_core']:.2f} |"
-                             f" {_f(r.get('padded_per_real'))} | {r['passes']} |")
+                             f" {r['ratio_to_core']:.2f} | {_f(r.get(key))} | {r['passes']} |")
         notes = {r["note"] for block in result["serve"] for r in block["rows"] if r["note"]}
         lines += [""] + [f"Note: {note}." for note in sorted(notes)] + ([""] if notes else [])
     if result.get("ppo"):
