@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -144,6 +145,12 @@ class ServerProcess:
     def output(self) -> str:
         self.log.flush()
         return self.log_path.read_text()
+
+    def metric(self, name: str) -> float:
+        """A counter or gauge from the server's /metrics, summed over its labels."""
+        text = httpx.get(f"{self.http_url}/metrics", timeout=30).text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name) and line[len(name)] in " {")
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

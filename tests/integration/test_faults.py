@@ -97,19 +97,15 @@ def test_a_client_that_hangs_up_costs_no_forward_pass(tiny_llama):
     # An idle batcher waits up to 3 s for company, so the request is still queued when its client goes away.
     server = ServerProcess(tiny_llama, "--max-wait-ms", "3000")
 
-    def metric(name: str) -> float:
-        lines = httpx.get(f"{server.http_url}/metrics").text.splitlines()
-        return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
-
     try:
-        scored_before = metric("rewardserve_items_total")
+        scored_before = server.metric("rewardserve_items_total")
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{server.http_url}/score", json={"items": [{"text": "never scored"}] * 5}, timeout=0.5)
         deadline = time.monotonic() + 10
-        while metric("rewardserve_cancelled_items_total") < 5:
+        while server.metric("rewardserve_cancelled_items_total") < 5:
             assert time.monotonic() < deadline, "the abandoned items were not dropped"
             time.sleep(0.1)
-        assert metric("rewardserve_items_total") == scored_before  # none of them reached a forward pass
+        assert server.metric("rewardserve_items_total") == scored_before  # none of them reached a forward pass
         assert httpx.post(f"{server.http_url}/score", json={"items": [{"text": "ok"}]}, timeout=30).status_code == 200
     finally:
         server.stop()

@@ -2,8 +2,6 @@
 text, formatted with a left-padding tokenizer's chat template) and gRPC, and /metrics counts what was computed."""
 from __future__ import annotations
 
-import re
-
 import grpc
 import httpx
 import pytest
@@ -26,22 +24,17 @@ def server(tmp_path_factory, smol_tokenizer):
     process.stop()
 
 
-def metric(server: ServerProcess, name: str) -> float:
-    text = httpx.get(f"{server.http_url}/metrics").text
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
 def test_a_group_in_one_request_scores_as_each_item_alone(server):
     info = httpx.get(f"{server.http_url}/info").json()
     assert info["min_shared_prefix"] == 16 and info["shared_prefix"].startswith("on")
     items = [{"prompt": PROMPT, "response": r} for r in RESPONSES]
     alone = [httpx.post(f"{server.http_url}/score", json={"items": [item]}).json()["rewards"][0] for item in items]
-    sent, computed = metric(server, "rewardserve_model_tokens_total"), metric(server, "rewardserve_computed_tokens_total")
+    sent, computed = server.metric("rewardserve_model_tokens_total"), server.metric("rewardserve_computed_tokens_total")
     assert sent == computed  # one item a forward: nothing to share
     together = httpx.post(f"{server.http_url}/score", json={"items": items}).json()["rewards"]
     assert together == pytest.approx(alone, abs=1e-5)
-    sent_now = metric(server, "rewardserve_model_tokens_total") - sent
-    computed_now = metric(server, "rewardserve_computed_tokens_total") - computed
+    sent_now = server.metric("rewardserve_model_tokens_total") - sent
+    computed_now = server.metric("rewardserve_computed_tokens_total") - computed
     assert computed_now < 0.5 * sent_now  # the prompt once, the repeated response once
 
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
