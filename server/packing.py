@@ -18,6 +18,7 @@ encoders), as the padded path reads them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -56,10 +57,22 @@ class PackedBatch:
     documents: Documents
     first_index: torch.Tensor  # (B,) each sequence's first token in the row
     last_index: torch.Tensor  # (B,) each sequence's last token in the row
+    prefix_start: torch.Tensor  # (B,) where the prefix a sequence shares begins (its own start when it shares none)
+    prefix_length: torch.Tensor  # (B,) that prefix's length (0: none)
+    own_start: torch.Tensor  # (B,) where the sequence's own tokens, after the prefix, begin
 
     @property
     def computed_tokens(self) -> int:
         return self.input_ids.shape[1]
+
+    def token_index(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Where token `offsets[b, k]` of sequence b lies in the row: (B, K) -> (B, K). Training reads its
+        per-token outputs (a policy's log-probs, values) through this."""
+        return _token_index(self.prefix_start[:, None], self.prefix_length[:, None], self.own_start[:, None], offsets)
+
+
+def _token_index(prefix_start, prefix_length, own_start, offsets):
+    return torch.where(offsets < prefix_length, prefix_start + offsets, own_start + offsets - prefix_length)
 
 
 def shared_prefix_groups(sequences: list[tuple[int, ...]], min_shared: int) -> list[tuple[int, list[int]]]:
@@ -118,11 +131,12 @@ def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix
     else:
         which, uniques = list(range(len(sequences))), sequences
         groups = [(0, [i]) for i in range(len(sequences))]
-    tokens, first_positions, prefixes, ends_at = [], [], [], [None] * len(uniques)  # ends_at: (segment, offset)
+    tokens, first_positions, prefixes = [], [], []
+    placed = [None] * len(uniques)  # per unique: (prefix segment, prefix length, own segment, last token's offset)
     for shared, members in groups:
         if shared == 0:
             (member,) = members
-            ends_at[member] = (len(tokens), len(uniques[member]) - 1)
+            placed[member] = (len(tokens), 0, len(tokens), len(uniques[member]) - 1)
             tokens.append(uniques[member])
             first_positions.append(0)
             prefixes.append(-1)
@@ -134,28 +148,31 @@ def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix
         for member in members:
             own = uniques[member][shared:]
             if not own:  # the prefix is this whole sequence
-                ends_at[member] = (prefix_segment, shared - 1)
+                placed[member] = (prefix_segment, shared, prefix_segment + 1, shared - 1)
                 continue
-            ends_at[member] = (len(tokens), len(own) - 1)
+            placed[member] = (prefix_segment, shared, len(tokens), shared + len(own) - 1)
             tokens.append(own)
             first_positions.append(shared)
             prefixes.append(prefix_segment)
-    lengths = torch.tensor([len(t) for t in tokens])
-    ends = lengths.cumsum(0)
-    starts = ends - lengths
-    total = int(ends[-1])
+    lengths = [len(t) for t in tokens]
+    bounds = [0, *itertools.accumulate(lengths)]  # in Python: a trainer packs each minibatch without a tensor read
+    repeats, starts = torch.tensor(lengths), torch.tensor(bounds)  # starts (S + 1,): the last is the row's end
     input_ids = torch.tensor([t for segment in tokens for t in segment], dtype=torch.long)[None]  # (1, N)
-    position_ids = (torch.arange(total) - (starts - torch.tensor(first_positions)).repeat_interleave(lengths))[None]
-    ids = torch.arange(len(tokens)).repeat_interleave(lengths)  # (N,)
+    position_ids = torch.arange(bounds[-1]) - (starts[:-1] - torch.tensor(first_positions)).repeat_interleave(repeats)
+    position_ids = position_ids[None]
+    ids = torch.arange(len(tokens)).repeat_interleave(repeats)  # (N,)
     shares = any(p >= 0 for p in prefixes)
-    prefix_ids = torch.tensor(prefixes).repeat_interleave(lengths) if shares else None
+    prefix_ids = torch.tensor(prefixes).repeat_interleave(repeats) if shares else None
     if pin_memory:
         input_ids, position_ids, ids = input_ids.pin_memory(), position_ids.pin_memory(), ids.pin_memory()
         prefix_ids = prefix_ids.pin_memory() if shares else None
-    documents = Documents([0] + ends.tolist(), {}, ids, prefixes if shares else None, prefix_ids)
-    segment_of = torch.tensor([ends_at[w][0] for w in which])
-    offset_in = torch.tensor([ends_at[w][1] for w in which])
-    return PackedBatch(input_ids, position_ids, documents, starts[segment_of], starts[segment_of] + offset_in)
+    documents = Documents(bounds, {}, ids, prefixes if shares else None, prefix_ids)
+    prefix_segment, prefix_length, own_segment, last = torch.tensor([placed[w] for w in which]).unbind(-1)
+    # a whole-prefix sequence's own part is empty: it "begins" at the next segment's start (or the row's end)
+    prefix_start, own_start = starts[prefix_segment], starts[own_segment]
+    last_index = _token_index(prefix_start, prefix_length, own_start, last)
+    return PackedBatch(input_ids, position_ids, documents, prefix_start, last_index, prefix_start, prefix_length,
+                       own_start)
 
 
 def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
@@ -165,7 +182,8 @@ def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     documents = Documents(batch.documents.bounds, {}, move(batch.documents.ids), batch.documents.prefixes,
                           None if shared is None else move(shared))
     return PackedBatch(move(batch.input_ids), move(batch.position_ids), documents, move(batch.first_index),
-                       move(batch.last_index))
+                       move(batch.last_index), move(batch.prefix_start), move(batch.prefix_length),
+                       move(batch.own_start))
 
 
 # -- the attention function -------------------------------------------------------------------------------------------

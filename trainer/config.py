@@ -94,6 +94,10 @@ class RMTrainConfig(_Settings):
     """Micro-batches per optimizer step; batch_size must divide by it."""
     max_length: int = Field(1024, gt=8)
     """Longest sequence in tokens; the prompt is cut from the left beyond it."""
+    min_shared_prefix: int = Field(32, ge=0)
+    """A pair's chosen and rejected sequences (and any others of a micro-batch) that begin with the same N tokens
+    or more are packed as that prefix once, then each response attending to it: the prompt computed once in the
+    forward and the backward, the same loss and gradients. Decoders that pack only; 0 turns it off."""
     margin: bool = True
     """Use each pair's `margin` inside the sigmoid (Llama 2) when the data has one (--no-margin to ignore it)."""
     center_coef: float = Field(0.0, ge=0)
@@ -256,6 +260,11 @@ class PPOConfig(_Settings):
     samples_per_prompt: int = Field(1, gt=0)
     """Responses per prompt: each step samples --batch-size / n prompts n times, and each group is scored in one
     request (groups are never split across --generation-batch-size chunks, so a dropped chunk drops whole groups)."""
+    min_shared_prefix: int = Field(32, ge=0)
+    """Responses whose prompts share N tokens or more (a group) are read with the prompt computed once: the
+    rollout's log-prob, reference and value forwards and the update's forward and backward, exactly the unshared
+    ones (a packed row, as the server does). Architectures with plain attention only (others run padded); 0 turns
+    it off. The update's minibatches then keep each group whole."""
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
     """gae: PPO's value head and GAE. grpo (scores centred, and divided by the std, within each prompt's group),
     rloo (each score minus the mean of the others in its group), reinforce++ (the batch's token advantages
@@ -508,7 +517,8 @@ class BenchConfig(_Settings):
     """serve only: replace the model's forward by a stand-in that waits this many microseconds per padded token
     (5 is the H200's 1B figure), to measure the serving path's own overhead on a machine without a GPU."""
     data_dir: str = "../shared/data"
-    """Folder holding pandalm/pairs.jsonl for the train part (a synthetic set of the same size when absent)."""
+    """Folder holding pandalm/pairs.jsonl for the train part (a synthetic set of the same size when absent), and
+    hh-rlhf-harmless/pairs.jsonl for its shared-prompt rows (skipped when absent)."""
     train_pairs: int | None = Field(None, gt=0)
     """Use at most this many pairs in the train part. Default: all on a GPU, 160 on a CPU."""
     ppo_rollouts: int | None = Field(None, gt=0)

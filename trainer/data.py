@@ -261,9 +261,10 @@ class PairBatch:
 
 
 def collate_pairs(pairs: list[EncodedPair], pad_token_id: int, use_margin: bool = True, packed: bool = False,
-                  pin_memory: bool = False) -> PairBatch:
+                  pin_memory: bool = False, min_shared_prefix: int = 0) -> PairBatch:
     """Chosen and rejected in one batch, so one forward pass scores both sides of every pair; packed without
-    padding for the architectures that support it (server/packing.py), else padded on the right.
+    padding for the architectures that support it (server/packing.py), else padded on the right. Packed with
+    `min_shared_prefix` (decoders only), a prompt that chosen and rejected share is computed once.
 
     A missing margin counts as 0 and a missing p_chosen as 1 (a hard label) when others in the batch have one.
     pin_memory: page-locked host tensors, so that the copy to a GPU is asynchronous.
@@ -275,6 +276,6 @@ def collate_pairs(pairs: list[EncodedPair], pad_token_id: int, use_margin: bool 
               else None)
     p_chosen = torch.tensor([1.0 if s is None else s for s in soft]) if any(s is not None for s in soft) else None
     if packed:
-        return PairBatch(len(pairs), margin, p_chosen, packed=pack(sequences, pin_memory))
+        return PairBatch(len(pairs), margin, p_chosen, packed=pack(sequences, pin_memory, min_shared_prefix))
     input_ids, attention_mask = pad_right(sequences, pad_token_id, pin_memory)
     return PairBatch(len(pairs), margin, p_chosen, input_ids, attention_mask)

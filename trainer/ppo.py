@@ -30,6 +30,7 @@ from tqdm import tqdm
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.errors import StartupError
 from rewardserve.server.modeling import describe_device, is_local
+from rewardserve.server.packing import plain_attention_blocker
 from .client import (RequestRejected, RetryPolicy, RewardClient, RewardTarget, RewardUnavailable,
                      UntrustedServer)
 from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot_gold
@@ -39,7 +40,7 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, 
                        aggregate, clipped_value_loss, explained_variance, gae, group_baselined_scores, kl_penalty,
                        masked_mean, masked_whiten, per_token_rewards, returns_to_go)
 from .generation import RolloutEngine, Sampling
-from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward
+from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward, share_prompts
 from .tracking import JsonlLog, plot_curves
 
 
@@ -116,7 +117,8 @@ def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompt
             model, reference, engine, tokenizer, prompts[start:start + chunk], sampling, config.max_prompt_length,
             device, config.forward_batch_tokens,
             on_sampled=lambda p, texts: futures.append(pool.submit(client.score, scoring_items(p, texts),
-                                                                    target=target)))
+                                                                    target=target)),
+            min_shared_prefix=config.min_shared_prefix)
         timings["generate"] += stats.seconds
         timings["logprobs"] += time.perf_counter() - began - stats.seconds
         generation["decode_steps"] += stats.decode_steps
@@ -206,6 +208,8 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
     stops only when all agree to. The early stop reads each epoch's own approximate KL.
     """
     batch = rollout.tensors(device) | {"advantages": advantages.to(device), "returns": returns.to(device)}
+    group = config.samples_per_prompt if config.min_shared_prefix else 1  # minibatches keep a group whole to share
+    rows, prompt_lengths = rollout.token_rows() if config.min_shared_prefix else ([], [])  # read once
     critic = config.has_critic  # the critic-free estimators add no value loss, log none
     stats = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy")}
     stats |= {"kl_loss": []} if config.kl_in == "loss" else {}
@@ -215,11 +219,14 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
     minibatches = ranks.smallest(math.ceil(count / config.mini_batch_size))  # DDP: as many backward passes
     for _epoch in range(config.ppo_epochs):
         epoch_began = len(applied)
-        for index in torch.randperm(count).tensor_split(minibatches):
-            mini = {name: tensor[index.to(device)] for name, tensor in batch.items()}
+        for index in minibatch_indices(count, minibatches, group):
+            mini = {name: tensor[torch.tensor(index, device=device)] for name, tensor in batch.items()}
             mask = mini["response_mask"].float()
+            shared = share_prompts([rows[i] for i in index], [prompt_lengths[i] for i in index], mask.shape[1],
+                                   config.min_shared_prefix) if config.min_shared_prefix else None
             logprobs, values, entropy = policy_forward(model, mini["input_ids"], mini["attention_mask"],
-                                                       rollout.prompt_width, config.temperature)
+                                                       rollout.prompt_width, config.temperature,
+                                                       shared.to(device) if shared is not None else None)
             policy = clipped_policy_loss(logprobs, mini["old_logprobs"], mini["advantages"], mask, config.cliprange,
                                          config.loss_aggregation, config.max_new_tokens)
             loss = policy.loss
@@ -251,6 +258,19 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
             break  # the epoch's one host read
     summary = {k: applied_mean(v, applied) for k, v in stats.items()}
     return summary | {"skipped_updates": int(len(applied) - torch.stack(applied).sum().item())}
+
+
+def minibatch_indices(count: int, minibatches: int, group: int = 1) -> list[list[int]]:
+    """A random split of the rollouts into minibatches (one host read of the permutation per epoch); with
+    `group` > 1, of whole groups (the rollouts come in groups of consecutive rows), so that each minibatch's groups
+    share their prompts. Rows, when the rollouts are not whole groups or the groups fewer than the minibatches."""
+    if group == 1 or count % group or count // group < minibatches:
+        order = torch.randperm(count).tolist()
+    else:
+        order = [g * group + k for g in torch.randperm(count // group).tolist() for k in range(group)]
+    size, larger = divmod(count, minibatches)  # as tensor_split: the first `larger` parts one longer
+    bounds = [m * size + min(m, larger) for m in range(minibatches + 1)]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def applied_mean(values: list[torch.Tensor], applied: list[torch.Tensor]) -> float:
@@ -375,6 +395,11 @@ def main(config: PPOConfig) -> dict:
                           ca_file=config.reward_ca_file)
     check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination))
     tokenizer, model, reference, engine = build_models(config, device)
+    blocker = plain_attention_blocker(model.policy.config, config.max_prompt_length + config.max_new_tokens)
+    if config.min_shared_prefix and blocker is not None:
+        config = config.model_copy(update={"min_shared_prefix": 0})
+        if ranks.is_main:
+            print(f"ppo: prompts are computed once per response, not shared: {blocker}", flush=True)
     trainable = DistributedDataParallel(model) if ranks.active else model  # generation uses `model` directly
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, fused=True)  # fused: it can skip on the device
     if ranks.is_main:

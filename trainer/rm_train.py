@@ -66,15 +66,23 @@ def collate_step(pairs: list[EncodedPair], config: RMTrainConfig, pad_id: int, m
     """A step's --grad-accum micro-batches, ready for the device (packed where the model allows, pinned on CUDA).
     Runs on a background thread while the previous step trains."""
     return [collate_pairs(pairs[start:start + config.micro_batch_size], pad_id, config.margin,
-                          packed=supports_packing(model, config.max_length), pin_memory=device.type == "cuda")
+                          packed=supports_packing(model, config.max_length), pin_memory=device.type == "cuda",
+                          min_shared_prefix=shared_prefix(model, config))
             for start in range(0, len(pairs), config.micro_batch_size)]
+
+
+def shared_prefix(model, config: RMTrainConfig) -> int:
+    """--min-shared-prefix for a decoder that packs; 0 (no sharing) for anything else: an encoder's prefix states
+    depend on what follows them."""
+    shares = is_decoder_reward_model(model) and supports_packing(model, config.max_length)
+    return config.min_shared_prefix if shares else 0
 
 
 @torch.no_grad()
 def score_all_pairs(model, pairs: list[EncodedPair], pad_token_id: int, batch_size: int, device,
-                    progress: str | None = None):
+                    progress: str | None = None, min_shared_prefix: int = 0):
     """Scores every pair in length-sorted batches: returns (chosen (N,), rejected (N,)) on the CPU. `progress`
-    names a progress bar over the batches (None: no bar)."""
+    names a progress bar over the batches (None: no bar); `min_shared_prefix`, as `collate_pairs` takes it."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
@@ -84,7 +92,7 @@ def score_all_pairs(model, pairs: list[EncodedPair], pad_token_id: int, batch_si
         index = order[start:start + batch_size]
         batch_pairs = [pairs[i] for i in index]
         packed = supports_packing(model, max(pair.length for pair in batch_pairs))
-        batch = collate_pairs(batch_pairs, pad_token_id, packed=packed)
+        batch = collate_pairs(batch_pairs, pad_token_id, packed=packed, min_shared_prefix=min_shared_prefix)
         c, r = pair_scores(model, batch, device)
         chosen[index], rejected[index] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
@@ -369,10 +377,11 @@ def finish(config: RMTrainConfig, model, tokenizer, data: PreparedData, log: Jso
     length fit over the training responses, save the checkpoint and report."""
     out = Path(config.out)
     chosen, rejected = score_all_pairs(model, data.eval, tokenizer.pad_token_id, config.micro_batch_size * 2, device,
-                                       progress="evaluate held-out pairs")
+                                       progress="evaluate held-out pairs", min_shared_prefix=shared_prefix(model, config))
     train_chosen, train_rejected = score_all_pairs(model, data.train, tokenizer.pad_token_id,
                                                    config.micro_batch_size * 2, device,
-                                                   progress="score training pairs (whitening, length fit)")
+                                                   progress="score training pairs (whitening, length fit)",
+                                                   min_shared_prefix=shared_prefix(model, config))
     whitened_over, over = whitening_scores(torch.cat([train_chosen, train_rejected]), torch.cat([chosen, rejected]))
     mean, std = reward_statistics(whitened_over)
     length_fit = fit_length([n for p in data.train for n in (p.chosen_response_length, p.rejected_response_length)],

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rewardserve.server.modeling import decoder_attention_mask
+from rewardserve.server.packing import PackedBatch, pack, packed_attention_on, to_device
 
 from .generation import RolloutEngine, Sampling
 from .ppo_math import entropy_from_logits, gather_logprobs
@@ -30,12 +31,14 @@ class ActorCritic(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                shared: "SharedPrompts | None" = None):
         """Logits (B, R, V) that predicted the R response tokens, and values (B, R) of the states before them.
 
         The logits are the causal LM's own forward's (`response_logits`): what the engine sampled from and what
         the reference is read with, whatever the family does after its LM head (Gemma 2's final softcap, Granite's
-        logits_scaling, Cohere's logit_scale). The value head reads the trunk's output of that same forward.
+        logits_scaling, Cohere's logit_scale). The value head reads the trunk's output of that same forward. With
+        `shared`, that forward runs on its packed row, each group's prompt once.
         """
         trunk: dict[str, torch.Tensor] = {}
 
@@ -44,30 +47,68 @@ class ActorCritic(nn.Module):
 
         capture = self.policy.base_model.register_forward_hook(keep_trunk_output)
         try:
-            logits = response_logits(self.policy, input_ids, attention_mask, prompt_width)  # (B, R, V)
+            logits = response_logits(self.policy, input_ids, attention_mask, prompt_width, shared)  # (B, R, V)
         finally:
             capture.remove()
-        hidden = trunk["hidden"]  # (B, P + R, H)
+        hidden = trunk["hidden"]  # (B, P + R, H), or (1, N, H) packed
         if self.value_head is None:
             return logits, logits.new_zeros(logits.shape[:2], dtype=torch.float32)
-        if self.critic_trunk is not None:
+        if self.critic_trunk is not None and shared is not None:
+            with packed_attention_on(self.critic_trunk):
+                hidden = self.critic_trunk(input_ids=shared.packed.input_ids, position_ids=shared.packed.position_ids,
+                                           rewardserve_documents=shared.packed.documents).last_hidden_state
+        elif self.critic_trunk is not None:
             hidden = self.critic_trunk(input_ids=input_ids, position_ids=positions_from_mask(attention_mask),
                                        attention_mask=decoder_attention_mask(self.policy.config, attention_mask)
                                        ).last_hidden_state
-        before_response = slice(prompt_width - 1, input_ids.shape[1] - 1)
-        values = self.value_head(hidden[:, before_response].float()).squeeze(-1)  # (B, R), fp32 like the reward head
-        return logits, values
+        before_response = hidden[0, shared.predictors] if shared is not None else \
+            hidden[:, prompt_width - 1:input_ids.shape[1] - 1]  # (B, R, H)
+        return logits, self.value_head(before_response.float()).squeeze(-1)  # (B, R), fp32 like the reward head
+
+
+@dataclass
+class SharedPrompts:
+    """A batch's sequences packed in one row where each group's prompt is computed once (server/packing.py: a
+    suffix attends to its prefix and to itself, positions going on from the prefix's, so every output is the
+    padded forward's), and for each response position the row index of the token that predicts it."""
+
+    packed: PackedBatch
+    predictors: torch.Tensor  # (B, R)
+
+    def to(self, device: torch.device) -> "SharedPrompts":
+        return SharedPrompts(to_device(self.packed, device), self.predictors.to(device, non_blocking=True))
+
+
+def share_prompts(rows: list[list[int]], prompt_lengths: list[int], response_width: int,
+                  min_shared_prefix: int) -> SharedPrompts | None:
+    """The packed layout of a batch, given each sequence's real tokens (prompt then response, `Rollout.token_rows`),
+    where prompts of `min_shared_prefix` (> 0) tokens or more are shared; None when none is (one response per
+    prompt): the padded forward then runs as ever. Host work alone, no tensor read."""
+    packed = pack(rows, min_shared_prefix=min_shared_prefix)
+    if packed.computed_tokens == sum(map(len, rows)):
+        return None
+    # response token j is predicted by the token before it; past a response's end the mask zeroes the outputs
+    before = torch.tensor(prompt_lengths)[:, None] - 1 + torch.arange(response_width)  # (B, R)
+    last = torch.tensor([len(row) - 1 for row in rows])[:, None]
+    return SharedPrompts(packed, packed.token_index(torch.minimum(before, last)))
 
 
 def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    prompt_width: int) -> torch.Tensor:
+                    prompt_width: int, shared: SharedPrompts | None = None) -> torch.Tensor:
     """The logits (B, R, V) that predicted the R tokens after `prompt_width`, from the causal LM's own forward.
 
     Position t predicts token t + 1, so the response's logits come from positions P - 1 .. P + R - 2; the LM head
     runs on those positions alone (`logits_to_keep`: the prompt's logits would cost a vocabulary-sized matmul each
     and go unused). The old, reference and new log-probs all come from here, and the engine samples from the same
-    forward, so the ratio and the KL compare one distribution with itself at step 0.
+    forward, so the ratio and the KL compare one distribution with itself at step 0. With `shared`, the forward
+    reads the packed row and the LM head its predicting positions.
     """
+    if shared is not None:
+        packed = shared.packed
+        with packed_attention_on(model):
+            logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                           rewardserve_documents=packed.documents, logits_to_keep=shared.predictors.flatten()).logits
+        return logits.view(*shared.predictors.shape, -1)
     response_width = input_ids.shape[1] - prompt_width
     return model(input_ids=input_ids, attention_mask=decoder_attention_mask(model.config, attention_mask),
                  position_ids=positions_from_mask(attention_mask), logits_to_keep=response_width + 1
@@ -140,6 +181,11 @@ class Rollout:
     def prompt_width(self) -> int:
         return self.input_ids.shape[1] - self.response_mask.shape[1]
 
+    def token_rows(self) -> tuple[list[list[int]], list[int]]:
+        """Each sequence's real tokens (its prompt without the padding, then its response up to its end), and its
+        prompt's length: what `share_prompts` lays out."""
+        return token_rows(self.input_ids, self.attention_mask, self.prompt_width)
+
     def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Every per-sequence tensor, moved to the device in one go."""
         return {name: getattr(self, name).to(device) for name in ("input_ids", "attention_mask", "response_mask",
@@ -176,17 +222,19 @@ class GenerationStats:
 @torch.no_grad()
 def generate_rollout(model: ActorCritic, reference: nn.Module, engine: RolloutEngine, tokenizer, prompts: list,
                      sampling: Sampling, max_prompt_length: int, device: torch.device, forward_tokens: int,
-                     on_sampled: Callable[[list, list[str]], None] | None = None) -> tuple[Rollout, GenerationStats]:
+                     on_sampled: Callable[[list, list[str]], None] | None = None,
+                     min_shared_prefix: int = 0) -> tuple[Rollout, GenerationStats]:
     """Prompts in; sampled responses, their masks, old and reference log-probs and values out.
 
     `on_sampled(prompts, texts)` is called as soon as the responses are decoded, so the caller can send them to the
     reward server while the log-probs are computed here. Log-probabilities use logits / temperature for both
-    models, so they are those of the distribution that was actually sampled.
+    models, so they are those of the distribution that was actually sampled. Responses whose prompts share
+    `min_shared_prefix` tokens or more (a group) are read with their prompt computed once.
     """
     began = time.perf_counter()
-    prompt_ids, prompt_mask = pad_left([encode_prompt(tokenizer, p, max_prompt_length) for p in prompts],
-                                       tokenizer.pad_token_id, multiple_of=PROMPT_WIDTH_MULTIPLE)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    host_prompts, host_prompt_mask = pad_left([encode_prompt(tokenizer, p, max_prompt_length) for p in prompts],
+                                              tokenizer.pad_token_id, multiple_of=PROMPT_WIDTH_MULTIPLE)
+    prompt_ids, prompt_mask = host_prompts.to(device), host_prompt_mask.to(device)
     generated = engine.generate(prompt_ids, prompt_mask, sampling)
     responses = generated.responses
     response_mask, reached_eos = response_mask_until_eos(responses, engine.eos_token_ids)
@@ -196,36 +244,51 @@ def generate_rollout(model: ActorCritic, reference: nn.Module, engine: RolloutEn
     texts = tokenizer.batch_decode([r[:n].tolist() for r, n in zip(host_responses, lengths)], skip_special_tokens=True)
     if on_sampled is not None:
         on_sampled(list(prompts), texts)
-    sequences = torch.cat([prompt_ids, responses], dim=1)  # (B, P + R)
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    sequences = torch.cat([host_prompts, host_responses], dim=1)  # (B, P + R)
+    attention_mask = torch.cat([host_prompt_mask, host_mask], dim=1)
     old_logprobs, values, ref_logprobs = token_statistics(model, reference, sequences, attention_mask,
-                                                          prompt_ids.shape[1], sampling.temperature, forward_tokens)
+                                                          host_prompts.shape[1], sampling.temperature, forward_tokens,
+                                                          device, min_shared_prefix)
     mask = response_mask.float()
-    rollout = Rollout(sequences.cpu(), attention_mask.cpu(), host_mask, (old_logprobs * mask).cpu(),
-                      (ref_logprobs * mask).cpu(), (values * mask).cpu(), reached_eos.cpu(), list(prompts), texts)
+    rollout = Rollout(sequences, attention_mask, host_mask, (old_logprobs * mask).cpu(), (ref_logprobs * mask).cpu(),
+                      (values * mask).cpu(), reached_eos.cpu(), list(prompts), texts)
     return rollout, stats
 
 
 def token_statistics(model: ActorCritic, reference: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                     prompt_width: int, temperature: float, forward_tokens: int):
-    """Old log-probs, values and reference log-probs of the responses (each (B, R)), in batches of at most
-    `forward_tokens` tokens (rows x width): one forward of each model per batch."""
+                     prompt_width: int, temperature: float, forward_tokens: int, device: torch.device,
+                     min_shared_prefix: int = 0):
+    """Old log-probs, values and reference log-probs of the responses (each (B, R), on the device) from host
+    sequences, in batches of at most `forward_tokens` tokens (rows x width): one forward of each model per batch,
+    each group's prompt computed once where prompts are shared."""
     rows = max(1, forward_tokens // sequences.shape[1])
     old, values, ref = [], [], []
-    responses = sequences[:, prompt_width:]
+    tokens, prompt_lengths = token_rows(sequences, attention_mask, prompt_width) if min_shared_prefix else ([], [])
     for start in range(0, sequences.shape[0], rows):
         ids, mask = sequences[start:start + rows], attention_mask[start:start + rows]
-        logits, value = model(ids, mask, prompt_width)
-        old.append(gather_logprobs(logits, responses[start:start + rows], temperature))
+        shared = share_prompts(tokens[start:start + rows], prompt_lengths[start:start + rows],
+                               sequences.shape[1] - prompt_width, min_shared_prefix) if min_shared_prefix else None
+        shared = shared.to(device) if shared is not None else None
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        responses = ids[:, prompt_width:]
+        logits, value = model(ids, mask, prompt_width, shared)
+        old.append(gather_logprobs(logits, responses, temperature))
         values.append(value)
-        ref_logits = response_logits(reference, ids, mask, prompt_width)  # (b, R, V)
-        ref.append(gather_logprobs(ref_logits, responses[start:start + rows], temperature))
+        ref_logits = response_logits(reference, ids, mask, prompt_width, shared)  # (b, R, V)
+        ref.append(gather_logprobs(ref_logits, responses, temperature))
     return torch.cat(old), torch.cat(values), torch.cat(ref)
 
 
+def token_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+               ) -> tuple[list[list[int]], list[int]]:
+    """Host tensors (B, P + R) -> each row's real tokens, and its prompt's length."""
+    return ([ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)],
+            attention_mask[:, :prompt_width].sum(-1).tolist())
+
+
 def policy_forward(model: ActorCritic, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,
-                   temperature: float):
+                   temperature: float, shared: SharedPrompts | None = None):
     """New log-probs, values and entropies of a (mini)batch's responses under the current weights, with grad."""
-    logits, values = model(input_ids, attention_mask, width)
+    logits, values = model(input_ids, attention_mask, width, shared)
     tokens = input_ids[:, width:]
     return gather_logprobs(logits, tokens, temperature), values, entropy_from_logits(logits.detach(), temperature)

@@ -49,7 +49,7 @@ def test_one_forward_scores_both_sides_of_every_pair(tiny_base, smol_tokenizer):
     calls = []
     model.base_model.register_forward_pre_hook(lambda _m, _args, kwargs: calls.append(kwargs["input_ids"].shape),
                                                with_kwargs=True)
-    pairs = [EncodedPair([1, 2, 3], [4, 5], None, None, False) for _ in range(4)]
+    pairs = [EncodedPair([i, 2, 3], [i + 10, 5], None, None, False) for i in range(4)]  # distinct: none deduplicated
     optimizer = torch.optim.AdamW(model.parameters())
     settings, cpu = config("b", "d", "o", batch_size=4), torch.device("cpu")
     result = rm_train.train_step(model, optimizer, rm_train.collate_step(pairs, settings, 0, model, cpu), settings, cpu)
@@ -223,3 +223,35 @@ def test_eval_cuts_pairs_at_the_checkpoint_s_trained_length(tiny_base, pairs_fil
     default = rm_train.evaluate_checkpoint(EvalConfig(model=str(out), data=[str(pairs_file)]))
     explicit = rm_train.evaluate_checkpoint(EvalConfig(model=str(out), data=[str(pairs_file)], max_length=1024))
     assert default["data"]["truncated"] > 0 and explicit["data"]["truncated"] == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_a_prompt_shared_by_chosen_and_rejected_gives_the_unshared_loss_and_gradients(smol_tokenizer, kind):
+    """Two pairs whose sides share a 40- and a 36-token prompt, and one that shares nothing: packed with the
+    prompts once, the Bradley-Terry loss and every parameter's gradient are those of the unshared packing."""
+    from .test_shared_prompts import close
+
+    torch.manual_seed(0)
+    config = tiny_config(kind, len(smol_tokenizer), smol_tokenizer.pad_token_id)
+    model = AutoModelForSequenceClassification.from_config(config).eval()  # GPT-2's dropout off: one draw each side
+    first, second = list(range(100, 140)), list(range(200, 236))
+    pairs = [EncodedPair(first + [7, 8, 9], first + [10, 11], None, 0.8, False),
+             EncodedPair(second + [12], second + [13, 14, 15, 16], None, None, False),
+             EncodedPair([1, 2, 3], [4, 5], None, 0.6, False)]
+    cpu = torch.device("cpu")
+
+    def loss_and_gradients(min_shared_prefix: int):
+        model.zero_grad(set_to_none=True)
+        batch = collate_pairs(pairs, smol_tokenizer.pad_token_id, packed=True, min_shared_prefix=min_shared_prefix)
+        chosen, rejected = rm_train.pair_scores(model, batch, cpu)
+        loss = bradley_terry_loss(chosen, rejected, batch.margin, batch.p_chosen)
+        loss.backward()
+        return batch.packed.computed_tokens, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    unshared_tokens, unshared_loss, unshared_grads = loss_and_gradients(0)
+    shared_tokens, shared_loss, shared_grads = loss_and_gradients(32)
+    assert (unshared_tokens, shared_tokens) == (167, 167 - 40 - 36)  # each prompt computed once
+    assert close(unshared_loss, shared_loss)
+    assert unshared_grads["score.weight"].abs().max() > 0
+    for name, grad in unshared_grads.items():
+        assert close(grad, shared_grads[name]), name

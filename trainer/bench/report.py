@@ -36,6 +36,15 @@ def markdown(result: dict) -> str:
                          f" {_f(t['speedup'], 2, 'x')} | {_f(t.get('speedup_after_first_step'), 2, 'x')} |"
                          f" {_f(t['ours']['accuracy'], 3)} | {_f(trl.get('accuracy'), 3)}"
                          f" | {_f(t['ours']['length_only_accuracy'], 3)} |")
+        lines += ["", "Prompts shared (hh-rlhf: each pair's conversation computed once, or not; pairs/s after step 1):",
+                  "", "| model | pairs | shared pairs/s | unshared pairs/s | speed-up |", "|---|---|---|---|---|"]
+        for t in result["train"]:
+            shared = t.get("shared_prompts") or {"skipped": "not measured"}
+            if "skipped" in shared:
+                lines.append(f"| {t['model']} | {shared['skipped']} | - | - | - |")
+                continue
+            lines.append(f"| {t['model']} | {shared['pairs']} | {_f(shared['pairs_per_s_shared'], 1)} |"
+                         f" {_f(shared['pairs_per_s_unshared'], 1)} | {_f(shared['speedup'], 2, 'x')} |")
         lines.append("")
     if result.get("ppo"):
         lines += ["## ppo (after one warm-up step)", "",

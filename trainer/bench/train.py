@@ -49,7 +49,32 @@ def run(models: BenchModels, data_dir: Path, max_pairs: int | None, max_length: 
             trl = _run_trl(models, train_rows, eval_file, folder / "trl", max_length)
         return {"model": models.name, "data": source, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
                 "ours": ours, "trl": trl, "speedup": _ratio(ours, trl, "pairs_per_s"),
-                "speedup_after_first_step": _ratio(ours, trl, "pairs_per_s_after_first_step")}
+                "speedup_after_first_step": _ratio(ours, trl, "pairs_per_s_after_first_step"),
+                "shared_prompts": _shared_prompts(models, data_dir, max_pairs, max_length, folder, progress)}
+
+
+def _shared_prompts(models: BenchModels, data_dir: Path, max_pairs: int | None, max_length: int, folder: Path,
+                    progress) -> dict:
+    """Ours on hh-rlhf's pairs (a chosen and a rejected answer to one multi-turn conversation, often longer than
+    either answer), with the conversation computed once per pair (--min-shared-prefix 32) and without (0), one
+    after the other on the same pairs. Pairs/s after the first step, which holds the warm-up."""
+    path = data_dir / "hh-rlhf-harmless" / "pairs.jsonl"
+    if not path.is_file():
+        return {"skipped": f"{path} absent"}
+    rows = [line for line in path.read_text().splitlines() if line.strip()][:max_pairs]
+    data = folder / "hh-rlhf.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    rates = {}
+    for name, min_shared_prefix in (("shared", 32), ("unshared", 0)):
+        progress(f"train {models.name}: ours on {len(rows)} hh-rlhf pairs, prompts {name}")
+        report = train_ours(RMTrainConfig(base=str(models.policy), data=[str(data)], out=str(folder / f"hh-{name}"),
+                                          max_length=max_length, margin=False, eval_fraction=0.05,
+                                          min_shared_prefix=min_shared_prefix, **RECIPE))
+        steady = report["train_loop"]["after_first_step"]
+        rates[name] = _rate(steady["pairs"], steady["seconds"])
+    speedup = rates["shared"] / rates["unshared"] if rates["shared"] and rates["unshared"] else None
+    return {"data": f"hh-rlhf harmless ({path})", "pairs": len(rows), "pairs_per_s_shared": rates["shared"],
+            "pairs_per_s_unshared": rates["unshared"], "speedup": speedup}
 
 
 def _rate(pairs: int, seconds: float) -> float | None:
