@@ -214,6 +214,8 @@ class PPOConfig(_Settings):
     """Passes over each rollout batch."""
     lr: float = Field(3e-6, gt=0)
     """AdamW learning rate of the policy and value head."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Steps over which the learning rate rises linearly to --lr (the first step's is lr / N); constant after."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; log-probabilities of policy and reference use logits / temperature too."""
     top_p: float = Field(1.0, gt=0, le=1)
@@ -458,7 +460,7 @@ class DemoConfig(_Settings):
     rm_eval_fraction: float = Field(0.3, gt=0, lt=1)
     """Share of the labelled prompts whose pairs are held out from reward-model training (all pairs of a prompt
     on one side)."""
-    ppo_steps: int = Field(32, gt=0)
+    ppo_steps: int = Field(48, gt=0)
     """PPO steps."""
     ppo_batch_size: int = Field(16, gt=0)
     """Rollouts per PPO step."""
@@ -467,8 +469,11 @@ class DemoConfig(_Settings):
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce++"] = "rloo"
     """How PPO's update weighs each rollout (see `rewardserve ppo --help`); RLOO's leave-one-out baseline needs no
     critic to learn first, which matters in a run this short."""
-    ppo_lr: float = Field(3e-5, gt=0)
+    ppo_lr: float = Field(5e-5, gt=0)
     """PPO learning rate."""
+    ppo_lr_warmup_steps: int = Field(12, ge=0)
+    """Steps over which PPO's learning rate rises linearly to --ppo-lr. Without it the first steps mostly sharpen
+    the starting policy's sampling (its entropy fell from 2.6 to 1.4 nats a token in 3 steps at 5e-5)."""
     ppo_beta: float = Field(0.05, ge=0)
     """KL penalty coefficient (fixed), in the reward, k1 estimator."""
     missing_eos_penalty: OffOrFloat = Field(None, ge=0)

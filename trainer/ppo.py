@@ -452,6 +452,8 @@ def main(config: PPOConfig) -> dict:
                 if gold is not None and gold.new_best:  # the weights that sampled the judged rollouts
                     save_policy(out / "best_gold", model, tokenizer, {"step": step + 1, **gold.metrics})
             model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_lr(step, config.lr, config.lr_warmup_steps)
             update_began = time.perf_counter()
             update = ppo_update(trainable, optimizer, rollout, advantages, returns, config, device, ranks,
                                 kl_controller.beta)  # 6
@@ -459,7 +461,7 @@ def main(config: PPOConfig) -> dict:
             timings = scored.timings | {"update": time.perf_counter() - update_began,
                                         "step": time.perf_counter() - began}
             record = step_metrics(step + 1, scored, scores, kl, kl_controller.beta, rollout, returns, update, timings,
-                                  counters, ranks) | {"model_version_changed": changed}
+                                  counters, ranks, optimizer.param_groups[0]["lr"]) | {"model_version_changed": changed}
             record |= group_metrics(scored.scores, groups, config.advantage_estimator, ranks)
             kl_controller.update(record["kl"], len(rollout.responses) * ranks.world_size)  # 7
             stop = False
@@ -485,6 +487,11 @@ def main(config: PPOConfig) -> dict:
     return summary
 
 
+def warmup_lr(step: int, peak: float, warmup: int) -> float:
+    """Linear warmup over `warmup` steps (a pure function of the step, so a resumed run goes on where it was)."""
+    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
+
+
 def check_dropped(counters: dict, config: PPOConfig) -> None:
     if counters["dropped"] > config.max_dropped_fraction * counters["generated"]:
         raise SystemExit(
@@ -504,7 +511,8 @@ def group_metrics(scores: torch.Tensor, group_size: int, estimator: str, ranks: 
                                                             "groups_all_equal": equal})}
 
 
-def step_metrics(step, scored, shaped, kl, beta, rollout, returns, update, timings, counters, ranks) -> dict:
+def step_metrics(step, scored, shaped, kl, beta, rollout, returns, update, timings, counters, ranks,
+                 lr: float) -> dict:
     """One line of metrics.jsonl: rates and means averaged over the ranks, counts and throughput summed."""
     mask = rollout.response_mask.float()
     lengths = mask.sum(-1)
@@ -524,7 +532,7 @@ def step_metrics(step, scored, shaped, kl, beta, rollout, returns, update, timin
         "generation/tokens": scored.generation["tokens"],
         **{f"time/{k}": v for k, v in timings.items()},
     }
-    return {"step": step, **ranks.mean(numbers), "beta": beta, "ranks": ranks.world_size,
+    return {"step": step, **ranks.mean(numbers), "beta": beta, "lr": lr, "ranks": ranks.world_size,
             "rollouts": int(ranks.total(len(rollout.responses))),
             "tokens_per_s": ranks.total(lengths.sum().item() / timings["step"]),
             "dropped_total": counters["dropped"], "skipped_updates_total": counters["skipped_updates"],

@@ -130,3 +130,10 @@ def test_the_early_stop_reads_each_epoch_s_own_kl(tmp_path, smol_tokenizer, monk
 def test_top_p_below_one_is_refused_in_one_line():
     with pytest.raises(ValueError, match="--top-p 0.5: PPO samples from the whole distribution"):
         PPOConfig(reward_url="http://127.0.0.1:9", top_p=0.5)
+
+
+def test_the_learning_rate_warms_up_linearly_then_stays():
+    from rewardserve.trainer.ppo import warmup_lr
+
+    assert [warmup_lr(step, 1.0, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_lr(0, 3e-5, 0) == 3e-5  # no warm-up
