@@ -159,7 +159,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix")
+    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,8 @@ class ModelInfo(_message.Message):
     LENGTH_FIT_FIELD_NUMBER: _ClassVar[int]
     MIN_SHARED_PREFIX_FIELD_NUMBER: _ClassVar[int]
     SHARED_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PATH_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     version: str
@@ -194,7 +196,35 @@ class ModelInfo(_message.Message):
     length_fit: LengthFit
     min_shared_prefix: int
     shared_prefix: str
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ...) -> None: ...
+    forward_path: str
+    calibration: Calibration
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+
+class CalibrationCandidate(_message.Message):
+    __slots__ = ("path", "budget", "tokens_per_s", "peak_bytes", "seconds", "skipped")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    budget: int
+    tokens_per_s: float
+    peak_bytes: int
+    seconds: float
+    skipped: str
+    def __init__(self, path: _Optional[str] = ..., budget: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., peak_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., skipped: _Optional[str] = ...) -> None: ...
+
+class Calibration(_message.Message):
+    __slots__ = ("how", "seconds", "candidates")
+    HOW_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    how: str
+    seconds: float
+    candidates: _containers.RepeatedCompositeFieldContainer[CalibrationCandidate]
+    def __init__(self, how: _Optional[str] = ..., seconds: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CalibrationCandidate, _Mapping]]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("json", "default_model", "models", "combinations", "default")

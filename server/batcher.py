@@ -3,8 +3,10 @@
 The loop, once per cycle:
 1. wait for work; then wait at most `max_wait_ms` for more, or until a budget's worth of tokens is queued;
 2. move queued items into a planning window of a few budgets, one budget from each request in turn;
-3. sort the window by length, pack it greedily into batches whose padded cost (rows x longest row) fits
-   `max_batch_tokens`, and take the batch holding the oldest item (items whose client has gone are dropped);
+3. sort the window (by length for a padded forward, by tokens for a packed one, so that a group's shared prompt
+   stays in one batch), cut it greedily into batches whose cost (rows x longest row padded, the tokens packed) fits
+   the model's `max_batch_tokens`, and take the batch holding the oldest item (items whose client has gone are
+   dropped);
 4. launch that batch's forward on one dedicated thread, so the event loop keeps accepting requests meanwhile;
 5. collect the previous batch and resolve its futures; a batch that runs out of device memory is split in halves
    and retried, and so is a batch whose forward fails otherwise, down to the one item that fails it, which alone
@@ -67,9 +69,39 @@ def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def plan_packed_batches(sequences: list[list[int]], max_batch_tokens: int) -> list[list[int]]:
+    """For a padding-free forward: item indices in token order (items that share a prompt are neighbours, so a
+    group of responses lands in one batch and shares its prompt there), cut into batches of at most
+    `max_batch_tokens` real tokens. An item longer than the whole budget still runs, alone.
+
+    >>> plan_packed_batches([[7, 1], [3], [7, 1, 2], [9, 9, 9, 9]], max_batch_tokens=6)
+    [[1, 0, 2], [3]]
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for index in sorted(range(len(sequences)), key=lambda i: sequences[i]):
+        if current and tokens + len(sequences[index]) > max_batch_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(index)
+        tokens += len(sequences[index])
+    if current:
+        batches.append(current)
+    return batches
+
+
+def plan(sequences: list[list[int]], max_batch_tokens: int, packed: bool) -> list[list[int]]:
+    """Batches as the engine's forward pays for them: real tokens when packed, rows x longest when padded."""
+    if packed:
+        return plan_packed_batches(sequences, max_batch_tokens)
+    return plan_batches([len(s) for s in sequences], max_batch_tokens)
+
+
 class ForwardEngine(Protocol):
     """The model as the batcher sees it: `launch` queues a batch's forward and returns at once where the device
-    allows (a GPU); `collect` waits for that batch and returns its scores."""
+    allows (a GPU); `collect` waits for that batch and returns its scores. An engine may also say its own
+    `max_batch_tokens` (the start-up calibration's choice) and whether it `plans_packed`."""
 
     def launch(self, sequences: list[list[int]]) -> Any: ...
 
@@ -98,7 +130,8 @@ class _InFlight:
     started: float
 
 
-def score_in_batches(forward: ForwardEngine, sequences: list[list[int]], max_batch_tokens: int) -> list[float]:
+def score_in_batches(forward: ForwardEngine, sequences: list[list[int]], max_batch_tokens: int | None = None
+                     ) -> list[float]:
     """What the forward worker does with a queue holding `sequences`, without the server around it: token-budget
     batches, each launched before the previous one is collected. The in-process ceiling the server is measured
     against (`rewardserve bench serve`)."""
@@ -109,7 +142,8 @@ def score_in_batches(forward: ForwardEngine, sequences: list[list[int]], max_bat
             scores[index] = score
 
     in_flight = None
-    for batch in plan_batches([len(s) for s in sequences], max_batch_tokens):
+    budget = max_batch_tokens or forward.max_batch_tokens
+    for batch in plan(sequences, budget, getattr(forward, "plans_packed", False)):
         pending = forward.launch([sequences[i] for i in batch])
         if in_flight is not None:
             deliver(*in_flight)
@@ -140,6 +174,10 @@ class Batcher:
         self._recent_batch_seconds = 0.05  # running estimate, for Retry-After
 
     # -- public -------------------------------------------------------------------------------------------------
+    def budget_of(self, engine: ForwardEngine) -> int:
+        """An engine's own budget where it has one (calibrated per model), else the batcher's."""
+        return getattr(engine, "max_batch_tokens", None) or self.max_batch_tokens
+
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="rewardserve-batcher")
 
@@ -254,7 +292,8 @@ class Batcher:
             return []
         engine = self._window[0].engine  # the item longest in the window: its model goes next
         candidates = [job for job in self._window if job.engine is engine]
-        batches = plan_batches([len(job.input_ids) for job in candidates], self.max_batch_tokens)
+        batches = plan([job.input_ids for job in candidates], self.budget_of(engine),
+                       getattr(engine, "plans_packed", False))
         chosen = next(batch for batch in batches if 0 in batch)  # the batch holding that oldest item
         jobs = [candidates[i] for i in chosen]
         self._leave_queue(jobs)

@@ -6,12 +6,23 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .combinations import Combination
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _auto_word(value):
+    return None if isinstance(value, str) and value.strip().lower() in ("auto", "none", "") else value
+
+
+def _split_ints(value):
+    return [part for part in re.split(r"[\s,]+", value) if part] if isinstance(value, str) else value
+
+
+AutoOrInt = Annotated[Annotated[int, Field(gt=0)] | None, BeforeValidator(_auto_word)]
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -53,8 +64,22 @@ class ServeConfig(BaseSettings):
     trained at, else its positions; always capped, per model, at that model's positions."""
     on_overflow: Literal["truncate", "error"] = "truncate"
     """truncate: keep the response and cut the prompt from the left (the item says truncated); error: answer 413."""
-    max_batch_tokens: int = Field(16384, gt=0)
-    """Token budget of one forward pass, padding included (rows x longest row)."""
+    forward_path: Literal["auto", "packed", "packed-flex", "packed-varlen", "packed-sdpa", "padded"] = "auto"
+    """How a batch runs: auto (measured at start, see --calibration-seconds), packed (padding-free with the
+    device's default kernel: flex_attention on CUDA, SDPA per sequence elsewhere; padded for architectures that do
+    not pack), packed-flex or packed-varlen (CUDA; varlen needs torch 2.10 or later and half precision),
+    packed-sdpa, or padded."""
+    max_batch_tokens: AutoOrInt = None
+    """Token budget of one forward pass: rows x longest row when padded, the tokens themselves when packed.
+    auto (the default): the fastest of --calibration-budgets, measured at start."""
+    calibration_budgets: Annotated[list[int], NoDecode, BeforeValidator(_split_ints)] = [16384, 32768, 65536, 131072]
+    """Token budgets the start-up calibration tries (each capped by the memory it was measured to need)."""
+    calibration_seconds: float = Field(30.0, gt=0)
+    """Time the start-up calibration may take per model (and again after a reload); a candidate that would not
+    finish in what is left is skipped. Skipped when --forward-path and --max-batch-tokens are both given."""
+    calibration_lengths: str | None = None
+    """File of token lengths (whitespace-separated integers) that calibration batches follow, e.g. your traffic's;
+    default: workload W's log-normal lengths (median 500, 32 to 2048)."""
     min_shared_prefix: int = Field(32, ge=0)
     """Items of a batch (from one request or several) whose tokens begin with the same N or more are computed as
     that prefix once, then each one's own tokens attending to it: exactly the unshared scores, for a group of
@@ -135,7 +160,16 @@ class ServeConfig(BaseSettings):
             raise ValueError(f"--allow-reload-from {self.allow_reload_from} is not a folder")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give --tls-cert and --tls-key together")
+        if not self.calibration_budgets or min(self.calibration_budgets) <= 0:
+            raise ValueError(f"--calibration-budgets {self.calibration_budgets}: give positive token budgets")
+        if self.calibration_lengths is not None and not Path(self.calibration_lengths).is_file():
+            raise ValueError(f"--calibration-lengths {self.calibration_lengths} is not a file")
         return self
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the start measures anything: unless both the path and the budget are pinned."""
+        return self.forward_path == "auto" or self.max_batch_tokens is None
 
     def model_specs(self) -> list[tuple[str, str]]:
         """(name, path) of each model, in the order given; the first is the default."""

@@ -80,8 +80,14 @@ def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
 
 
 def model_info_to_proto(info: ModelInfo) -> reward_pb2.ModelInfo:
-    fields = info.model_dump(exclude={"default_transform", "statistics", "length_fit"})
+    fields = info.model_dump(exclude={"default_transform", "statistics", "length_fit", "calibration"})
     message = reward_pb2.ModelInfo(**fields, default_transform=transform_to_proto(info.default_transform))
+    if info.calibration is not None:
+        calibration = info.calibration
+        message.calibration.CopyFrom(reward_pb2.Calibration(
+            how=calibration.how, seconds=calibration.seconds,
+            candidates=[reward_pb2.CalibrationCandidate(**c.model_dump(exclude_none=True))
+                        for c in calibration.candidates]))
     if info.statistics is not None:
         message.statistics.CopyFrom(reward_pb2.RewardStatistics(**info.statistics.model_dump()))
     if info.length_fit is not None:

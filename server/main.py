@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -21,17 +22,18 @@ from pathlib import Path
 import uvicorn
 
 from .batcher import Batcher
+from .calibration import Calibration, choose, measure_model, memory_cap, read_lengths, workload_w_lengths
 from .config import ServeConfig
 from .grpc_api import create_grpc_server, set_serving
 from .http_api import create_app
 from . import metrics
 from .errors import InsufficientMemory, RewardServeError, StartupError
-from .modeling import (RewardModel, check_local_checkpoint, free_memory, is_local, local_checkpoint, resolve_device,
-                       resolve_dtype, weights_bytes)
+from .modeling import (FORWARD_PATHS, RewardModel, check_local_checkpoint, forward_paths, free_memory, is_local,
+                       local_checkpoint, resolve_device, resolve_dtype, weights_bytes)
 from .normalization import RewardStatistics, RewardTransform
 from .registry import ModelRegistry, ServedModel
 from .reloading import Reloader
-from .schemas import ModelInfo
+from .schemas import CalibrationOut, ModelInfo
 from .service import ScoringService
 from .simulated_forward import SimulatedForward
 from .tokenization import ItemEncoder, load_tokenizer, trained_max_length
@@ -83,24 +85,63 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
                            " (`reward_length_fit` in config.json, which `rewardserve train` writes); choose another")
     default_transform = RewardTransform(transform, statistics if transform == "whiten" else None, config.beta,
                                         model.length_fit if transform == "debias" else None)
+    warm_up(model, path)
+    calibration = configure_forward(model, config)
     info = ModelInfo(
         model=name, path=str(path), version=model.version, architecture=model.architecture,
         dtype=str(model.dtype).removeprefix("torch."), device=str(model.device), max_length=model.max_length,
         on_overflow=config.on_overflow, chat_template=encoder.has_chat_template,
         default_transform=default_transform.describe(), statistics=asdict(statistics) if statistics else None,
-        max_items_per_request=config.max_items_per_request, max_batch_tokens=config.max_batch_tokens,
-        length_fit=asdict(model.length_fit) if model.length_fit else None,
-        min_shared_prefix=model.min_shared_prefix, shared_prefix=model.shared_prefix_note(),
+        max_items_per_request=config.max_items_per_request, max_batch_tokens=model.max_batch_tokens,
+        forward_path=model.forward_path, length_fit=asdict(model.length_fit) if model.length_fit else None,
+        calibration=CalibrationOut(how=calibration.how, seconds=round(calibration.seconds, 2),
+                                   candidates=calibration.rows()),
+        min_shared_prefix=model.min_shared_prefix if model.plans_packed else None,
+        shared_prefix=model.shared_prefix_note(),
     )
     engine = model
     if config.stand_in_forward_us:
         engine = SimulatedForward(config.stand_in_forward_us)
         log.warning("benchmark mode: %s", engine.describe())
         info.forward = engine.describe()
-    warm_up(model, path)
     log.info("model %s ready: %s, version %s", name, path, model.version)
     return ServedModel(name, engine, encoder, statistics, model.length_fit, default_transform, info, model.version,
                        str(path))
+
+
+def configure_forward(model: RewardModel, config: ServeConfig) -> Calibration:
+    """Sets the model's forward path and batch budget: as --forward-path and --max-batch-tokens pin them, or the
+    fastest the calibration measured where either is auto (server/calibration.py)."""
+    paths = forward_paths(model.device, model.packs)
+    if config.forward_path == "packed":
+        paths = paths[:1]  # the device's packed kernel, or padded for an architecture that does not pack
+    elif config.forward_path != "auto":
+        if config.forward_path not in paths:
+            raise StartupError(f"--forward-path {config.forward_path} is not available for {model.name}"
+                               f" ({model.architecture}) on {model.device}; its paths there: {', '.join(paths)}")
+        paths = [config.forward_path]
+    budgets = [config.max_batch_tokens] if config.max_batch_tokens else sorted(set(config.calibration_budgets))
+    if len(paths) == 1 and len(budgets) == 1:
+        calibration = Calibration(paths[0], budgets[0], [], 0.0, "pinned by --forward-path and --max-batch-tokens")
+    else:
+        lengths = read_lengths(config.calibration_lengths) if config.calibration_lengths else workload_w_lengths()
+        calibration = choose(paths, budgets, measure_model(model, lengths), config.calibration_seconds,
+                             memory_cap(model.device))
+        log.info("calibration of %s in %.1f s (%s): serving %s at %d tokens a batch\n%s", model.name,
+                 calibration.seconds, calibration.how, calibration.path, calibration.budget, calibration.table())
+    model.forward_path, model.max_batch_tokens = calibration.path, calibration.budget
+    for other in FORWARD_PATHS:  # one series per model: the path it serves with now
+        if other != calibration.path:
+            with contextlib.suppress(KeyError):
+                metrics.FORWARD_CONFIG.remove(model.name, other)
+    metrics.FORWARD_CONFIG.labels(model.name, calibration.path).set(calibration.budget)
+    for other, budget in itertools.product(FORWARD_PATHS, config.calibration_budgets):  # this model's last table
+        with contextlib.suppress(KeyError):
+            metrics.CALIBRATION.remove(model.name, other, str(budget))
+    for measured in calibration.measurements:
+        if measured.tokens_per_s:
+            metrics.CALIBRATION.labels(model.name, measured.path, str(measured.budget)).set(measured.tokens_per_s)
+    return calibration
 
 
 def warm_up(model: RewardModel, path: str) -> None:
@@ -126,7 +167,9 @@ def check_room(config: ServeConfig, current: ServedModel, path: str) -> None:
 
 def build_service(config: ServeConfig) -> ScoringService:
     """The scoring core before its models are loaded: it answers NotReady until `attach_models`."""
-    batcher = Batcher(None, config.max_batch_tokens, config.max_wait_ms, config.max_queue_items)
+    # each model plans with its own (calibrated) budget; this one sizes the planning window until they are loaded
+    batcher = Batcher(None, config.max_batch_tokens or min(config.calibration_budgets), config.max_wait_ms,
+                      config.max_queue_items)
     return ScoringService(
         None, batcher, beta=config.beta, max_items_per_request=config.max_items_per_request,
         api_key=config.api_key.get_secret_value() if config.api_key else None,
@@ -148,6 +191,7 @@ def attach_models(service: ScoringService, config: ServeConfig, models: list[Ser
                         lambda current, path: check_room(config, current, path), config.allow_reload_from)
     for model in models:
         metrics.MODEL_INFO.labels(model.name, model.version).set(1)
+    service.batcher.max_batch_tokens = max(model.info.max_batch_tokens for model in models)  # the planning window
     service.batcher.start()
     service.start_serving(registry, reloader)
 

@@ -25,6 +25,12 @@ OOM_SPLITS = Counter("rewardserve_oom_splits_total", "Batches split in two after
 MODEL_ITEMS = Counter("rewardserve_model_items_total", "Items scored, by model and version", ["model", "version"])
 MODEL_INFO = Gauge("rewardserve_model_info", "1 for each model version now serving (no paths: /metrics is open)",
                    ["model", "version"])
+FORWARD_CONFIG = Gauge("rewardserve_forward_budget_tokens",
+                       "The token budget each model serves with, labelled with its forward path (calibrated at start)",
+                       ["model", "forward"])
+CALIBRATION = Gauge("rewardserve_calibration_tokens_per_second",
+                    "Tokens/s each candidate forward path and budget reached in the start-up calibration",
+                    ["model", "forward", "budget"])
 RELOADS = Counter("rewardserve_reloads_total", "Reloads asked for, by model and outcome", ["model", "outcome"])
 
 QUEUE_DEPTH = Gauge("rewardserve_queue_depth", "Items waiting for a batch")

@@ -30,7 +30,8 @@ from torch import nn
 
 from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory, StartupError
 from .normalization import LengthFit, RewardStatistics
-from .packing import pack, packed_scores, plain_attention_blocker, supports_packing, to_device
+from .packing import (pack, packed_scores, plain_attention_blocker, supports_packing, to_device,
+                      varlen_available)
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +369,8 @@ class RewardModel:
     max_length: int  # the longest sequence this model is given: what was asked, capped at max_positions
     packs: bool = False  # padding-free forwards (server/packing.py) for the architectures that support them
     min_shared_prefix: int | None = None  # packed decoders: items sharing this many leading tokens share their forward
+    forward_path: str = "padded"  # FORWARD_PATHS: packed with a kernel, or padded (the calibration chooses)
+    max_batch_tokens: int = 16384  # the batch planner's budget for this model (the calibration chooses)
     length_fit: LengthFit | None = None
     weights_hash: str = ""  # checkpoint_hash(path): what the model is; with loaded_at, its version
     loaded_at: float = field(default_factory=time.time)
@@ -394,7 +397,8 @@ class RewardModel:
         shares = packs and is_decoder_reward_model(network) and min_shared_prefix > 0
         return cls(network, _model_name(path), target, torch_dtype, int(pad), positions, read_statistics(config),
                    length, packs=packs, min_shared_prefix=min_shared_prefix if shares else None,
-                   length_fit=read_length_fit(config), weights_hash=checkpoint_hash(path, config))
+                   forward_path=forward_paths(target, packs)[0], length_fit=read_length_fit(config),
+                   weights_hash=checkpoint_hash(path, config))
 
     @property
     def embedding_rows(self) -> int:
@@ -414,11 +418,25 @@ class RewardModel:
     def architecture(self) -> str:
         return type(self.network).__name__
 
+    @contextlib.contextmanager
+    def forward_path_as(self, path: str):
+        """Runs along `path` for a while (calibration), then as before."""
+        previous, self.forward_path = self.forward_path, path
+        try:
+            yield
+        finally:
+            self.forward_path = previous
+
+    @property
+    def plans_packed(self) -> bool:
+        """Whether its batches cost their real tokens (packed) rather than rows x longest (padded)."""
+        return self.forward_path != "padded"
+
     def shared_prefix_note(self) -> str:
         """Why sharing is on or off, for /info."""
-        if self.min_shared_prefix:
+        if self.min_shared_prefix and self.plans_packed:
             return f"on: items sharing {self.min_shared_prefix} or more leading tokens compute them once"
-        if not self.packs:
+        if not self.plans_packed:
             return "off: this model is scored padded"
         if not self.is_decoder:
             return "off: in an encoder a prefix's states depend on what follows it, so they cannot be shared"
@@ -436,8 +454,9 @@ class RewardModel:
         """
         pinned = self.device.type == "cuda"
         try:
-            if self.packs:
-                packed = pack(sequences, pin_memory=pinned, min_shared_prefix=self.min_shared_prefix)
+            if self.plans_packed:
+                packed = pack(sequences, pin_memory=pinned, min_shared_prefix=self.min_shared_prefix,
+                              kernel=self.forward_path.removeprefix("packed-"))
                 scores, computed = packed_scores(self.network, to_device(packed, self.device)), packed.computed_tokens
             else:
                 input_ids, attention_mask = pad_right(sequences, self.pad_token_id, pin_memory=pinned)
@@ -463,6 +482,19 @@ class RewardModel:
 
     def score_batch(self, sequences: list[list[int]]) -> list[float]:
         return self.collect(self.launch(sequences))
+
+
+FORWARD_PATHS = ("packed-flex", "packed-varlen", "packed-sdpa", "padded")
+
+
+def forward_paths(device: torch.device, packs: bool) -> list[str]:
+    """The forward paths a model can take on this device, the default first: packed with each kernel the device
+    has (flex_attention and varlen_attn on CUDA, SDPA per document elsewhere), and padded, which every model has."""
+    if not packs:
+        return ["padded"]
+    if device.type == "cuda":
+        return ["packed-flex", *(["packed-varlen"] if varlen_available(device) else []), "padded"]
+    return ["packed-sdpa", "padded"]
 
 
 @dataclass

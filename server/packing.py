@@ -8,8 +8,9 @@ of it depending on how well the rows were sorted). Packed, the forward reads exa
 
 Attention is restricted to each document by an attention function registered with transformers
 (`AttentionInterface`) under the name `rewardserve_packed`, switched on for the packed forward alone:
-- on CUDA, flex_attention with a document block mask (compiled; blocks outside the diagonal are skipped);
-- elsewhere, or if flex_attention fails to build or run (one warning, then this path), one SDPA call per document.
+- on CUDA, flex_attention with a document block mask (compiled; blocks outside the diagonal are skipped), or
+  varlen_attn over the cumulative lengths (no mask), whichever the start-up calibration found faster;
+- elsewhere, or if those fail to build or run (one warning, then this path), one SDPA call per document.
 Both give the padded forward's scores (tests compare them within 1e-4 in fp32).
 
 Scores are read at each document's last token (decoders) or from its first token through the pooler (BERT-style
@@ -18,6 +19,7 @@ encoders), as the padded path reads them.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ class Documents:
     ids: torch.Tensor | None = None  # (N,) segment index of each token, on the device (for the block mask)
     prefixes: list[int] | None = None  # per segment, on the host: the segment it also attends to, or -1 (None: none)
     prefix_ids: torch.Tensor | None = None  # (N,) each token's segment's prefix, on the device (for the block mask)
+    kernel: str = "auto"  # KERNELS: which attention kernel runs (auto: flex on CUDA, SDPA per segment elsewhere)
 
     def spans(self) -> list[tuple[int, int]]:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
@@ -116,7 +119,8 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
-def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix: int | None = None) -> PackedBatch:
+def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix: int | None = None,
+         kernel: str = "auto") -> PackedBatch:
     """Lays the sequences end to end (host tensors; pinned when they are bound for a GPU). With
     `min_shared_prefix`, identical sequences are computed once, and sequences that begin with the same
     `min_shared_prefix` tokens or more are laid out as that prefix once, then each one's own suffix: the suffix
@@ -166,7 +170,7 @@ def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix
     if pin_memory:
         input_ids, position_ids, ids = input_ids.pin_memory(), position_ids.pin_memory(), ids.pin_memory()
         prefix_ids = prefix_ids.pin_memory() if shares else None
-    documents = Documents(bounds, {}, ids, prefixes if shares else None, prefix_ids)
+    documents = Documents(bounds, {}, ids, prefixes if shares else None, prefix_ids, kernel)
     prefix_segment, prefix_length, own_segment, last = torch.tensor([placed[w] for w in which]).unbind(-1)
     # a whole-prefix sequence's own part is empty: it "begins" at the next segment's start (or the row's end)
     prefix_start, own_start = starts[prefix_segment], starts[own_segment]
@@ -180,33 +184,70 @@ def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
     shared = batch.documents.prefix_ids
     documents = Documents(batch.documents.bounds, {}, move(batch.documents.ids), batch.documents.prefixes,
-                          None if shared is None else move(shared))
+                          None if shared is None else move(shared), batch.documents.kernel)
     return PackedBatch(move(batch.input_ids), move(batch.position_ids), documents, move(batch.first_index),
                        move(batch.last_index), move(batch.prefix_start), move(batch.prefix_length),
                        move(batch.own_start))
 
 
 # -- the attention function -------------------------------------------------------------------------------------------
+# The kernels a packed forward can run: `flex` (flex_attention with a document block mask, compiled; CUDA), `varlen`
+# (torch.nn.attention.varlen.varlen_attn over cumulative lengths, no mask at all; CUDA, torch 2.10 or later, half
+# precision; a batch with shared prefixes runs flex), `sdpa` (one SDPA call per segment: anywhere, exact), and `auto`
+# (flex on CUDA, sdpa elsewhere). Which is fastest on a card is measured at start (server/calibration.py).
+KERNELS = ("auto", "flex", "varlen", "sdpa")
 FLEX_DEVICES = {"cuda"}  # where flex_attention's block-sparse kernels pay (elsewhere it runs a dense reference)
 _flex = None  # the compiled flex_attention, or False once it failed
+_varlen = None  # False once varlen_attn failed
+_strict = False  # calibration: a kernel that fails raises instead of falling back, so the failure is seen
+
+
+def varlen_available(device: torch.device) -> bool:
+    """Whether varlen_attn can be tried on this device: CUDA, and a torch that has it (2.10 or later)."""
+    if device.type != "cuda" or _varlen is False:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def strict_kernels():
+    """Within it, a kernel that fails raises (calibration tells a candidate that broke from one that ran)."""
+    global _strict
+    previous, _strict = _strict, True
+    try:
+        yield
+    finally:
+        _strict = previous
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask, scaling: float | None = None, dropout: float = 0.0,
                      rewardserve_documents: Documents | None = None, **_kwargs):
     """query (1, H, N, D), key and value (1, H_kv, N, D) -> (1, N, H, D); each document attends to itself alone."""
-    if rewardserve_documents is None:
+    documents = rewardserve_documents
+    if documents is None:
         raise RuntimeError("the packed attention needs the document bounds (rewardserve_documents)")
     causal = getattr(module, "is_causal", True)
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each KV head serves several query heads
         repeats = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
-    if query.device.type in FLEX_DEVICES and _flex is not False and dropout == 0:
-        output = _flex_attention(query, key, value, rewardserve_documents, causal, scaling)
+    kernel = documents.kernel
+    if kernel == "auto":
+        kernel = "flex" if query.device.type in FLEX_DEVICES else "sdpa"
+    if kernel == "varlen" and documents.prefixes is None and dropout == 0 and _varlen is not False:
+        output = _varlen_attention(query, key, value, documents, causal, scaling)
+        if output is not None:
+            return output, None
+    if kernel in ("flex", "varlen") and query.device.type in FLEX_DEVICES and _flex is not False and dropout == 0:
+        output = _flex_attention(query, key, value, documents, causal, scaling)
         if output is not None:
             return output.transpose(1, 2).contiguous(), None
     parts = []
-    for (s, e), prefix in zip(rewardserve_documents.spans(), rewardserve_documents.prefix_spans()):
+    for (s, e), prefix in zip(documents.spans(), documents.prefix_spans()):
         if prefix is None:
             parts.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
                                                         is_causal=causal, dropout_p=dropout, scale=scaling))
@@ -219,6 +260,26 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         parts.append(F.scaled_dot_product_attention(query[:, :, s:e], keys, values, attn_mask=visible,
                                                     dropout_p=dropout, scale=scaling))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _varlen_attention(query, key, value, documents: Documents, causal: bool, scaling):
+    """varlen_attn over the documents' cumulative lengths: (1, N, H, D), or None (with one warning) if it fails."""
+    global _varlen
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        bounds = torch.tensor(documents.bounds, dtype=torch.int32).to(query.device, non_blocking=True)
+        longest = max(e - s for s, e in documents.spans())  # host figures: no device read
+        # torch 2.10-2.12 take is_causal; later releases a window, (-1, 0) being causal
+        mode = {"is_causal": causal} if "is_causal" in inspect.signature(varlen_attn).parameters else \
+            {"window_size": (-1, 0) if causal else (-1, -1)}
+        output = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), bounds,
+                             bounds, longest, longest, scale=scaling, **mode)  # (N, H, D)
+        return output[None]
+    except Exception as error:
+        _give_up("varlen_attn", error, "flex_attention or SDPA")
+        _varlen = False
+        return None
 
 
 def _flex_attention(query, key, value, documents: Documents, causal: bool, scaling):
@@ -234,10 +295,18 @@ def _flex_attention(query, key, value, documents: Documents, causal: bool, scali
                                                                        documents.prefix_ids)
         return _flex(query, key, value, block_mask=mask, scale=scaling)
     except Exception as error:  # never die of an optimisation nobody could try here
-        log.warning("flex_attention failed (%s: %s); packed attention runs one SDPA call per document from now on",
-                    type(error).__name__, error)
+        _give_up("flex_attention", error, "one SDPA call per document")
         _flex = False
         return None
+
+
+def _give_up(kernel: str, error: Exception, instead: str) -> None:
+    """A kernel failed: in calibration (`strict_kernels`) the error goes on; otherwise one warning, and the caller
+    never tries that kernel again."""
+    if _strict:
+        raise error
+    log.warning("%s failed (%s: %s); packed attention runs %s from now on", kernel, type(error).__name__, error,
+                instead)
 
 
 def document_block_mask(ids: torch.Tensor, causal: bool, create_block_mask, prefix_ids: torch.Tensor | None = None):

@@ -174,6 +174,21 @@ class ScoreResponse(BaseModel):
     std: list[float] | None = Field(None, description="ensemble: the std of the models' whitened scores")
 
 
+class CalibrationCandidateOut(BaseModel):
+    path: str
+    budget: int
+    tokens_per_s: float | None = None
+    peak_bytes: int | None = None
+    seconds: float = 0.0
+    skipped: str | None = Field(None, description="why it was not measured, or is not eligible")
+
+
+class CalibrationOut(BaseModel):
+    how: str = Field(description="`measured`, or why nothing was (pinned by flags)")
+    seconds: float
+    candidates: list[CalibrationCandidateOut]
+
+
 class ModelInfo(BaseModel):
     model: str
     path: str = ""
@@ -188,6 +203,9 @@ class ModelInfo(BaseModel):
     statistics: RewardStatisticsOut | None = None
     max_items_per_request: int
     max_batch_tokens: int
+    forward_path: str = Field("", description="packed-flex, packed-varlen, packed-sdpa or padded: how its batches"
+                                               " run (measured at start unless pinned)")
+    calibration: CalibrationOut | None = Field(None, description="the start-up calibration's candidates and choice")
     forward: str = Field("model", description="`model`, or the stand-in a benchmark replaced its forward with")
     min_shared_prefix: int | None = Field(None, description="items sharing this many leading tokens or more are"
                                                             " computed over that prefix once; None: sharing is off")

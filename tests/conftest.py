@@ -17,6 +17,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The servers the tests start serve as they always have, packed in 16k-token batches, instead of calibrating their
+# forward at every start (seconds each, a minute for SmolLM2): the calibration has tests of its own
+# (tests/server/test_calibration.py; tests/integration/test_calibration_server.py starts a server that calibrates).
+os.environ.setdefault("REWARDSERVE_FORWARD_PATH", "packed")
+os.environ.setdefault("REWARDSERVE_MAX_BATCH_TOKENS", "16384")
 SHARED_DATA = REPO.parent / "shared" / "data"
 CLI = [sys.executable, "-m", "rewardserve.trainer.cli"]
 

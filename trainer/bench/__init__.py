@@ -59,9 +59,9 @@ def main(config: BenchConfig) -> dict:
             rows = serve_part.run_shared(models, groups, device, peak["flops"], budget, progress)
             result["serve"].append({"model": models.name, "rows": rows})
         elif "serve" in parts:
-            rows = serve_part.run(models, sequences, device, peak["flops"], budget, config.stand_in_forward_us,
-                                  progress)
-            result["serve"].append({"model": models.name, "rows": rows})
+            rows, chosen = serve_part.run(models, sequences, device, peak["flops"], budget,
+                                          config.stand_in_forward_us, progress)
+            result["serve"].append({"model": models.name, "rows": rows, "server_forward": chosen})
         if "train" in parts:
             result["train"].append(train_part.run(models, Path(config.data_dir), train_pairs,
                                                   config.train_max_length, config.peer, progress))

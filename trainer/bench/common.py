@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import torch
 
 from rewardserve.server.modeling import synchronize
@@ -168,10 +169,11 @@ class ServerProcess:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def info(self) -> dict:
+        return httpx.get(f"{self.http_url}/info", timeout=30).json()
+
     def metric(self, name: str) -> float:
         """A counter from the server's /metrics (sum over its labels)."""
-        import httpx
-
         text = httpx.get(f"{self.http_url}/metrics", timeout=30).text
         return sum(float(line.split()[-1]) for line in text.splitlines()
                    if line.startswith(name) and (line[len(name)] in " {"))

@@ -20,6 +20,18 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {block['model']} | {r['row']} | {r['tokens_per_s']:,.0f} | {r['sequences_per_s']:,.1f}"
                              f" | {_f(r['mfu'] and 100 * r['mfu'], 1, '%')} | {_s(r['p50_s'])} | {_s(r['p99_s'])} |"
                              f" {r['ratio_to_core']:.2f} | {_f(r.get(key))} | {r['passes']} |")
+        for block in result["serve"]:
+            if chosen := block.get("server_forward"):
+                calibration = chosen["calibration"]
+                lines += ["", f"The server's calibration ({block['model']}, {calibration['how']},"
+                              f" {calibration['seconds']:.1f} s) chose {chosen['forward_path']} at"
+                              f" {chosen['max_batch_tokens']:,} tokens a batch:", "",
+                          "| path | budget | tokens/s | peak MiB | note |", "|---|---|---|---|---|"]
+                chosen_key = (chosen["forward_path"], chosen["max_batch_tokens"])
+                lines += [f"| {c['path']} | {c['budget']:,} | {_f(c['tokens_per_s'], 0)} |"
+                          f" {_f(c['peak_bytes'] and c['peak_bytes'] / 2**20, 0)} |"
+                          f" {'chosen' if (c['path'], c['budget']) == chosen_key else c['skipped'] or ''} |"
+                          for c in calibration["candidates"]]
         notes = {r["note"] for block in result["serve"] for r in block["rows"] if r["note"]}
         lines += [""] + [f"Note: {note}." for note in sorted(notes)] + ([""] if notes else [])
     if result.get("ppo"):
@@ -28,12 +40,14 @@ def markdown(result: dict) -> str:
     if result.get("train"):
         lines += ["## train (one epoch, 16 pairs a step, lr 1e-5)", "",
                   "| model | data | train pairs | ours pairs/s | TRL pairs/s | speed-up | speed-up after step 1"
-                  " | ours accuracy | TRL accuracy | length-only accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  " | ours step 1 s | ours accuracy | TRL accuracy | length-only accuracy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in result["train"]:
             trl = t["trl"]
             lines.append(f"| {t['model']} | {t['data']} | {t['train_pairs']} | {t['ours']['pairs_per_s']:.1f} |"
                          f" {_f(trl.get('pairs_per_s'), 1) if 'pairs_per_s' in trl else trl.get('skipped', '-')} |"
                          f" {_f(t['speedup'], 2, 'x')} | {_f(t.get('speedup_after_first_step'), 2, 'x')} |"
+                         f" {_f(t['ours'].get('first_step_s'), 1)} |"
                          f" {_f(t['ours']['accuracy'], 3)} | {_f(trl.get('accuracy'), 3)}"
                          f" | {_f(t['ours']['length_only_accuracy'], 3)} |")
         lines += ["", "Prompts shared (hh-rlhf: each pair's conversation computed once, or not; pairs/s after step 1):",

@@ -1,8 +1,10 @@
 """`rewardserve bench serve`: workload W through two transformers anchors, the project's scoring core in process,
 and the real server in its own process over HTTP and gRPC, side by side in one run.
 
-Rows (see docs/benchmarks.md): anchor naive b16, anchor sorted 64k, core (server default budget and prefix sharing),
-core 64k budget, core with sharing off, HTTP 16x32, gRPC 16x32, HTTP 128x1, HTTP text 16x32. Server rows count the
+Rows (see docs/benchmarks.md): anchor naive b16, anchor sorted 64k, core (the default path at the smallest budget,
+prefix sharing on), one core row per candidate of the server's start-up calibration (each forward path the device
+has, at each budget that batches the workload differently), core with sharing off, then the real server (which
+calibrates itself at start, and says what it chose) over HTTP 16x32, gRPC 16x32, HTTP 128x1, HTTP text 16x32. Server rows count the
 real tokens the server itself reports (its `rewardserve_tokens_total`), so text items, which it tokenizes, count what
 it scored. Workload G (`--workload G`, groups of responses to one prompt): the core with sharing off and on, then
 HTTP and gRPC with a group a request; every row counts the tokens sent, and says what the forward computed.
@@ -15,20 +17,22 @@ import time
 
 import torch
 
-from rewardserve.server.batcher import plan_batches, score_in_batches
+from rewardserve.server.batcher import plan, plan_batches, score_in_batches
 from rewardserve.server.config import ServeConfig
-from rewardserve.server.modeling import RewardModel, pad_right, resolve_dtype, synchronize
+from rewardserve.server.modeling import RewardModel, forward_paths, pad_right, resolve_dtype, synchronize
 from rewardserve.server.simulated_forward import SimulatedForward
 
 from .common import Budget, ServerProcess, best_of_passes, percentile
 from .models import BenchModels, non_embedding_parameters
 
-DEFAULT_BUDGET = ServeConfig.model_fields["max_batch_tokens"].default
+CALIBRATION_BUDGETS = ServeConfig.model_fields["calibration_budgets"].default
+DEFAULT_BUDGET = min(CALIBRATION_BUDGETS)
 SHARING_DEFAULT = ServeConfig.model_fields["min_shared_prefix"].default
 
 
 def run(models: BenchModels, sequences: list[list[int]], device: torch.device, peak: float, budget: Budget,
-        stand_in_us: float | None, progress) -> list[dict]:
+        stand_in_us: float | None, progress) -> tuple[list[dict], dict]:
+    """The rows, and what the real server chose at start (its forward path, budget and calibration table)."""
     rows: list[dict] = []
     model = RewardModel.load(str(models.reward), device=str(device), min_shared_prefix=SHARING_DEFAULT)
     parameters = non_embedding_parameters(model.network)
@@ -61,11 +65,18 @@ def run(models: BenchModels, sequences: list[list[int]], device: torch.device, p
     else:
         forward = SimulatedForward(stand_in_us)
         note = forward.describe()
-    packs = stand_in_us is None and model.packs  # a packed forward reads the real tokens alone
-    for name, max_batch_tokens in (("core", DEFAULT_BUDGET), ("core 64k budget", 65536)):
-        best, passes = best_of_passes(lambda: _core_pass(forward, sequences, max_batch_tokens, device), budget)
-        padded = real_tokens if packs else _padded_tokens(sequences, max_batch_tokens)
-        add(name, best | {"padded_tokens": padded}, passes, note)
+    packs = stand_in_us is None and model.plans_packed  # a packed forward reads the real tokens alone
+    best, passes = best_of_passes(lambda: _core_pass(forward, sequences, DEFAULT_BUDGET, device), budget)
+    add("core", best | {"padded_tokens": real_tokens if packs else _padded_tokens(sequences, DEFAULT_BUDGET)},
+        passes, note)
+    if stand_in_us is None:  # every candidate the server's calibration chooses among, on the workload itself
+        for path in forward_paths(model.device, model.packs):
+            for max_batch_tokens in _distinct_budgets(sequences, CALIBRATION_BUDGETS, path != "padded"):
+                with model.forward_path_as(path):
+                    best, passes = best_of_passes(lambda: _core_pass(model, sequences, max_batch_tokens, device),
+                                                  budget)
+                padded = real_tokens if path != "padded" else _padded_tokens(sequences, max_batch_tokens)
+                add(f"core {path} {max_batch_tokens // 1024}k", best | {"padded_tokens": padded}, passes)
     if model.min_shared_prefix and stand_in_us is None:  # W shares nothing: what looking for prefixes costs
         model.min_shared_prefix = None
         best, passes = best_of_passes(lambda: _core_pass(model, sequences, DEFAULT_BUDGET, device), budget)
@@ -75,6 +86,10 @@ def run(models: BenchModels, sequences: list[list[int]], device: torch.device, p
         torch.cuda.empty_cache()
     flags = ["--device", str(device)] + (["--stand-in-forward-us", str(stand_in_us)] if stand_in_us else [])
     with ServerProcess(str(models.reward), *flags) as server:
+        chosen = server.info()["models"][0]
+        progress(f"serve {models.name}: the server's calibration chose {chosen['forward_path']} at"
+                 f" {chosen['max_batch_tokens']} tokens ({chosen['calibration']['how']},"
+                 f" {chosen['calibration']['seconds']:.1f} s)")
         texts = _texts(models, sequences)
         for name, protocol, clients, per_request, form in (
             ("HTTP 16x32", "http", 16, 32, "input_ids"), ("gRPC 16x32", "grpc", 16, 32, "input_ids"),
@@ -86,7 +101,18 @@ def run(models: BenchModels, sequences: list[list[int]], device: torch.device, p
     core = next(r for r in rows if r["row"] == "core")
     for row in rows:
         row["ratio_to_core"] = row["tokens_per_s"] / core["tokens_per_s"]
-    return rows
+    return rows, {key: chosen[key] for key in ("forward_path", "max_batch_tokens", "calibration")}
+
+
+def _distinct_budgets(sequences: list[list[int]], budgets, packed: bool) -> list[int]:
+    """The budgets that batch the workload differently (past the whole workload in one batch, more is the same)."""
+    seen, distinct = set(), []
+    for max_batch_tokens in sorted(budgets):
+        batching = tuple(map(tuple, plan(sequences, max_batch_tokens, packed)))
+        if batching not in seen:
+            seen.add(batching)
+            distinct.append(max_batch_tokens)
+    return distinct
 
 
 def run_shared(models: BenchModels, groups: list[list[list[int]]], device: torch.device, peak: float,
@@ -151,6 +177,7 @@ class _CountingForward:
 
     def __init__(self, forward):
         self.forward, self.computed_tokens = forward, 0
+        self.plans_packed = getattr(forward, "plans_packed", False)  # batched as the batcher batches for it
 
     def launch(self, sequences):
         pending = self.forward.launch(sequences)

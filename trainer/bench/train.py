@@ -41,6 +41,7 @@ def run(models: BenchModels, data_dir: Path, max_pairs: int | None, max_length: 
         steady = loop["after_first_step"]
         ours = {"pairs_per_s": loop["pairs"] / loop["seconds"], "seconds": loop["seconds"], "steps": loop["steps"],
                 "pairs_per_s_after_first_step": _rate(steady["pairs"], steady["seconds"]),
+                "first_step_s": loop["seconds"] - steady["seconds"],
                 "accuracy": None if models.random_weights else report["accuracy"],
                 "length_only_accuracy": report["length_only_accuracy"]}
         trl = {"skipped": "--no-peer"}
