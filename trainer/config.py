@@ -262,6 +262,19 @@ class PPOConfig(_Settings):
     samples_per_prompt: int = Field(1, gt=0)
     """Responses per prompt: each step samples --batch-size / n prompts n times, and each group is scored in one
     request (groups are never split across --generation-batch-size chunks, so a dropped chunk drops whole groups)."""
+    lora_rank: int = Field(0, ge=0)
+    """Train LoRA adapters of this rank (peft) instead of the whole policy: only the adapters (and any value head)
+    are trained and held by AdamW, and the reference is the same base with the adapters off (no second copy, unless
+    --reference names another model). 0: the whole policy is trained. OUT/policy is then peft's adapter folder."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA's scale numerator (the update is alpha / rank x B A)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input, in the update only (the rollout's forwards run in eval mode)."""
+    lora_target_modules: CommaList = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Linear layers that get adapters, by their last name (default: the attention and MLP projections of
+    Llama-style models)."""
+    merge_lora: bool = False
+    """Also save the trained adapters merged into the base, as a plain model: OUT/policy-merged."""
     min_shared_prefix: int = Field(32, ge=0)
     """Responses whose prompts share N tokens or more (a group) are read with the prompt computed once: the
     rollout's log-prob, reference and value forwards and the update's forward and backward, exactly the unshared
@@ -313,6 +326,8 @@ class PPOConfig(_Settings):
         if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"--advantage-estimator {self.advantage_estimator} baselines each score with the other"
                              " answers to its prompt: give --samples-per-prompt 2 or more")
+        if self.merge_lora and not self.lora_rank:
+            raise ValueError("--merge-lora merges trained adapters: give --lora-rank too")
         if not self.has_critic and self.critic == "separate":
             raise ValueError(f"--advantage-estimator {self.advantage_estimator} trains no critic: leave out"
                              " --critic separate")

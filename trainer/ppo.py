@@ -40,6 +40,7 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, 
                        aggregate, clipped_value_loss, explained_variance, gae, group_baselined_scores, kl_penalty,
                        masked_mean, masked_whiten, per_token_rewards, returns_to_go)
 from .generation import RolloutEngine, Sampling
+from .lora import AdaptersOff, attach_adapters, merged_copy, trainable_parameters
 from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward, share_prompts
 from .tracking import JsonlLog, plot_curves
 
@@ -284,14 +285,12 @@ def save_checkpoint(out: Path, step: int, model, optimizer, kl_controller, momen
                     keep: int = 1) -> None:
     """Writes checkpoints/step-N via a .partial folder and a rename, so a crash never leaves half a checkpoint, then
     drops all but the newest `keep`."""
-    folder = out / "checkpoints" / f"step-{step}"
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_model(model, str(staging / "actor_critic.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "kl": kl_controller.state_dict(), "moments": moments.state_dict(),
-                "counters": counters, "step": step}, staging / "trainer_state.pt")
-    staging.replace(folder)
+    def write(staging: Path) -> None:
+        save_model(model, str(staging / "actor_critic.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "kl": kl_controller.state_dict(),
+                    "moments": moments.state_dict(), "counters": counters, "step": step}, staging / "trainer_state.pt")
+
+    replace_folder(out / "checkpoints" / f"step-{step}", write)
     for old in sorted(_checkpoints(out), key=_step_of)[:-keep]:
         shutil.rmtree(old)
 
@@ -333,17 +332,27 @@ def build_models(config: PPOConfig, device):
 
     policy_path = policy_folder(config.policy, "--policy")
     reference_path = policy_folder(config.reference, "--reference") if config.reference else policy_path
+    # with LoRA and no --reference, the reference is the policy's own base with its adapters off: no second copy
+    shares_base = config.lora_rank > 0 and config.reference is None
     try:
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        policy, reference = (AutoModelForCausalLM.from_pretrained(path) for path in (policy_path, reference_path))
+        policy = AutoModelForCausalLM.from_pretrained(policy_path)
+        reference = None if shares_base else AutoModelForCausalLM.from_pretrained(reference_path)
     except OSError as error:  # a hub id out of reach, or a folder that is not a causal LM
         raise StartupError(f"--policy {config.policy} / --reference {config.reference or config.policy}:"
                            f" {str(error).strip().splitlines()[0][:300]}") from None
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise SystemExit(f"{policy_path}: the tokenizer needs a pad token distinct from EOS")
-    model = ActorCritic(policy, config.critic == "separate", critic=config.has_critic).to(device)
-    reference = reference.to(device)
-    reference.eval().requires_grad_(False)
+    adapters = None
+    if config.lora_rank:
+        adapters = attach_adapters(policy, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                   config.lora_target_modules)
+    model = ActorCritic(policy, config.critic == "separate", critic=config.has_critic, adapters=adapters).to(device)
+    if shares_base:
+        reference = AdaptersOff(adapters)
+    else:
+        reference = reference.to(device)
+        reference.eval().requires_grad_(False)
     model.policy.generation_config.pad_token_id = tokenizer.pad_token_id
     engine = RolloutEngine(model.policy, end_of_turn_ids(model.policy, tokenizer), tokenizer.pad_token_id,
                            config.compile_decode)
@@ -363,8 +372,13 @@ def holdings(model: ActorCritic, reference, optimizer) -> str:
     else:
         critic = f"its own trunk and head, {count([model.critic_trunk, model.value_head]):,}"
     optimised = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-    return (f"ppo holds: policy {count([model.policy]):,} parameters; reference {count([reference]):,} (frozen);"
-            f" critic {critic}; AdamW over {optimised:,} parameters ({8 * optimised / 2**30:.2f} GiB of moments)")
+    held = f"{count([reference]):,} (frozen)" if count([reference]) else "the policy's base, adapters off (no copy)"
+    lora = ""
+    if model.adapters is not None:
+        trainable, total = trainable_parameters(model.adapters)
+        lora = f"; LoRA adapters: {trainable:,} trainable of {total:,} (peft's count)"
+    return (f"ppo holds: policy {count([model.policy]):,} parameters; reference {held}; critic {critic};"
+            f" AdamW over {optimised:,} parameters ({8 * optimised / 2**30:.2f} GiB of moments){lora}")
 
 
 def check_reward_server(client: RewardClient, target: RewardTarget) -> None:
@@ -401,7 +415,8 @@ def main(config: PPOConfig) -> dict:
         if ranks.is_main:
             print(f"ppo: prompts are computed once per response, not shared: {blocker}", flush=True)
     trainable = DistributedDataParallel(model) if ranks.active else model  # generation uses `model` directly
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, fused=True)  # fused: it can skip on the device
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters (and any value head)
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, fused=True)  # fused: it can skip on the device
     if ranks.is_main:
         print(holdings(model, reference, optimizer), flush=True)
     kl_controller = (AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon) if config.adaptive_kl
@@ -482,7 +497,7 @@ def main(config: PPOConfig) -> dict:
                 counters["stopped_on_gold_drop"] = step + 1
                 break
         progress.update(counters.get("stopped_on_gold_drop", config.steps) - progress.n)  # it ends where the run did
-    summary = finish(out, model, tokenizer, log, counters) if log else {}
+    summary = finish(out, model, tokenizer, log, counters, config.merge_lora) if log else {}
     teardown(ranks)
     return summary
 
@@ -573,20 +588,41 @@ def judge_on_gold(client: RewardClient | None, monitor: GoldMonitor | None, scor
     return monitor.observe(GoldEvaluation(step, sum(proxy) / len(proxy), sum(gold) / len(gold), sum(kls) / len(kls)))
 
 
-def save_policy(folder: Path, model, tokenizer, about: dict) -> None:
-    """An HF policy folder (what `--policy` and `rewardserve label --policy` read), written via a rename."""
+def save_policy(folder: Path, model, tokenizer, about: dict | None = None) -> None:
+    """An HF policy folder (what `--policy` and `rewardserve label --policy` read), or with LoRA peft's adapter
+    folder (which transformers with peft installed loads over its base), written via a rename."""
+    def write(target: Path) -> None:
+        if model.adapters is not None:
+            model.adapters.save_pretrained(target)
+        else:
+            model.policy.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        if about is not None:
+            (target / "about.json").write_text(json.dumps(about, indent=2))
+
+    replace_folder(folder, write)
+
+
+def replace_folder(folder: Path, write) -> None:
+    """`write(staging)` fills a sibling folder, which then replaces `folder`: a reader never sees half of it."""
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.policy.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / "about.json").write_text(json.dumps(about, indent=2))
+    staging.mkdir(parents=True)
+    write(staging)
     shutil.rmtree(folder, ignore_errors=True)
     staging.replace(folder)
 
 
-def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict) -> dict:
-    model.policy.save_pretrained(out / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(out / "policy")
+def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict, merge_lora: bool = False) -> dict:
+    save_policy(out / "policy", model, tokenizer)
+    if merge_lora and model.adapters is not None:
+        merged = merged_copy(model.adapters)
+
+        def write_merged(target: Path) -> None:
+            merged.save_pretrained(target, safe_serialization=True)
+            tokenizer.save_pretrained(target)
+
+        replace_folder(out / "policy-merged", write_merged)
     records = log.records()
     plot_curves(records, ["reward_mean", "kl", "response_length"], out / "ppo.png", "PPO against the reward server")
     gold = evaluations_in(records)

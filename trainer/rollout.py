@@ -20,11 +20,15 @@ PROMPT_WIDTH_MULTIPLE = 16
 
 class ActorCritic(nn.Module):
     """A causal LM (the actor) and a scalar value head, on the LM's own trunk (shared) or on a copy (separate); or
-    no critic at all (the critic-free estimators), whose values are zeros that nothing trains."""
+    no critic at all (the critic-free estimators), whose values are zeros that nothing trains. With LoRA the LM
+    carries peft's adapters in its own modules (`adapters` is the PeftModel around it)."""
 
-    def __init__(self, policy: nn.Module, separate_critic: bool = False, critic: bool = True):
+    def __init__(self, policy: nn.Module, separate_critic: bool = False, critic: bool = True, adapters=None):
         super().__init__()
         self.policy = policy
+        # with LoRA, the PeftModel around `policy` (whose adapters live inside it): kept outside the module tree, so
+        # the weights are not listed twice
+        object.__setattr__(self, "adapters", adapters)
         self.critic_trunk = copy.deepcopy(policy.base_model) if critic and separate_critic else None
         self.value_head = nn.Linear(policy.config.hidden_size, 1) if critic else None
         if critic:

@@ -71,6 +71,25 @@ def test_mean_reward_rises_while_kl_stays_bounded(setup, tmp_path, protocol, est
     assert max(r["kl"] for r in records) < 20
 
 
+@pytest.mark.slow  # about a minute, as the learning tests above
+def test_lora_raises_the_reward_with_the_kl_bounded(setup, tmp_path):
+    """The learning test's setting with rank-8 adapters (their default scale, alpha 16, and a learning rate about
+    three times the full model's, as LoRA runs use; ten times ran the KL to 31): the reward rises, the KL stays
+    bounded, and the run saves the adapter folder and, with --merge-lora, a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    policy, prompts, server = setup
+    out = tmp_path / "lora"
+    records = run_ppo(server.http_url, policy, prompts, out, 30, "--lora-rank", "8", "--lr", "1e-3", "--merge-lora")
+    early = sum(r["reward_mean"] for r in records[:6]) / 6
+    late = sum(r["reward_mean"] for r in records[-6:]) / 6
+    assert late > early + 0.5, (early, late)
+    assert max(r["kl"] for r in records) < 20
+    assert "LoRA adapters:" in (out / "stdout.txt").read_text()
+    assert (out / "policy" / "adapter_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(out / "policy-merged")  # plain transformers, no peft
+
+
 GRPO = ["--batch-size", "8", "--generation-batch-size", "4", "--advantage-estimator", "grpo", "--samples-per-prompt",
         "4"]
 
