@@ -262,6 +262,10 @@ class PPOConfig(_Settings):
     samples_per_prompt: int = Field(1, gt=0)
     """Responses per prompt: each step samples --batch-size / n prompts n times, and each group is scored in one
     request (groups are never split across --generation-batch-size chunks, so a dropped chunk drops whole groups)."""
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank holds the whole policy, reference and AdamW state. fsdp: FSDP2 (`fully_shard`) on each decoder
+    layer and the root, so each rank holds 1/world of the parameters, gradients, AdamW state and reference; bf16
+    compute with fp32 gradient reduction on CUDA; sharded checkpoints (torch.distributed.checkpoint)."""
     lora_rank: int = Field(0, ge=0)
     """Train LoRA adapters of this rank (peft) instead of the whole policy: only the adapters (and any value head)
     are trained and held by AdamW, and the reference is the same base with the adapters off (no second copy, unless
@@ -326,6 +330,12 @@ class PPOConfig(_Settings):
         if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"--advantage-estimator {self.advantage_estimator} baselines each score with the other"
                              " answers to its prompt: give --samples-per-prompt 2 or more")
+        if self.sharding == "fsdp" and self.merge_lora:
+            raise ValueError("--merge-lora with --sharding fsdp is not built yet: merge the saved adapter folder with"
+                             " peft's merge_and_unload")
+        if self.sharding == "fsdp" and self.gold_reward_url:
+            raise ValueError("--gold-reward-url with --sharding fsdp is not built yet (its best-policy save is taken on"
+                             " rank 0 alone); use --sharding ddp")
         if self.merge_lora and not self.lora_rank:
             raise ValueError("--merge-lora merges trained adapters: give --lora-rank too")
         if not self.has_critic and self.critic == "separate":
@@ -549,6 +559,8 @@ class BenchConfig(_Settings):
     """The ppo part's estimator (as `rewardserve ppo --advantage-estimator`)."""
     samples_per_prompt: int = Field(1, gt=0)
     """The ppo part's group size (as `rewardserve ppo --samples-per-prompt`; must divide the rollouts)."""
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    """The ppo part's sharding (as `rewardserve ppo --sharding`); fsdp runs with a world size of 1 here, beside ddp."""
     train_max_length: int = Field(1024, gt=8)
     """Sequence length of both trainers."""
     device: str = "auto"

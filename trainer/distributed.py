@@ -82,6 +82,10 @@ class Ranks:
     def any_true(self, flag: bool) -> bool:
         return self.total(1.0 if flag else 0.0) > 0.0
 
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenates every rank's 1-D tensor (their lengths may differ)."""
         if not self.active:
@@ -91,11 +95,16 @@ class Ranks:
         return torch.tensor([v for part in parts for v in part], dtype=values.dtype)
 
 
-def setup_ranks(device_spec: str) -> tuple[Ranks, torch.device]:
-    """Joins the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on the CPU."""
+def setup_ranks(device_spec: str, group_of_one: bool = False) -> tuple[Ranks, torch.device]:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on the CPU. With
+    `group_of_one` (FSDP needs a process group), a lone process makes a group of its own."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Ranks(), resolve_device(device_spec)
+        device = resolve_device(device_spec)
+        if group_of_one and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1)
+        return Ranks(), device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_spec != "cpu"
     if use_cuda:
@@ -106,6 +115,6 @@ def setup_ranks(device_spec: str) -> tuple[Ranks, torch.device]:
 
 
 def teardown(ranks: Ranks) -> None:
-    if ranks.active:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -41,6 +41,8 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, RunningMoments, 
                        masked_mean, masked_whiten, per_token_rewards, returns_to_go)
 from .generation import RolloutEngine, Sampling
 from .lora import AdaptersOff, attach_adapters, merged_copy, trainable_parameters
+from .sharding import (describe_held, full_policy_state, gathered, held_bytes, load_shards, save_shards,
+                       shard)
 from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward, share_prompts
 from .tracking import JsonlLog, plot_curves
 
@@ -282,17 +284,28 @@ def applied_mean(values: list[torch.Tensor], applied: list[torch.Tensor]) -> flo
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 def save_checkpoint(out: Path, step: int, model, optimizer, kl_controller, moments, counters: dict,
-                    keep: int = 1) -> None:
+                    keep: int = 1, ranks: Ranks = Ranks(), sharded: bool = False) -> None:
     """Writes checkpoints/step-N via a .partial folder and a rename, so a crash never leaves half a checkpoint, then
-    drops all but the newest `keep`."""
+    drops all but the newest `keep`. Sharded (FSDP), every rank calls it and writes its own shards."""
     def write(staging: Path) -> None:
-        save_model(model, str(staging / "actor_critic.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "kl": kl_controller.state_dict(),
-                    "moments": moments.state_dict(), "counters": counters, "step": step}, staging / "trainer_state.pt")
+        state = {"kl": kl_controller.state_dict(), "moments": moments.state_dict(), "counters": counters, "step": step}
+        if sharded:
+            ranks.barrier()  # the staging folder is there
+            save_shards(staging / "shards", model, optimizer)
+        else:
+            save_model(model, str(staging / "actor_critic.safetensors"))
+            state["optimizer"] = optimizer.state_dict()
+        if ranks.is_main:
+            torch.save(state, staging / "trainer_state.pt")
 
-    replace_folder(out / "checkpoints" / f"step-{step}", write)
-    for old in sorted(_checkpoints(out), key=_step_of)[:-keep]:
-        shutil.rmtree(old)
+    if ranks.is_main:
+        replace_folder(out / "checkpoints" / f"step-{step}", write)
+        for old in sorted(_checkpoints(out), key=_step_of)[:-keep]:
+            shutil.rmtree(old)
+    else:  # another rank of a sharded run: its shards go into rank 0's staging folder
+        write(out / "checkpoints" / f"step-{step}.partial")
+    if sharded:
+        ranks.barrier()  # the checkpoint is whole, and renamed, before any rank goes on
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -308,9 +321,12 @@ def load_latest_checkpoint(out: Path, model, optimizer, kl_controller, moments) 
     if not checkpoints:
         raise SystemExit(f"--resume: no checkpoint under {out / 'checkpoints'}")
     latest = max(checkpoints, key=_step_of)
-    load_model(model, str(latest / "actor_critic.safetensors"))
     state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if (latest / "shards").is_dir():
+        load_shards(latest / "shards", model, optimizer)
+    else:
+        load_model(model, str(latest / "actor_critic.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
     kl_controller.load_state_dict(state["kl"])
     moments.load_state_dict(state["moments"])
     print(f"resumed from {latest}", flush=True)
@@ -355,7 +371,7 @@ def build_models(config: PPOConfig, device):
         reference.eval().requires_grad_(False)
     model.policy.generation_config.pad_token_id = tokenizer.pad_token_id
     engine = RolloutEngine(model.policy, end_of_turn_ids(model.policy, tokenizer), tokenizer.pad_token_id,
-                           config.compile_decode)
+                           False if config.sharding == "fsdp" else config.compile_decode)  # graphs need fixed storage
     return tokenizer, model, reference, engine
 
 
@@ -397,7 +413,7 @@ def check_reward_server(client: RewardClient, target: RewardTarget) -> None:
 
 
 def main(config: PPOConfig) -> dict:
-    ranks, device = setup_ranks(config.device)
+    ranks, device = setup_ranks(config.device, group_of_one=config.sharding == "fsdp")
     if ranks.is_main:
         print("rewardserve ppo " + json.dumps(config.printable(), indent=2), flush=True)
     out = Path(config.out)
@@ -408,17 +424,23 @@ def main(config: PPOConfig) -> dict:
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
                           ca_file=config.reward_ca_file)
     check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination))
+    torch.manual_seed(config.seed)  # new weights (LoRA's A) start alike on every rank: FSDP broadcasts none
     tokenizer, model, reference, engine = build_models(config, device)
     blocker = plain_attention_blocker(model.policy.config, config.max_prompt_length + config.max_new_tokens)
     if config.min_shared_prefix and blocker is not None:
         config = config.model_copy(update={"min_shared_prefix": 0})
         if ranks.is_main:
             print(f"ppo: prompts are computed once per response, not shared: {blocker}", flush=True)
-    trainable = DistributedDataParallel(model) if ranks.active else model  # generation uses `model` directly
+    sharded = config.sharding == "fsdp"
+    if sharded:
+        shard(model, reference, device)  # in place: the parameters become this rank's shards
+    trainable = DistributedDataParallel(model) if ranks.active and not sharded else model  # generation: `model`
     trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters (and any value head)
     optimizer = torch.optim.AdamW(trained, lr=config.lr, fused=True)  # fused: it can skip on the device
     if ranks.is_main:
         print(holdings(model, reference, optimizer), flush=True)
+    print(describe_held(held_bytes(model, reference, optimizer), ranks.rank, ranks.world_size, config.sharding),
+          flush=True)
     kl_controller = (AdaptiveKLController(config.beta, config.target_kl, config.kl_horizon) if config.adaptive_kl
                      else FixedKLController(config.beta))
     moments = RunningMoments()
@@ -431,7 +453,7 @@ def main(config: PPOConfig) -> dict:
     if log:
         log.drop_after(start)
     earlier = log.records() if log else []
-    versions = earlier[-1].get("model_version") if earlier else None
+    versions = earlier[-1].get("model_weights") if earlier else None  # what scored last, without load times
     gold_client, monitor = None, None
     if config.gold_reward_url and ranks.is_main:
         gold_client = RewardClient(config.gold_reward_url, timeout=config.reward_timeout,
@@ -446,7 +468,9 @@ def main(config: PPOConfig) -> dict:
             torch.manual_seed(config.seed * 1_000_003 + step * ranks.world_size + ranks.rank)  # resumable sampling
             prompts = [prompt for prompt in sampler.batch(step) for _ in range(groups)]  # 1: each group together
             model.eval()
-            scored = rollout_and_score(model, reference, engine, tokenizer, prompts, client, pool, config, device)  # 2, 3
+            with gathered(model, reference):  # FSDP: whole layers for the rollout phase, one all-gather each
+                scored = rollout_and_score(model, reference, engine, tokenizer, prompts, client, pool, config,
+                                           device)  # 2, 3
             counters["generated"] += ranks.total(scored.generated)
             counters["dropped"] += ranks.total(scored.dropped)
             check_dropped(counters, config)
@@ -476,7 +500,8 @@ def main(config: PPOConfig) -> dict:
             timings = scored.timings | {"update": time.perf_counter() - update_began,
                                         "step": time.perf_counter() - began}
             record = step_metrics(step + 1, scored, scores, kl, kl_controller.beta, rollout, returns, update, timings,
-                                  counters, ranks, optimizer.param_groups[0]["lr"]) | {"model_version_changed": changed}
+                                  counters, ranks, optimizer.param_groups[0]["lr"])
+            record |= {"model_version_changed": changed, "model_weights": weights}
             record |= group_metrics(scored.scores, groups, config.advantage_estimator, ranks)
             kl_controller.update(record["kl"], len(rollout.responses) * ranks.world_size)  # 7
             stop = False
@@ -485,9 +510,9 @@ def main(config: PPOConfig) -> dict:
                 stop = gold.stop
             if log:
                 log.write(record)
-                if (step + 1) % config.save_every == 0 or step + 1 == config.steps or stop:
-                    save_checkpoint(out, step + 1, model, optimizer, kl_controller, moments, counters,
-                                    config.keep_checkpoints)
+            if (log or sharded) and ((step + 1) % config.save_every == 0 or step + 1 == config.steps or stop):
+                save_checkpoint(out, step + 1, model, optimizer, kl_controller, moments, counters,
+                                config.keep_checkpoints, ranks, sharded)
             if ranks.any_true(stop):  # the monitor runs on the main rank; every rank stops with it
                 if monitor is not None:
                     drops = config.stop_on_gold_drop
@@ -497,7 +522,8 @@ def main(config: PPOConfig) -> dict:
                 counters["stopped_on_gold_drop"] = step + 1
                 break
         progress.update(counters.get("stopped_on_gold_drop", config.steps) - progress.n)  # it ends where the run did
-    summary = finish(out, model, tokenizer, log, counters, config.merge_lora) if log else {}
+    policy_state = full_policy_state(model) if sharded else None  # every rank takes part; rank 0 gets it
+    summary = finish(out, model, tokenizer, log, counters, config.merge_lora, policy_state) if log else {}
     teardown(ranks)
     return summary
 
@@ -588,14 +614,16 @@ def judge_on_gold(client: RewardClient | None, monitor: GoldMonitor | None, scor
     return monitor.observe(GoldEvaluation(step, sum(proxy) / len(proxy), sum(gold) / len(gold), sum(kls) / len(kls)))
 
 
-def save_policy(folder: Path, model, tokenizer, about: dict | None = None) -> None:
+def save_policy(folder: Path, model, tokenizer, about: dict | None = None, state: dict | None = None) -> None:
     """An HF policy folder (what `--policy` and `rewardserve label --policy` read), or with LoRA peft's adapter
-    folder (which transformers with peft installed loads over its base), written via a rename."""
+    folder (which transformers with peft installed loads over its base), written via a rename. `state`: the
+    policy's whole state dict where the model itself holds shards (FSDP)."""
     def write(target: Path) -> None:
         if model.adapters is not None:
-            model.adapters.save_pretrained(target)
+            peft_state = None if state is None else {f"base_model.model.{key}": value for key, value in state.items()}
+            model.adapters.save_pretrained(target, state_dict=peft_state)
         else:
-            model.policy.save_pretrained(target, safe_serialization=True)
+            model.policy.save_pretrained(target, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(target)
         if about is not None:
             (target / "about.json").write_text(json.dumps(about, indent=2))
@@ -613,8 +641,9 @@ def replace_folder(folder: Path, write) -> None:
     staging.replace(folder)
 
 
-def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict, merge_lora: bool = False) -> dict:
-    save_policy(out / "policy", model, tokenizer)
+def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict, merge_lora: bool = False,
+           policy_state: dict | None = None) -> dict:
+    save_policy(out / "policy", model, tokenizer, state=policy_state)
     if merge_lora and model.adapters is not None:
         merged = merged_copy(model.adapters)
 

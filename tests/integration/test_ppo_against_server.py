@@ -144,6 +144,38 @@ def test_torchrun_two_ranks_on_the_cpu(setup, tmp_path):
         assert record["gold/reward_mean"] == pytest.approx(record["reward_mean"], abs=1e-5)
 
 
+def test_an_fsdp_run_resumed_from_its_sharded_checkpoint_makes_the_same_next_step(setup, tmp_path):
+    """Two CPU ranks under --sharding fsdp: 3 steps straight, against 2 steps, then --resume to 3 from the sharded
+    checkpoint (torch.distributed.checkpoint); step 3 is the same. Each rank says what it holds."""
+    import sys
+
+    policy, prompts, server = setup
+
+    def fsdp_run(out: Path, steps: int, *extra: str) -> list[dict]:
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "rewardserve.trainer.cli", "ppo", "--reward-url", server.http_url, "--policy", str(policy),
+                "--prompts", str(prompts), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
+                "--mini-batch-size", "2", "--max-new-tokens", "8", "--device", "cpu", "--lr", "3e-4",
+                "--sharding", "fsdp", "--save-every", "1", *extra]
+        run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        (out / "stdout.txt").write_text(run.stdout)
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = fsdp_run(tmp_path / "straight", 3)
+    fsdp_run(tmp_path / "resumed", 2)
+    resumed = fsdp_run(tmp_path / "resumed", 3, "--resume")
+    volatile = {"tokens_per_s", "generation/tokens_per_s", "score_wait_share", "model_version", "scored_by"}
+    step_3 = {key: value for key, value in straight[2].items() if key not in volatile and not key.startswith("time/")}
+    assert {key: resumed[2][key] for key in step_3} == step_3
+    assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "shards" / ".metadata").is_file()
+    said = (tmp_path / "straight" / "stdout.txt").read_text()
+    assert "rank 0/2 holds (fsdp): parameters" in said and "rank 1/2 holds (fsdp)" in said
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "policy")  # gathered, a plain folder
+
+
 @pytest.mark.slow  # 14 s; the rotation over replicas is in test_replicas.py
 def test_two_replicas_of_one_checkpoint_are_one_reward_model(setup, tmp_path):
     """Two servers of one checkpoint (loaded at different times, so their versions differ after the `@`): the

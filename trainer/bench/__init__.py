@@ -67,7 +67,7 @@ def main(config: BenchConfig) -> dict:
                                                   config.train_max_length, config.peer, progress))
         if "ppo" in parts:
             result["ppo"].append(ppo_part.run(models, device, *ppo_size, progress, config.advantage_estimator,
-                                              config.samples_per_prompt))
+                                              config.samples_per_prompt, config.sharding))
         write_json(out / "bench.json", result)  # after each model, so a long run keeps what it measured
     result["seconds"] = time.perf_counter() - began
     write_json(out / "bench.json", result)

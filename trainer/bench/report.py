@@ -65,7 +65,8 @@ def markdown(result: dict) -> str:
                   "| model | rollouts x new tokens | estimator, group | step | generation tokens/s | decode steps"
                   " | generate s | score wait s | update s | step s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in result["ppo"]:
-            group = f"{p.get('advantage_estimator', 'gae')}, {p.get('samples_per_prompt', 1)}"
+            group = f"{p.get('advantage_estimator', 'gae')}, {p.get('samples_per_prompt', 1)}" + \
+                (", fsdp" if p.get("sharding") == "fsdp" else "")
             for s in p["steps"]:
                 lines.append(f"| {p['model']} | {p['rollouts']} x {p['max_new_tokens']} | {group} | {s['step']} |"
                              f" {_f(s['generation/tokens_per_s'], 0)} |"
