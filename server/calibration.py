@@ -156,7 +156,6 @@ def measure_model(model, lengths: list[int], timed_runs: int = 2) -> Measure:
     """`measure(path, budget)` for a `RewardModel`: its forward along `path` on a synthetic batch planned at `budget`,
     run once to warm up and `timed_runs` times timed; tokens/s over the real tokens. A path whose scores differ from
     the padded forward's (on a few short sequences) raises."""
-    rng = random.Random(0)
     verified: set[str] = set()
     cuda = model.device.type == "cuda"
 
@@ -164,9 +163,11 @@ def measure_model(model, lengths: list[int], timed_runs: int = 2) -> Measure:
         began = time.perf_counter()
         with model.forward_path_as(path), strict_kernels():
             if path not in verified:
-                verify(model, path, rng)
+                verify(model, path, random.Random(0))
                 verified.add(path)
-            batch = synthetic_batch(lengths, budget, path != "padded", model.max_length, model.embedding_rows, rng)
+            # every path at a budget plans from the same window of sequences
+            batch = synthetic_batch(lengths, budget, path != "padded", model.max_length, model.embedding_rows,
+                                    random.Random(budget))
             model.score_batch(batch)  # warm-up: kernels, compilation, allocations
             if cuda:
                 torch.cuda.reset_peak_memory_stats(model.device)
