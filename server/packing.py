@@ -39,7 +39,7 @@ class Documents:
     shares with others); travels to the attention function as a forward kwarg."""
 
     bounds: list[int]  # S + 1 offsets, on the host: the CPU kernel slices with them without asking the device
-    block_masks: dict  # causal flag -> flex_attention BlockMask, built on first use (CUDA only)
+    built: dict  # what a kernel builds once per batch: flex's block mask by causal flag, varlen's lengths
     ids: torch.Tensor | None = None  # (N,) segment index of each token, on the device (for the block mask)
     prefixes: list[int] | None = None  # per segment, on the host: the segment it also attends to, or -1 (None: none)
     prefix_ids: torch.Tensor | None = None  # (N,) each token's segment's prefix, on the device (for the block mask)
@@ -268,8 +268,10 @@ def _varlen_attention(query, key, value, documents: Documents, causal: bool, sca
     try:
         from torch.nn.attention.varlen import varlen_attn
 
-        bounds = torch.tensor(documents.bounds, dtype=torch.int32).to(query.device, non_blocking=True)
-        longest = max(e - s for s, e in documents.spans())  # host figures: no device read
+        if "varlen" not in documents.built:  # once per batch, not per layer; the longest is a host figure
+            documents.built["varlen"] = (torch.tensor(documents.bounds, dtype=torch.int32).to(query.device),
+                                         max(e - s for s, e in documents.spans()))
+        bounds, longest = documents.built["varlen"]
         # torch 2.10-2.12 take is_causal; later releases a window, (-1, 0) being causal
         mode = {"is_causal": causal} if "is_causal" in inspect.signature(varlen_attn).parameters else \
             {"window_size": (-1, 0) if causal else (-1, -1)}
@@ -289,9 +291,9 @@ def _flex_attention(query, key, value, documents: Documents, causal: bool, scali
 
         if _flex is None:
             _flex = torch.compile(flex_attention, dynamic=True)
-        mask = documents.block_masks.get(causal)
+        mask = documents.built.get(causal)
         if mask is None:
-            mask = documents.block_masks[causal] = document_block_mask(documents.ids, causal, create_block_mask,
+            mask = documents.built[causal] = document_block_mask(documents.ids, causal, create_block_mask,
                                                                        documents.prefix_ids)
         return _flex(query, key, value, block_mask=mask, scale=scaling)
     except Exception as error:  # never die of an optimisation nobody could try here

@@ -64,3 +64,37 @@ def test_the_padded_path_still_runs_with_the_model_switched_back(tmp_path, smol_
     model = RewardModel.load(str(build_checkpoint(tmp_path / "llama", "llama", smol_tokenizer)))
     padded_and_packed(model, [[5, 6, 7], [8]])
     assert model.network.config._attn_implementation != packing.ATTENTION_NAME
+
+
+@pytest.mark.parametrize("api", ["window_size", "is_causal"])
+def test_the_varlen_glue_gives_the_per_document_scores(tmp_path, smol_tokenizer, monkeypatch, api):
+    """varlen_attn runs on CUDA alone; here a reference kernel of its signature (both: torch 2.13's window and
+    2.10's is_causal) stands in for it, so what we hand it (layout, cumulative lengths, causality) is checked."""
+    import torch.nn.functional as F
+    from torch.nn.attention import varlen
+
+    calls = []
+
+    def reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale):
+        assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+        assert max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+        calls.append(causal)
+        parts = [F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (query, key, value)),
+                                                is_causal=causal, scale=scale).transpose(0, 1)
+                 for s, e in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist())]
+        return torch.cat(parts)  # (N, H, D)
+
+    if api == "window_size":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+            return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale)
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None):
+            return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, scale)
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    model = RewardModel.load(str(build_checkpoint(tmp_path / "llama", "llama", smol_tokenizer)))
+    sequences = random_sequences(6, 1000, low=1, high=90)
+    _, per_document = padded_and_packed(model, sequences)
+    with torch.inference_mode():
+        glued = packing.packed_scores(model.network, packing.pack(sequences, kernel="varlen"))
+    assert calls and all(calls)  # it ran, causally, rather than falling back
+    assert torch.allclose(per_document, glued, atol=1e-5)
