@@ -262,6 +262,9 @@ class PPOConfig(_Settings):
     samples_per_prompt: int = Field(1, gt=0)
     """Responses per prompt: each step samples --batch-size / n prompts n times, and each group is scored in one
     request (groups are never split across --generation-batch-size chunks, so a dropped chunk drops whole groups)."""
+    report_to: CommaList = []
+    """Where metrics also go: `wandb` (Weights & Biases: online with WANDB_API_KEY, else offline into OUT/wandb),
+    beside the JSON Lines and TensorBoard that are always written."""
     sharding: Literal["ddp", "fsdp"] = "ddp"
     """ddp: every rank holds the whole policy, reference and AdamW state. fsdp: FSDP2 (`fully_shard`) on each decoder
     layer and the root, so each rank holds 1/world of the parameters, gradients, AdamW state and reference; bf16
@@ -330,6 +333,9 @@ class PPOConfig(_Settings):
         if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"--advantage-estimator {self.advantage_estimator} baselines each score with the other"
                              " answers to its prompt: give --samples-per-prompt 2 or more")
+        if set(self.report_to) - {"wandb"}:
+            raise ValueError(f"--report-to {','.join(self.report_to)}: only wandb is known (JSON Lines and"
+                             " TensorBoard are always written)")
         if self.sharding == "fsdp" and self.merge_lora:
             raise ValueError("--merge-lora with --sharding fsdp is not built yet: merge the saved adapter folder with"
                              " peft's merge_and_unload")

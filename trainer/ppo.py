@@ -44,7 +44,7 @@ from .lora import AdaptersOff, attach_adapters, merged_copy, trainable_parameter
 from .sharding import (describe_held, full_policy_state, gathered, held_bytes, load_shards, save_shards,
                        shard)
 from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward, share_prompts
-from .tracking import JsonlLog, plot_curves
+from .tracking import JsonlLog, plot_curves, start_wandb
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -449,7 +449,10 @@ def main(config: PPOConfig) -> dict:
     counters, start = {"generated": 0, "dropped": 0, "skipped_updates": 0}, 0
     if config.resume:
         start, counters = load_latest_checkpoint(out, model, optimizer, kl_controller, moments)
-    log = JsonlLog(out / "metrics.jsonl", fresh=not config.resume, tensorboard_namespace="ppo") if ranks.is_main else None
+    log = None
+    if ranks.is_main:
+        wandb_run = start_wandb(out, config.printable(), "ppo") if "wandb" in config.report_to else None
+        log = JsonlLog(out / "metrics.jsonl", fresh=not config.resume, tensorboard_namespace="ppo", wandb_run=wandb_run)
     if log:
         log.drop_after(start)
     earlier = log.records() if log else []
@@ -653,12 +656,15 @@ def finish(out: Path, model, tokenizer, log: JsonlLog, counters: dict, merge_lor
 
         replace_folder(out / "policy-merged", write_merged)
     records = log.records()
-    plot_curves(records, ["reward_mean", "kl", "response_length"], out / "ppo.png", "PPO against the reward server")
+    plot = plot_curves(records, ["reward_mean", "kl", "response_length"], out / "ppo.png",
+                       "PPO against the reward server")
     gold = evaluations_in(records)
+    gold_plot = None
     if gold:
-        plot_gold(gold, out / "gold.png")
+        gold_plot = plot_gold(gold, out / "gold.png")
         best = max(gold, key=lambda e: e.gold)
         counters = counters | {"gold_best_step": best.step, "gold_best": best.gold, "gold_last": gold[-1].gold}
+    log.finish({"ppo/plot": plot, "ppo/gold_plot": gold_plot})
     summary = {"steps": len(records), **counters}
     if records:
         summary |= {"reward_first": records[0]["reward_mean"], "reward_last": records[-1]["reward_mean"],

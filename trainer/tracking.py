@@ -1,7 +1,9 @@
-"""Metric sinks: JSON Lines on disk (always) and PNG plots at the end. Metric names are stable across runs."""
+"""Metric sinks: JSON Lines on disk (always), TensorBoard when installed, Weights & Biases when asked
+(`--report-to wandb`), and PNG plots at the end. Metric names are stable across runs and alike in every sink."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -9,25 +11,41 @@ class JsonlLog:
     """Appends one JSON object per line; a resumed run keeps appending to the same file.
 
     With `tensorboard_namespace` and the tensorboard package installed, every numeric metric also goes to
-    TensorBoard (under PATH's folder/tensorboard) as `namespace/name`, e.g. `ppo/approx_kl`.
+    TensorBoard (under PATH's folder/tensorboard) as `namespace/name`, e.g. `ppo/approx_kl`; with `wandb_run`, to
+    that Weights & Biases run under the same names.
     """
 
-    def __init__(self, path: str | Path, fresh: bool, tensorboard_namespace: str | None = None):
+    def __init__(self, path: str | Path, fresh: bool, tensorboard_namespace: str | None = None, wandb_run=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.path.write_text("")
         self.namespace = tensorboard_namespace
         self._board = _summary_writer(self.path.parent / "tensorboard") if tensorboard_namespace else None
+        self.wandb_run = wandb_run
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._board is None and self.wandb_run is None:
+            return
+        numbers = {f"{self.namespace}/{name}": value for name, value in record.items()
+                   if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self._board is not None:
-            for name, value in record.items():
-                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._board.add_scalar(f"{self.namespace}/{name}", value, record["step"])
+            for name, value in numbers.items():
+                self._board.add_scalar(name, value, record["step"])
             self._board.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(numbers, step=record["step"])
+
+    def finish(self, images: dict[str, Path | None] | None = None) -> None:
+        """Ends the Weights & Biases run, with the plots (name -> PNG) as images."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        self.wandb_run.log({name: wandb.Image(str(path)) for name, path in (images or {}).items() if path})
+        self.wandb_run.finish()
 
     def drop_after(self, step: int) -> None:
         """On resume, forget what was logged past the checkpoint: those steps are about to run again."""
@@ -35,6 +53,19 @@ class JsonlLog:
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def start_wandb(out: Path, config: dict, job: str):
+    """A Weights & Biases run in OUT/wandb with the configuration logged once. Online when WANDB_API_KEY is set,
+    offline otherwise (no network is needed; `wandb sync OUT/wandb/offline-run-*` uploads it later); WANDB_MODE,
+    WANDB_PROJECT (default `rewardserve`) and the other WANDB_ variables apply as usual."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--report-to wandb needs the wandb package: pip install 'rewardserve[wandb]'") from None
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "rewardserve"), dir=str(out), job_type=job,
+                      config=config, mode=mode)
 
 
 def _summary_writer(folder: Path):

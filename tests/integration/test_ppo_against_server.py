@@ -71,6 +71,44 @@ def test_mean_reward_rises_while_kl_stays_bounded(setup, tmp_path, protocol, est
     assert max(r["kl"] for r in records) < 20
 
 
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline Weights & Biases run, read from its .wandb file: a 7-byte header (":W&B",
+    magic, version), then LevelDB log records (4-byte checksum, 2-byte length, 1-byte type: full, first, middle,
+    last) in 32 KiB blocks, each record a protobuf `Record`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending, rows = run_file.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_report_to_wandb_writes_an_offline_run_with_the_step_metrics(setup, tmp_path):
+    policy, prompts, server = setup
+    out = tmp_path / "wandb-run"
+    records = run_ppo(server.http_url, policy, prompts, out, 2, "--report-to", "wandb", "--batch-size", "8")
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")  # no API key here: offline
+    history = wandb_history(run_file)
+    steps = [row for row in history if "ppo/reward_mean" in row]
+    assert [row["_step"] for row in steps] == [1, 2]
+    for row, record in zip(steps, records):  # TensorBoard's names, the JSON Lines' values
+        assert row["ppo/reward_mean"] == pytest.approx(record["reward_mean"])
+        assert row["ppo/kl"] == pytest.approx(record["kl"])
+    assert list(run_file.parent.glob("files/media/images/ppo/plot_*.png"))  # the plot, as an image
+
+
 @pytest.mark.slow  # about a minute, as the learning tests above
 def test_lora_raises_the_reward_with_the_kl_bounded(setup, tmp_path):
     """The learning test's setting with rank-8 adapters (their default scale, alpha 16, and a learning rate about
