@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from torch import nn
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def attach_adapters(policy: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]):
     """Injects LoRA adapters of `rank` into `policy`'s `targets` (every other weight frozen); returns the PeftModel
@@ -37,10 +35,6 @@ class AdaptersOff(nn.Module):
     @property
     def config(self):
         return self.adapted.get_base_model().config
-
-    @property
-    def base_model(self):
-        return self.adapted.get_base_model().base_model
 
     def forward(self, **kwargs):
         with self.adapted.disable_adapter():

@@ -67,7 +67,10 @@ class ActorCritic(nn.Module):
                                        ).last_hidden_state
         before_response = hidden[0, shared.predictors] if shared is not None else \
             hidden[:, prompt_width - 1:input_ids.shape[1] - 1]  # (B, R, H)
-        return logits, self.value_head(before_response.float()).squeeze(-1)  # (B, R), fp32 like the reward head
+        # fp32 like the reward head; under FSDP on CUDA the head computes in bf16 (its mixed precision) and its
+        # output is made fp32
+        head = self.value_head.weight.dtype
+        return logits, self.value_head(before_response.to(head)).float().squeeze(-1)  # (B, R)
 
 
 @dataclass

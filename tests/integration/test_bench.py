@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -12,8 +13,9 @@ from rewardserve.trainer.bench.common import workload_g
 
 from ..conftest import CLI, SHARED_DATA
 
-SERVE_ROWS = ["anchor naive b16", "anchor sorted 64k", "core", "core 64k budget", "core, sharing off", "HTTP 16x32",
-              "gRPC 16x32", "HTTP 128x1", "HTTP text 16x32"]
+SERVE_ROWS = ["anchor naive b16", "anchor sorted 64k", "core", "core, sharing off", "HTTP 16x32", "gRPC 16x32",
+              "HTTP 128x1", "HTTP text 16x32"]  # and, after "core", one row per calibration candidate
+CANDIDATE_ROW = re.compile(r"^core (packed-sdpa|padded) (\d+)k$")
 SHARED_ROWS = ["core, sharing off", "core, sharing on", "HTTP 8 clients, a group a request",
                "gRPC 8 clients, a group a request"]
 
@@ -40,7 +42,12 @@ def bench_result(tmp_path_factory, smollm2_dir) -> dict:
 
 def test_every_serve_row_is_there_with_its_ratio_to_the_core(bench_result):
     rows = {r["row"]: r for r in bench_result["serve"][0]["rows"]}
-    assert list(rows) == SERVE_ROWS
+    names = list(rows)
+    assert names[:3] == SERVE_ROWS[:3] and names[-5:] == SERVE_ROWS[3:]
+    candidates = [CANDIDATE_ROW.match(name) for name in names[3:-5]]
+    assert all(candidates) and {match.group(1) for match in candidates} == {"packed-sdpa", "padded"}
+    chosen = bench_result["serve"][0]["server_forward"]  # what the server said it serves with (pinned by conftest)
+    assert chosen["forward_path"] == "packed-sdpa" and chosen["max_batch_tokens"] == 16384
     core = rows["core"]["tokens_per_s"]
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["passes"] >= 2
@@ -49,7 +56,7 @@ def test_every_serve_row_is_there_with_its_ratio_to_the_core(bench_result):
         # (2 layers of q, k, v, o, gate, up, down and two norms, the final norm, and the one-output head)
         implied = row["mfu"] * row["seconds"] * bench_result["peak"]["flops"] / (2 * row["tokens"])
         assert implied == pytest.approx(74_112, rel=1e-6)
-    for name in SERVE_ROWS[5:]:
+    for name in SERVE_ROWS[4:]:
         assert rows[name]["p50_s"] is not None and rows[name]["p99_s"] >= rows[name]["p50_s"]
     assert rows["HTTP 16x32"]["tokens"] == rows["core"]["tokens"]  # the server scored every token of W's slice
 

@@ -137,3 +137,21 @@ def test_the_learning_rate_warms_up_linearly_then_stays():
 
     assert [warmup_lr(step, 1.0, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_lr(0, 3e-5, 0) == 3e-5  # no warm-up
+
+
+def test_a_half_precision_value_head_still_gives_fp32_values(tmp_path, smol_tokenizer):
+    """Under FSDP's mixed precision the value head computes in bf16 while the trunk's output is cast for it: the
+    values come out fp32, and close to the fp32 head's."""
+    from rewardserve.trainer.rollout import encode_prompt, pad_left
+
+    policy = AutoModelForCausalLM.from_pretrained(build_tiny_policy(tmp_path / "policy", smol_tokenizer)).eval()
+    model = ActorCritic(policy)
+    torch.nn.init.normal_(model.value_head.weight)
+    ids, mask = pad_left([encode_prompt(smol_tokenizer, p, 32) for p in ("Hi", "Tell me about the sea")],
+                         smol_tokenizer.pad_token_id)
+    with torch.no_grad():
+        _, fp32 = model(ids, mask, prompt_width=2)
+        model.value_head.to(torch.bfloat16)
+        _, half = model(ids, mask, prompt_width=2)
+    assert half.dtype == torch.float32 and fp32.abs().max() > 0.1
+    assert torch.allclose(half, fp32, atol=0.05 * fp32.abs().max().item())
