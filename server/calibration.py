@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from .batcher import plan
-from .errors import OutOfMemory
+from .errors import OutOfMemory, StartupError
 from .packing import strict_kernels
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ def read_lengths(path: str) -> list[int]:
     try:
         lengths = [int(word) for word in Path(path).read_text().split()]
     except ValueError as error:
-        raise ValueError(f"--calibration-lengths {path}: {error}; give whitespace-separated token counts") from None
+        raise StartupError(f"--calibration-lengths {path}: {error}; give whitespace-separated token counts") from None
     if not lengths or min(lengths) <= 0:
-        raise ValueError(f"--calibration-lengths {path}: give at least one positive token count")
+        raise StartupError(f"--calibration-lengths {path}: give at least one positive token count")
     return lengths
 
 

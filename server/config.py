@@ -166,11 +166,6 @@ class ServeConfig(BaseSettings):
             raise ValueError(f"--calibration-lengths {self.calibration_lengths} is not a file")
         return self
 
-    @property
-    def calibrates(self) -> bool:
-        """Whether the start measures anything: unless both the path and the budget are pinned."""
-        return self.forward_path == "auto" or self.max_batch_tokens is None
-
     def model_specs(self) -> list[tuple[str, str]]:
         """(name, path) of each model, in the order given; the first is the default."""
         return [parse_model_spec(spec) for spec in self.model]

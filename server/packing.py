@@ -43,7 +43,7 @@ class Documents:
     ids: torch.Tensor | None = None  # (N,) segment index of each token, on the device (for the block mask)
     prefixes: list[int] | None = None  # per segment, on the host: the segment it also attends to, or -1 (None: none)
     prefix_ids: torch.Tensor | None = None  # (N,) each token's segment's prefix, on the device (for the block mask)
-    kernel: str = "auto"  # KERNELS: which attention kernel runs (auto: flex on CUDA, SDPA per segment elsewhere)
+    kernel: str = "auto"  # auto, flex, varlen or sdpa (below): which attention kernel runs
 
     def spans(self) -> list[tuple[int, int]]:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
@@ -191,11 +191,11 @@ def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
 
 
 # -- the attention function -------------------------------------------------------------------------------------------
-# The kernels a packed forward can run: `flex` (flex_attention with a document block mask, compiled; CUDA), `varlen`
-# (torch.nn.attention.varlen.varlen_attn over cumulative lengths, no mask at all; CUDA, torch 2.10 or later, half
-# precision; a batch with shared prefixes runs flex), `sdpa` (one SDPA call per segment: anywhere, exact), and `auto`
-# (flex on CUDA, sdpa elsewhere). Which is fastest on a card is measured at start (server/calibration.py).
-KERNELS = ("auto", "flex", "varlen", "sdpa")
+# The kernels a packed forward can run (`Documents.kernel`): `flex` (flex_attention with a document block mask,
+# compiled; CUDA), `varlen` (torch.nn.attention.varlen.varlen_attn over cumulative lengths, no mask at all; CUDA,
+# torch 2.10 or later, half precision; a batch with shared prefixes runs flex), `sdpa` (one SDPA call per segment:
+# anywhere, exact), and `auto` (flex on CUDA, sdpa elsewhere). Which is fastest on a card is measured at start
+# (server/calibration.py).
 FLEX_DEVICES = {"cuda"}  # where flex_attention's block-sparse kernels pay (elsewhere it runs a dense reference)
 _flex = None  # the compiled flex_attention, or False once it failed
 _varlen = None  # False once varlen_attn failed

@@ -123,3 +123,15 @@ def test_a_kernel_whose_scores_differ_from_the_padded_forward_is_never_chosen(ti
     assert chosen.path == "padded"
     (packed,) = [m for m in chosen.measurements if m.path == "packed-sdpa"]
     assert packed.skipped.startswith("failed: RuntimeError: its scores differ from the padded forward's")
+
+
+def test_calibration_lengths_come_from_a_file_and_a_bad_one_is_refused_in_one_line(tmp_path, tiny):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("40 60\n80\n")
+    assert calibration.read_lengths(str(lengths)) == [40, 60, 80]
+    chosen = configure_forward(tiny, serve_config(forward_path="auto", max_batch_tokens=1024,
+                                                  calibration_lengths=str(lengths)))
+    assert chosen.how == "measured"
+    lengths.write_text("40 sixty")
+    with pytest.raises(StartupError, match="--calibration-lengths .*whitespace-separated token counts"):
+        calibration.read_lengths(str(lengths))
