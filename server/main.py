@@ -135,7 +135,7 @@ def configure_forward(model: RewardModel, config: ServeConfig) -> Calibration:
             with contextlib.suppress(KeyError):
                 metrics.FORWARD_CONFIG.remove(model.name, other)
     metrics.FORWARD_CONFIG.labels(model.name, calibration.path).set(calibration.budget)
-    for other, budget in itertools.product(FORWARD_PATHS, config.calibration_budgets):  # this model's last table
+    for other, budget in itertools.product(FORWARD_PATHS, budgets):  # this model's last table (same budgets)
         with contextlib.suppress(KeyError):
             metrics.CALIBRATION.remove(model.name, other, str(budget))
     for measured in calibration.measurements:

@@ -146,6 +146,12 @@ def is_decoder_reward_model(model: nn.Module) -> bool:
     return isinstance(getattr(model, "score", None), nn.Linear)
 
 
+def shares_prefixes(model: nn.Module, max_length: int) -> bool:
+    """Whether items sharing a prefix can compute it once: a decoder (a prefix's states do not depend on what
+    follows; an encoder's do) whose sequences of up to `max_length` tokens pack."""
+    return is_decoder_reward_model(model) and supports_packing(model, max_length)
+
+
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One fp32 score per row (B,), differentiable: the forward both serving and training use."""
     if not is_decoder_reward_model(model):
@@ -394,7 +400,7 @@ class RewardModel:
         if not packs:
             log.info("%s is scored padded: %s", type(network).__name__,
                      plain_attention_blocker(config, length) or "its head is not a linear score or pooled classifier")
-        shares = packs and is_decoder_reward_model(network) and min_shared_prefix > 0
+        shares = min_shared_prefix > 0 and shares_prefixes(network, length)
         return cls(network, _model_name(path), target, torch_dtype, int(pad), positions, read_statistics(config),
                    length, packs=packs, min_shared_prefix=min_shared_prefix if shares else None,
                    forward_path=forward_paths(target, packs)[0], length_fit=read_length_fit(config),

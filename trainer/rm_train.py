@@ -22,7 +22,7 @@ from tqdm import tqdm
 from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.modeling import (context_size, describe_device, init_reward_model_from_base,
                                          is_decoder_reward_model, load_sequence_classifier, resolve_device,
-                                         save_reward_model, sequence_scores, synchronize)
+                                         save_reward_model, sequence_scores, shares_prefixes, synchronize)
 from rewardserve.server.normalization import LengthFit, RewardStatistics, debias, fit_length
 from rewardserve.server.packing import packed_attention_on, packed_scores, supports_packing, to_device
 from rewardserve.server.tokenization import ItemEncoder, load_tokenizer, trained_max_length
@@ -72,10 +72,8 @@ def collate_step(pairs: list[EncodedPair], config: RMTrainConfig, pad_id: int, m
 
 
 def shared_prefix(model, config: RMTrainConfig) -> int:
-    """--min-shared-prefix for a decoder that packs; 0 (no sharing) for anything else: an encoder's prefix states
-    depend on what follows them."""
-    shares = is_decoder_reward_model(model) and supports_packing(model, config.max_length)
-    return config.min_shared_prefix if shares else 0
+    """--min-shared-prefix where the model can share prefixes (a decoder that packs), else 0."""
+    return config.min_shared_prefix if shares_prefixes(model, config.max_length) else 0
 
 
 @torch.no_grad()

@@ -95,6 +95,7 @@ def wandb_history(run_file: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # 35 s (wandb's own start and finish); make test ran 578 s with it, too near the 10 minutes
 def test_report_to_wandb_writes_an_offline_run_with_the_step_metrics(setup, tmp_path):
     policy, prompts, server = setup
     out = tmp_path / "wandb-run"

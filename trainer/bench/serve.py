@@ -4,9 +4,9 @@ and the real server in its own process over HTTP and gRPC, side by side in one r
 Rows (see docs/benchmarks.md): anchor naive b16, anchor sorted 64k, core (the default path at the smallest budget,
 prefix sharing on), one core row per candidate of the server's start-up calibration (each forward path the device
 has, at each budget that batches the workload differently), core with sharing off, then the real server (which
-calibrates itself at start, and says what it chose) over HTTP 16x32, gRPC 16x32, HTTP 128x1, HTTP text 16x32. Server rows count the
-real tokens the server itself reports (its `rewardserve_tokens_total`), so text items, which it tokenizes, count what
-it scored. Workload G (`--workload G`, groups of responses to one prompt): the core with sharing off and on, then
+calibrates itself at start, and says what it chose) over HTTP 16x32, gRPC 16x32, HTTP 128x1, HTTP text 16x32.
+Server rows count the real tokens the server itself reports (its `rewardserve_tokens_total`), so text items,
+which it tokenizes, count what it scored. Workload G (`--workload G`, groups of responses to one prompt): the core with sharing off and on, then
 HTTP and gRPC with a group a request; every row counts the tokens sent, and says what the forward computed.
 """
 from __future__ import annotations
