@@ -95,23 +95,45 @@ class Combination(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ..., conservative_lambda: _Optional[float] = ...) -> None: ...
 
 class ComponentScores(_message.Message):
-    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version", "name")
+    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version", "name", "outputs")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Values
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Values, _Mapping]] = ...) -> None: ...
     SCORES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     truncated: _containers.RepeatedScalarFieldContainer[bool]
     transform: Transform
     model_version: str
     name: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    outputs: _containers.MessageMap[str, Values]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., name: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Values]] = ...) -> None: ...
+
+class Values(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model", "scores", "rewards", "truncated", "transform", "model_version", "components", "combination", "chosen", "std")
+    __slots__ = ("model", "scores", "rewards", "truncated", "transform", "model_version", "components", "combination", "chosen", "std", "outputs")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Values
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Values, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +144,7 @@ class ScoreResponse(_message.Message):
     COMBINATION_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     scores: _containers.RepeatedScalarFieldContainer[float]
     rewards: _containers.RepeatedScalarFieldContainer[float]
@@ -132,7 +155,8 @@ class ScoreResponse(_message.Message):
     combination: Combination
     chosen: _containers.RepeatedScalarFieldContainer[str]
     std: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentScores, _Mapping]]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+    outputs: _containers.MessageMap[str, Values]
+    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentScores, _Mapping]]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ..., outputs: _Optional[_Mapping[str, Values]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "type", "message")
@@ -159,7 +183,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration")
+    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration", "kind", "outputs", "objective", "code_files")
+    class CodeFilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +210,10 @@ class ModelInfo(_message.Message):
     SHARED_PREFIX_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PATH_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FILES_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     version: str
@@ -198,7 +233,11 @@ class ModelInfo(_message.Message):
     shared_prefix: str
     forward_path: str
     calibration: Calibration
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+    kind: str
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    objective: str
+    code_files: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., kind: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., objective: _Optional[str] = ..., code_files: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CalibrationCandidate(_message.Message):
     __slots__ = ("path", "budget", "tokens_per_s", "peak_bytes", "seconds", "skipped")

@@ -101,11 +101,12 @@ def plan(sequences: list[list[int]], max_batch_tokens: int, packed: bool) -> lis
 class ForwardEngine(Protocol):
     """The model as the batcher sees it: `launch` queues a batch's forward and returns at once where the device
     allows (a GPU); `collect` waits for that batch and returns its scores. An engine may also say its own
-    `max_batch_tokens` (the start-up calibration's choice) and whether it `plans_packed`."""
+    `max_batch_tokens` (the start-up calibration's choice) and whether it `plans_packed`. An item's result is its
+    score, or for a model of several outputs a list (the reward, then each output): the batcher passes it on."""
 
     def launch(self, sequences: list[list[int]]) -> Any: ...
 
-    def collect(self, pending: Any) -> list[float]: ...
+    def collect(self, pending: Any) -> list[float] | list[list[float]]: ...
 
 
 class _CallableForward:
@@ -345,7 +346,7 @@ class Batcher:
         for job, score in zip(flight.jobs, scores):
             if job.future.done():
                 continue
-            if math.isfinite(score):
+            if all(map(math.isfinite, score if isinstance(score, list) else [score])):
                 job.future.set_result(score)
             else:
                 metrics.UNSCORABLE.inc()

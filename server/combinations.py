@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import StartupError
 from .normalization import RewardStatistics, whiten
 
 CombinationKind = Literal["llama2", "sum", "ensemble"]
@@ -154,3 +155,28 @@ def combine(combination: Combination, raw: dict[str, list[float]], statistics: d
     lam = combination.conservative_lambda
     rewards = means if lam is None else [m - lam * s for m, s in moments]
     return Combined(means, rewards, std=stds)
+
+
+# -- one model's several outputs -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Objective:
+    """How the reward is made of a model's named outputs: one of them (`name`), or a weighted sum (`weights`)."""
+
+    name: str | None = None
+    weights: dict[str, float] | None = None
+
+    def vector(self, names: list[str], model: str) -> tuple[list[float], str]:
+        """The weight of each output, and the formula as /info shows it; a StartupError names what to fix."""
+        if self.weights:
+            unknown = sorted(set(self.weights) - set(names))
+            if unknown:
+                raise StartupError(f"--objective-weights names {', '.join(unknown)}, not outputs of model {model!r}"
+                                   f" (its outputs: {', '.join(names)})")
+            return [self.weights.get(n, 0.0) for n in names], " + ".join(f"{w:g}*{n}" for n, w in self.weights.items())
+        if self.name:
+            if self.name not in names:
+                raise StartupError(f"--objective {self.name} is not an output of model {model!r} (its outputs:"
+                                   f" {', '.join(names)})")
+            return [float(n == self.name) for n in names], self.name
+        raise StartupError(f"model {model!r} has {len(names)} outputs ({', '.join(names)}); choose its reward with"
+                           f" --objective NAME or --objective-weights {names[0]}=0.5,{names[-1]}=0.5")

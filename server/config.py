@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .combinations import Combination
+from .combinations import Combination, Objective
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -39,10 +39,26 @@ class ServeConfig(BaseSettings):
         extra="ignore",
     )
 
-    model: Annotated[list[str], NoDecode]
+    model: Annotated[list[str], NoDecode] = []
     """Reward checkpoint: a local folder (HF sequence-classification or OpenRLHF layout), or a hub id. Repeat it as
     NAME=DIR to serve several models in one process (`--model helpful=DIR --model safety=DIR`); the environment
     variable takes them separated by spaces or commas."""
+    judge: Annotated[list[str], NoDecode] = []
+    """A causal LM served as a reward model: each item's reward is the LLM's expected rating from 1 to 10 under the
+    judge template (d-RLAIF). A folder, a hub id or `smollm2` (the embedded model); NAME=DIR names it. It sits
+    beside --model checkpoints, in combinations too."""
+    judge_template: str | None = None
+    """The judge's question, a text file with {constitution}, {prompt} and {response}; default:
+    server/assets/judge_template.txt (a rating from 1 to 10, the rating alone)."""
+    constitution: str | None = None
+    """The principles the judge rates by, a text file; default: server/assets/constitution.txt."""
+    judge_calibration_set: str | None = None
+    """JSON Lines of {"prompt", "response"} (or {"prompt", "chosen", "rejected"}) rows the judge scores at start,
+    whose mean and std whiten its ratings."""
+    judge_reward_mean: float | None = None
+    """The judge's rating mean for whitening, instead of a calibration set; give with --judge-reward-std."""
+    judge_reward_std: float | None = Field(None, gt=0)
+    """The judge's rating std for whitening; give with --judge-reward-mean."""
     combination: list[str] = []
     """A named combination of the models, repeatable: "safe=llama2 helpful=H safety=S [threshold=0.15]",
     "mix=sum 0.7*H 0.3*S" or "ens=ensemble A B C [lambda=0.5]" (README: when to use which)."""
@@ -124,11 +140,19 @@ class ServeConfig(BaseSettings):
     """Benchmarking only: replace the model's forward by a stand-in that waits this many microseconds per padded
     token, as a GPU would, and scores every item 0; measures the serving path's own overhead."""
     trust_remote_code: bool = False
-    """Allow a checkpoint's own Python code to run (off: only architectures transformers ships)."""
+    """Run a checkpoint's own modelling code (the files its config.json's auto_map names; InternLM2's and ArmoRM's
+    reward models need it). Off: such a checkpoint is refused. It executes those files: read them first; /info lists
+    each one's SHA-256."""
+    output_field: str = "logits"
+    """Where a checkpoint with its own code puts its scores: the field of its forward's output (ArmoRM: `score`)."""
+    objective: str | None = None
+    """A model of several outputs (num_labels > 1, or its own code's): the output that is the reward."""
+    objective_weights: str | None = None
+    """... or a weighted sum of its outputs: `helpful=0.5,harmless=0.5` (outputs left out weigh 0)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level."""
 
-    @field_validator("model", mode="before")
+    @field_validator("model", "judge", mode="before")
     @classmethod
     def _split_models(cls, value):
         if isinstance(value, str):
@@ -137,8 +161,18 @@ class ServeConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _pairs_come_together(self) -> "ServeConfig":
-        if not self.model:
-            raise ValueError("give at least one --model")
+        if not self.model and not self.judge:
+            raise ValueError("give at least one --model (or --judge)")
+        if (self.judge_reward_mean is None) != (self.judge_reward_std is None):
+            raise ValueError("give --judge-reward-mean and --judge-reward-std together")
+        if len(self.judge) > 1 and (self.judge_reward_mean is not None or self.judge_calibration_set):
+            raise ValueError("--judge-reward-mean/std and --judge-calibration-set whiten one judge; serve one")
+        if self.judge_reward_mean is not None and self.judge_calibration_set:
+            raise ValueError("give --judge-calibration-set or --judge-reward-mean/std, not both")
+        for flag, path in [("--judge-template", self.judge_template), ("--constitution", self.constitution),
+                           ("--judge-calibration-set", self.judge_calibration_set)]:
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path} is not a file")
         names = [name for name, _ in self.model_specs()]
         if len(set(names)) != len(names):
             raise ValueError(f"two models are named alike ({', '.join(names)}); name each one: --model NAME=DIR")
@@ -164,11 +198,33 @@ class ServeConfig(BaseSettings):
             raise ValueError(f"--calibration-budgets {self.calibration_budgets}: give positive token budgets")
         if self.calibration_lengths is not None and not Path(self.calibration_lengths).is_file():
             raise ValueError(f"--calibration-lengths {self.calibration_lengths} is not a file")
+        if self.objective is not None and self.objective_weights is not None:
+            raise ValueError("give --objective or --objective-weights, not both")
+        self.objective_choice()  # a malformed --objective-weights stops the start here
         return self
 
+    def objective_choice(self) -> Objective:
+        if self.objective_weights is None:
+            return Objective(name=self.objective)
+        weights = {}
+        for part in filter(None, re.split(r"[\s,]+", self.objective_weights)):
+            name, equals, weight = part.partition("=")
+            try:
+                weights[name] = float(weight)
+            except ValueError:
+                equals = ""
+            if not equals or not name:
+                raise ValueError(f"--objective-weights {self.objective_weights!r}: write NAME=WEIGHT pairs separated"
+                                 " by commas, e.g. helpful=0.5,harmless=0.5")
+        return Objective(weights=weights)
+
     def model_specs(self) -> list[tuple[str, str]]:
-        """(name, path) of each model, in the order given; the first is the default."""
-        return [parse_model_spec(spec) for spec in self.model]
+        """(name, path) of each model, the judges after the reward models, in the order given; the first is the
+        default."""
+        return [parse_model_spec(spec) for spec in self.model + self.judge]
+
+    def judge_names(self) -> set[str]:
+        return {parse_model_spec(spec)[0] for spec in self.judge}
 
     def combinations(self) -> list[Combination]:
         return [Combination.parse(spec) for spec in self.combination]

@@ -71,16 +71,24 @@ def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
     )
     message.components.extend(
         reward_pb2.ComponentScores(name=name, scores=part.scores, rewards=part.rewards, truncated=part.truncated,
-                                   transform=transform_to_proto(part.transform), model_version=part.model_version)
+                                   transform=transform_to_proto(part.transform), model_version=part.model_version,
+                                   outputs=outputs_to_proto(part.outputs))
         for name, part in (response.components or {}).items())
+    for name, values in outputs_to_proto(response.outputs).items():
+        message.outputs[name].CopyFrom(values)
     if response.combination is not None:
         message.combination.CopyFrom(reward_pb2.Combination(
             **response.combination.model_dump(exclude_none=True)))
     return message
 
 
+def outputs_to_proto(outputs: dict[str, list[float]] | None) -> dict[str, reward_pb2.Values]:
+    return {name: reward_pb2.Values(values=values) for name, values in (outputs or {}).items()}
+
+
 def model_info_to_proto(info: ModelInfo) -> reward_pb2.ModelInfo:
-    fields = info.model_dump(exclude={"default_transform", "statistics", "length_fit", "calibration"})
+    fields = info.model_dump(exclude={"default_transform", "statistics", "length_fit", "calibration"},
+                             exclude_none=True)
     message = reward_pb2.ModelInfo(**fields, default_transform=transform_to_proto(info.default_transform))
     if info.calibration is not None:
         calibration = info.calibration

@@ -21,19 +21,21 @@ from pathlib import Path
 
 import uvicorn
 
-from .batcher import Batcher
+from .batcher import Batcher, score_in_batches
 from .calibration import Calibration, choose, measure_model, memory_cap, read_lengths, workload_w_lengths
 from .config import ServeConfig
 from .grpc_api import create_grpc_server, set_serving
 from .http_api import create_app
+from .embedded import resolve_model_path
+from .judge import JudgeEncoder, JudgeModel, load_judge
 from . import metrics
 from .errors import InsufficientMemory, RewardServeError, StartupError
-from .modeling import (FORWARD_PATHS, RewardModel, check_local_checkpoint, forward_paths, free_memory, is_local,
-                       local_checkpoint, resolve_device, resolve_dtype, weights_bytes)
+from .modeling import (FORWARD_PATHS, RewardModel, check_local_checkpoint, check_own_code, forward_paths,
+                       free_memory, is_local, local_checkpoint, resolve_device, resolve_dtype, weights_bytes)
 from .normalization import RewardStatistics, RewardTransform
 from .registry import ModelRegistry, ServedModel
 from .reloading import Reloader
-from .schemas import CalibrationOut, ModelInfo
+from .schemas import CalibrationOut, ModelInfo, ScoreItem
 from .service import ScoringService
 from .simulated_forward import SimulatedForward
 from .tokenization import ItemEncoder, load_tokenizer, trained_max_length
@@ -55,21 +57,75 @@ class _UvicornWithoutSignals(uvicorn.Server):
 
 
 def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
-    """Loads one checkpoint with its tokenizer, statistics, length fit and default transform, and warms it up."""
+    """Loads one checkpoint with its tokenizer, statistics, length fit and default transform, and warms it up (a
+    judge: `load_served_judge`)."""
+    if name in config.judge_names():
+        return load_served_judge(name, path, config)
     resolve_device(config.device)  # a device that is not there is the first thing to say
     folder = str(local_checkpoint(path, name))
     tokenizer = load_tokenizer(folder, config.trust_remote_code)
     model = RewardModel.load(folder, config.dtype, config.device, config.trust_remote_code,
                              max_length=config.max_length or trained_max_length(tokenizer),
-                             min_shared_prefix=config.min_shared_prefix)
+                             min_shared_prefix=config.min_shared_prefix, objective=config.objective_choice(),
+                             output_field=config.output_field)
     model.name = name  # the served name, which the batcher's per-model metrics are labelled with
-    if config.max_length is not None and config.max_length > model.max_length:
-        log.warning("--max-length %d is over the %d positions of model %s (%s): it scores at most %d tokens",
-                    config.max_length, model.max_positions, name, model.architecture, model.max_length)
     append_eos = model.is_decoder if config.append_eos is None else config.append_eos
     encoder = ItemEncoder(tokenizer, model.max_length, config.on_overflow, append_eos=append_eos,
                           embedding_rows=model.embedding_rows)
-    statistics = model.statistics
+    return serve_model(model, encoder, model.statistics, path, config)
+
+
+def load_served_judge(name: str, path: str, config: ServeConfig) -> ServedModel:
+    """A causal LM served by its expected rating (server/judge.py), whitened with the flags' statistics or those of
+    its ratings of --judge-calibration-set."""
+    resolve_device(config.device)
+    folder = str(local_checkpoint(resolve_model_path(path), name))
+    constitution = Path(config.constitution).read_text().strip() if config.constitution else None
+    model, encoder = load_judge(folder, load_tokenizer(folder), config.judge_template, constitution, config.dtype,
+                                config.device, config.max_length, config.min_shared_prefix)
+    model.name = name
+    statistics = None
+    if config.judge_reward_mean is not None:
+        statistics = RewardStatistics(config.judge_reward_mean, config.judge_reward_std, source="server flags")
+    elif config.judge_calibration_set:
+        statistics = judge_statistics(model, encoder, config.judge_calibration_set)
+    return serve_model(model, encoder, statistics, path, config, kind="judge")
+
+
+def judge_statistics(model: JudgeModel, encoder: JudgeEncoder, path: str) -> RewardStatistics:
+    """The mean and std of the judge's ratings of a calibration set's responses, scored at start."""
+    items = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            responses = [row["response"]] if "response" in row else [row["chosen"], row["rejected"]]
+            items += [ScoreItem(prompt=row.get("prompt", ""), response=response) for response in responses]
+        except (ValueError, KeyError, TypeError) as error:
+            raise StartupError(f"--judge-calibration-set {path}, line {number}: {type(error).__name__}: {error}; each"
+                               " line is {\"prompt\", \"response\"} or {\"prompt\", \"chosen\", \"rejected\"}")
+    if len(items) < 2:
+        raise StartupError(f"--judge-calibration-set {path} has {len(items)} responses; whitening needs two or more")
+    sequences = [encoder.encode(item).input_ids for item in items]
+    ratings = [row[0] for row in score_in_batches(model, sequences)]
+    mean = sum(ratings) / len(ratings)
+    std = math.sqrt(sum((r - mean) ** 2 for r in ratings) / (len(ratings) - 1))
+    if not std > 0:
+        raise StartupError(f"the judge rates every response of {path} {mean:.4f}: no spread to whiten by")
+    log.info("judge %s: ratings of %d calibration responses have mean %.4f, std %.4f", model.name, len(ratings),
+             mean, std)
+    return RewardStatistics(mean, std, source=f"calibration set {Path(path).name} ({len(ratings)} responses)")
+
+
+def serve_model(model: RewardModel, encoder: ItemEncoder, statistics: RewardStatistics | None, path: str,
+                config: ServeConfig, kind: str = "reward_model") -> ServedModel:
+    """What every model goes through before it serves: statistics and default transform, warm-up, the forward's
+    calibration, its description."""
+    name = model.name
+    if config.max_length is not None and config.max_length > model.max_length:
+        log.warning("--max-length %d is over the %d positions of model %s (%s): it scores at most %d tokens",
+                    config.max_length, model.max_positions, name, model.architecture, model.max_length)
     if config.reward_mean is not None:
         statistics = RewardStatistics(config.reward_mean, config.reward_std, source="server flags")
     transform = config.transform
@@ -78,7 +134,8 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     if transform == "whiten" and statistics is None:
         raise StartupError(
             f"--transform whiten needs reward statistics, and {path} has none in its config;"
-            " pass --reward-mean and --reward-std, or choose --transform raw"
+            " pass --reward-mean and --reward-std (a judge: --judge-calibration-set, or --judge-reward-mean and"
+            " --judge-reward-std), or choose --transform raw"
         )
     if transform == "debias" and model.length_fit is None:
         raise StartupError(f"--transform debias needs the checkpoint's length fit, and {path} has none"
@@ -90,14 +147,15 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     info = ModelInfo(
         model=name, path=str(path), version=model.version, architecture=model.architecture,
         dtype=str(model.dtype).removeprefix("torch."), device=str(model.device), max_length=model.max_length,
-        on_overflow=config.on_overflow, chat_template=encoder.has_chat_template,
+        on_overflow="error" if kind == "judge" else config.on_overflow, chat_template=encoder.has_chat_template,
         default_transform=default_transform.describe(), statistics=asdict(statistics) if statistics else None,
         max_items_per_request=config.max_items_per_request, max_batch_tokens=model.max_batch_tokens,
         forward_path=model.forward_path, length_fit=asdict(model.length_fit) if model.length_fit else None,
         calibration=CalibrationOut(how=calibration.how, seconds=round(calibration.seconds, 2),
                                    candidates=calibration.rows()),
         min_shared_prefix=model.min_shared_prefix if model.plans_packed else None,
-        shared_prefix=model.shared_prefix_note(),
+        shared_prefix=model.shared_prefix_note(), kind=kind, outputs=list(model.output_names),
+        objective=model.objective_formula or None, code_files=model.code_hashes or None,
     )
     engine = model
     if config.stand_in_forward_us:
@@ -106,7 +164,7 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
         info.forward = engine.describe()
     log.info("model %s ready: %s, version %s", name, path, model.version)
     return ServedModel(name, engine, encoder, statistics, model.length_fit, default_transform, info, model.version,
-                       str(path))
+                       str(path), model.output_names)
 
 
 def configure_forward(model: RewardModel, config: ServeConfig) -> Calibration:
@@ -150,7 +208,7 @@ def warm_up(model: RewardModel, path: str) -> None:
     rows = model.embedding_rows
     sequences = [[model.pad_token_id] * 8, [(3 + i) % rows for i in range(min(32, model.max_length))]]
     scores = model.score_batch(sequences)
-    if not all(math.isfinite(score) for score in scores):
+    if not all(math.isfinite(value) for score in scores for value in (score if isinstance(score, list) else [score])):
         raise StartupError(f"{path} gives non-finite scores {scores} on warm-up (NaN or infinite weights?): refused")
 
 
@@ -259,6 +317,7 @@ def check_before_listening(config: ServeConfig) -> None:
     for name, path in config.model_specs():
         if is_local(path):
             check_local_checkpoint(path, name)
+            check_own_code(path, config.trust_remote_code, name)
 
 
 def load_in_background(loop: asyncio.AbstractEventLoop, load) -> asyncio.Future:

@@ -16,6 +16,7 @@ Scoring rules, shared by serving and training through `sequence_scores`:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -28,10 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .combinations import Objective
 from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory, StartupError
 from .normalization import LengthFit, RewardStatistics
-from .packing import (pack, packed_scores, plain_attention_blocker, supports_packing, to_device,
-                      varlen_available)
+from .packing import (PackedBatch, pack, packable_head, packed_outputs, plain_attention_blocker, supports_packing,
+                      to_device, varlen_available)
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +138,13 @@ def decoder_attention_mask(config, attention_mask: torch.Tensor) -> torch.Tensor
     plain causal (it spares a host sync per forward), else the (B, T) mask itself, from which ALiBi, sliding-window
     and local-attention models build their own masks (given a full causal mask, transformers uses it as it is and
     the window is lost)."""
-    if plain_attention_blocker(config, attention_mask.shape[1]) is None:
+    if plain_attention_blocker(config, attention_mask.shape[1]) is None and \
+            getattr(config, "model_type", None) not in POSITIONS_FROM_MASK:
         return causal_padding_mask(attention_mask)
     return attention_mask
+
+
+POSITIONS_FROM_MASK = {"opt"}  # counts its positions along the (B, T) mask it is given: it must get that mask
 
 
 def is_decoder_reward_model(model: nn.Module) -> bool:
@@ -152,16 +158,22 @@ def shares_prefixes(model: nn.Module, max_length: int) -> bool:
     return is_decoder_reward_model(model) and supports_packing(model, max_length)
 
 
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One fp32 score per row (B,), differentiable: the forward both serving and training use."""
+def sequence_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head's fp32 outputs per row (B, K): K is 1 for a reward model, num_labels for a head of several."""
     if not is_decoder_reward_model(model):
         # Encoders pool as their class does ([CLS] + pooler); the head's inputs are cast to fp32 by a hook.
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     hidden = model.base_model(input_ids=input_ids, attention_mask=decoder_attention_mask(model.config, attention_mask)
                               ).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     pooled = hidden[rows, last_token_index(attention_mask)]  # (B, H): only the last token reaches the head
-    return model.score(pooled.float()).squeeze(-1)  # (B,)
+    return model.score(pooled.float())  # (B, K)
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One fp32 score per row (B,) of a one-output reward model, differentiable: the forward training uses, and
+    serving through `sequence_outputs`."""
+    return sequence_outputs(model, input_ids, attention_mask)[:, 0]
 
 
 def _head_module(model: nn.Module) -> nn.Module:
@@ -288,28 +300,61 @@ def local_checkpoint(spec: str, name: str = "") -> Path:
     return folder
 
 
+def own_code_modules(path: str | os.PathLike) -> list[str]:
+    """The Python files a checkpoint's config.json names in its `auto_map` (its own modelling code), [] for an
+    architecture transformers ships."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return []
+    auto_map = json.loads(config.read_text()).get("auto_map") or {}
+    references = [r for value in auto_map.values() for r in (value if isinstance(value, list) else [value]) if r]
+    # "modeling_x.Class", or "repo--modeling_x.Class" for code that lives in another hub repository
+    return sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in references})
+
+
+def code_file_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every Python file in the checkpoint folder: what --trust-remote-code may execute (a module can
+    import its neighbours), so that /info says exactly which code scores."""
+    return {file.name: hashlib.sha256(file.read_bytes()).hexdigest() for file in sorted(Path(path).glob("*.py"))}
+
+
+def check_own_code(path: str | os.PathLike, trust_remote_code: bool, name: str = "") -> None:
+    """A checkpoint with its own modelling code is refused without --trust-remote-code, before anything loads."""
+    modules = own_code_modules(path)
+    if modules and not trust_remote_code:
+        which = f" (model {name!r})" if name else ""
+        raise StartupError(f"{path}{which} ships its own modelling code ({', '.join(modules)}), which runs only with"
+                           " --trust-remote-code: read it first, since the server executes it")
+
+
 def load_sequence_classifier(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+    several_outputs: bool = False,
 ) -> nn.Module:
-    """Loads a one-label reward checkpoint (HF or OpenRLHF layout) from safetensors, head in fp32, eval mode."""
+    """Loads a reward checkpoint (HF or OpenRLHF layout, or one with its own code) from safetensors, head in fp32,
+    eval mode. several_outputs: a num_labels > 1 head is served as it is (else refused: training wants one)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    check_own_code(path, trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if getattr(config, "auto_map", None):
+        return _load_own_code(path, config, dtype)
     openrlhf_prefix = getattr(config, "value_head_prefix", None)
     architectures = ", ".join(config.architectures or [])
     if "ForCausalLM" in architectures and not openrlhf_prefix:
         raise NotARewardModel(
             f"{path} is a causal language model ({architectures}) with no trained reward head; train a reward model"
-            f" on it with `rewardserve train --base {path} --data <pairs.jsonl> --out <folder>` and serve that"
+            f" on it with `rewardserve train --base {path} --data <pairs.jsonl> --out <folder>` and serve that, or"
+            f" serve it as a judge: `rewardserve serve --judge {path}`"
         )
-    if getattr(config, "num_labels", 1) != 1 and not openrlhf_prefix:
+    if getattr(config, "num_labels", 1) != 1 and not openrlhf_prefix and not several_outputs:
         raise NotARewardModel(f"{path}: a reward model has one label, this checkpoint ({architectures}) has"
                               f" {config.num_labels}; serve a one-label reward checkpoint")
-    config.num_labels = 1
+    if openrlhf_prefix:
+        config.num_labels = 1
     with quiet_transformers():  # the OpenRLHF layout's head is "newly initialized" until we copy it in
         model, loading = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True,
+            path, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True,
         )
     if openrlhf_prefix and openrlhf_prefix != "score":
         _copy_openrlhf_head(model, Path(path), openrlhf_prefix)
@@ -320,6 +365,41 @@ def load_sequence_classifier(
         )
     keep_head_in_fp32(model)
     return model.eval()
+
+
+def _load_own_code(path: str | os.PathLike, config, dtype: torch.dtype) -> nn.Module:
+    """A checkpoint's own classes, by its `auto_map`: its sequence-classification class where it names one, else
+    its AutoModel (InternLM2's reward models register theirs there). Its code decides pooling and head precision."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if "AutoModelForSequenceClassification" in config.auto_map else AutoModel
+    return auto.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True,
+                                trust_remote_code=True).eval()
+
+
+def read_output_field(output, field: str) -> torch.Tensor:
+    """The scores a forward returned, as (B, K) fp32, from its `field` (`logits` for transformers' own classes; a
+    checkpoint with its own output class declares it with --output-field). Never guessed: a missing field is an
+    error that lists the ones there are."""
+    value = output.get(field) if hasattr(output, "get") else getattr(output, field, None)
+    if not isinstance(value, torch.Tensor):
+        fields = list(output.keys()) if hasattr(output, "keys") else [n for n in vars(output) if not n.startswith("_")]
+        raise NotARewardModel(f"the model's forward returned a {type(output).__name__} without a tensor"
+                              f" {field!r} (its fields: {', '.join(fields) or 'none'}); pass --output-field with the"
+                              " one that holds the scores")
+    if value.dim() == 1:
+        value = value[:, None]
+    if value.dim() != 2:
+        raise NotARewardModel(f"the model's {field!r} has shape {tuple(value.shape)}; scores are (batch,) or"
+                              " (batch, outputs)")
+    return value.float()
+
+
+def output_names(config, count: int) -> list[str]:
+    """Each output's name, from the config's id2label (`output_K` where it has none, or repeats one)."""
+    labels = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    names = [labels.get(i, f"output_{i}") for i in range(count)]
+    return names if len(set(names)) == count else [f"output_{i}" for i in range(count)]
 
 
 def init_reward_model_from_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -380,31 +460,72 @@ class RewardModel:
     length_fit: LengthFit | None = None
     weights_hash: str = ""  # checkpoint_hash(path): what the model is; with loaded_at, its version
     loaded_at: float = field(default_factory=time.time)
+    output_names: tuple[str, ...] = ()  # a model of several outputs: each one's name (a one-output model: none)
+    objective: torch.Tensor | None = None  # (K,) fp32 on the device: the reward is outputs @ objective
+    objective_formula: str = ""  # the same, as /info shows it: `helpful` or `0.5*helpful + 0.5*honest`
+    output_field: str | None = None  # a checkpoint with its own code: the field of its forward's output to read
+    code_hashes: dict[str, str] = field(default_factory=dict)  # its code files' SHA-256 (--trust-remote-code)
 
     @classmethod
     def load(cls, path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-             max_length: int | None = None, min_shared_prefix: int = 0):
+             max_length: int | None = None, min_shared_prefix: int = 0, objective: Objective | None = None,
+             output_field: str = "logits"):
         """max_length: the longest sequence to expect, capped at the model's positions (None: the positions).
-        min_shared_prefix: share the forward of a prefix this long or longer (0: never); decoders that pack only."""
+        min_shared_prefix: share the forward of a prefix this long or longer (0: never); decoders that pack only.
+        objective: how a model of several outputs makes its reward. output_field: where a checkpoint with its own
+        code puts its scores (transformers' classes: `logits`)."""
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         log.info("loading reward model %s on %s", path, describe_device(target, torch_dtype))
-        network = load_sequence_classifier(path, torch_dtype, trust_remote_code).to(target)
+        network = load_sequence_classifier(path, torch_dtype, trust_remote_code, several_outputs=True).to(target)
+        own_code = bool(getattr(network.config, "auto_map", None))
+        if own_code:
+            log.warning("--trust-remote-code: %s runs its own code: %s", path,
+                        ", ".join(f"{name} (sha256 {digest[:16]})" for name, digest in code_file_hashes(path).items()))
+        model = cls.from_network(network, path, target, torch_dtype, max_length, min_shared_prefix,
+                                 may_pack=not own_code and packable_head(network))
+        if own_code:
+            model.output_field, model.code_hashes = output_field, code_file_hashes(path)
+        count = model.output_count()
+        if count > 1:
+            model.set_objective(output_names(network.config, count), objective or Objective())
+        return model
+
+    @classmethod
+    def from_network(cls, network: nn.Module, path: str, device: torch.device, dtype: torch.dtype,
+                     max_length: int | None, min_shared_prefix: int, may_pack: bool):
+        """may_pack: the head (and code) allow a packed forward; whether the attention does is checked here."""
         config = network.config
         pad = config.pad_token_id if config.pad_token_id is not None else 0
         if isinstance(pad, list):
             pad = pad[0]
         positions = context_size(network)
         length = min(max_length or positions, positions)
-        packs = supports_packing(network, length)
+        blocker = plain_attention_blocker(config, length)
+        packs = may_pack and blocker is None
         if not packs:
             log.info("%s is scored padded: %s", type(network).__name__,
-                     plain_attention_blocker(config, length) or "its head is not a linear score or pooled classifier")
-        shares = min_shared_prefix > 0 and shares_prefixes(network, length)
-        return cls(network, _model_name(path), target, torch_dtype, int(pad), positions, read_statistics(config),
-                   length, packs=packs, min_shared_prefix=min_shared_prefix if shares else None,
-                   forward_path=forward_paths(target, packs)[0], length_fit=read_length_fit(config),
-                   weights_hash=checkpoint_hash(path, config))
+                     blocker or "its head is not a linear score or pooled classifier, or it runs its own code")
+        model = cls(network, _model_name(path), device, dtype, int(pad), positions, read_statistics(config), length,
+                    packs=packs, forward_path=forward_paths(device, packs)[0], length_fit=read_length_fit(config),
+                    weights_hash=checkpoint_hash(path, config))
+        if packs and min_shared_prefix > 0 and model.is_decoder:
+            model.min_shared_prefix = min_shared_prefix
+        return model
+
+    def output_count(self) -> int:
+        """How many outputs the forward gives per item: the head's, or for a model's own code, what one short
+        forward returns."""
+        if self.output_field is None:
+            return self.network.config.num_labels
+        sequence = [[(3 + i) % self.embedding_rows for i in range(4)]]
+        with torch.inference_mode():
+            return self.padded_outputs(*(t.to(self.device) for t in pad_right(sequence, self.pad_token_id))).shape[1]
+
+    def set_objective(self, names: list[str], objective: Objective) -> None:
+        weights, self.objective_formula = objective.vector(names, self.name)
+        self.output_names = tuple(names)
+        self.objective = torch.tensor(weights, dtype=torch.float32, device=self.device)
 
     @property
     def embedding_rows(self) -> int:
@@ -463,12 +584,13 @@ class RewardModel:
             if self.plans_packed:
                 packed = pack(sequences, pin_memory=pinned, min_shared_prefix=self.min_shared_prefix,
                               kernel=self.forward_path.removeprefix("packed-"))
-                scores, computed = packed_scores(self.network, to_device(packed, self.device)), packed.computed_tokens
+                outputs, computed = self.packed_outputs(to_device(packed, self.device)), packed.computed_tokens
             else:
                 input_ids, attention_mask = pad_right(sequences, self.pad_token_id, pin_memory=pinned)
-                scores = sequence_scores(self.network, input_ids.to(self.device, non_blocking=pinned),
-                                         attention_mask.to(self.device, non_blocking=pinned))
+                outputs = self.padded_outputs(input_ids.to(self.device, non_blocking=pinned),
+                                              attention_mask.to(self.device, non_blocking=pinned))
                 computed = input_ids.numel()
+            scores = self.read_out(outputs)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
         if not pinned:
@@ -479,14 +601,32 @@ class RewardModel:
         done.record()
         return PendingScores(host, done, computed)
 
+    def packed_outputs(self, batch: PackedBatch) -> torch.Tensor:
+        """(B, K) fp32 from a packed batch already on the device."""
+        return packed_outputs(self.network, batch)
+
+    def padded_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, K) fp32 from right-padded rows on the device: our pooling and head, or the checkpoint's own forward."""
+        if self.output_field is None:
+            return sequence_outputs(self.network, input_ids, attention_mask)
+        return read_output_field(self.network(input_ids=input_ids, attention_mask=attention_mask), self.output_field)
+
+    def read_out(self, outputs: torch.Tensor) -> torch.Tensor:
+        """What a batch returns: the score (B,) of a one-output model; for one of several, the reward (outputs @
+        objective) then each output, (B, 1 + K), so that one copy brings all of them back."""
+        if self.objective is None:
+            return outputs[:, 0]
+        return torch.cat([(outputs @ self.objective)[:, None], outputs], dim=1)
+
     @staticmethod
-    def collect(pending: "PendingScores") -> list[float]:
-        """Waits for that batch alone (the one host synchronisation per batch) and returns its scores."""
+    def collect(pending: "PendingScores") -> list[float] | list[list[float]]:
+        """Waits for that batch alone (the one host synchronisation per batch) and returns its scores (for a model
+        of several outputs, a row per item: the reward, then each output)."""
         if pending.done is not None:
             pending.done.synchronize()
         return pending.scores.tolist()
 
-    def score_batch(self, sequences: list[list[int]]) -> list[float]:
+    def score_batch(self, sequences: list[list[int]]) -> list[float] | list[list[float]]:
         return self.collect(self.launch(sequences))
 
 
@@ -505,7 +645,7 @@ def forward_paths(device: torch.device, packs: bool) -> list[str]:
 
 @dataclass
 class PendingScores:
-    scores: torch.Tensor  # (B,) on the host (pinned on a GPU machine), complete once `done` has fired
+    scores: torch.Tensor  # (B,) or (B, 1 + K), on the host (pinned on a GPU machine), complete once `done` has fired
     done: "torch.cuda.Event | None"
     computed_tokens: int = 0  # what the forward ran: padding included, a shared prefix once
 

@@ -63,6 +63,7 @@ class PackedBatch:
     prefix_start: torch.Tensor  # (B,) where the prefix a sequence shares begins (its own start when it shares none)
     prefix_length: torch.Tensor  # (B,) that prefix's length (0: none)
     own_start: torch.Tensor  # (B,) where the sequence's own tokens, after the prefix, begin
+    lengths: torch.Tensor  # (B,) each sequence's tokens, its prefix's included
 
     @property
     def computed_tokens(self) -> int:
@@ -176,7 +177,7 @@ def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix
     prefix_start, own_start = starts[prefix_segment], starts[own_segment]
     last_index = _token_index(prefix_start, prefix_length, own_start, last)
     return PackedBatch(input_ids, position_ids, documents, prefix_start, last_index, prefix_start, prefix_length,
-                       own_start)
+                       own_start, last + 1)
 
 
 def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
@@ -187,7 +188,7 @@ def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
                           None if shared is None else move(shared), batch.documents.kernel)
     return PackedBatch(move(batch.input_ids), move(batch.position_ids), documents, move(batch.first_index),
                        move(batch.last_index), move(batch.prefix_start), move(batch.prefix_length),
-                       move(batch.own_start))
+                       move(batch.own_start), move(batch.lengths))
 
 
 # -- the attention function -------------------------------------------------------------------------------------------
@@ -374,8 +375,11 @@ def supports_packing(model: nn.Module, max_length: int) -> bool:
     """Whether sequences of up to `max_length` tokens can be scored packed: the architecture's attention is plain
     (`plain_attention_blocker`), and the head is a decoder's linear `score` or a BERT-style pooler and linear
     classifier. Anything else is scored padded."""
-    if plain_attention_blocker(model.config, max_length) is not None:
-        return False
+    return plain_attention_blocker(model.config, max_length) is None and packable_head(model)
+
+
+def packable_head(model: nn.Module) -> bool:
+    """A decoder's linear `score` on the last token, or a BERT-style pooler and linear classifier on the first."""
     if isinstance(getattr(model, "score", None), nn.Linear):
         return True
     return isinstance(getattr(model, "classifier", None), nn.Linear) and \
@@ -384,17 +388,28 @@ def supports_packing(model: nn.Module, max_length: int) -> bool:
 
 # -- scores ---------------------------------------------------------------------------------------------------------
 def packed_scores(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """One fp32 score per sequence (B,), equal to the padded forward's."""
+    """One fp32 score per sequence (B,) of a one-output reward model, equal to the padded forward's."""
+    return packed_outputs(model, batch)[:, 0]
+
+
+def packed_outputs(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """The head's fp32 outputs per sequence (B, K), equal to the padded forward's."""
     decoder = isinstance(getattr(model, "score", None), nn.Linear)
+    hidden = packed_hidden_states(model, batch, decoder)  # (N, H)
+    if decoder:
+        return model.score(hidden[batch.last_index].float())  # (B, K)
+    pooled = model.base_model.pooler(hidden[batch.first_index][:, None, :])  # (B, H): the pooler reads position 0
+    return model.classifier(pooled).float()  # (B, K); the head's fp32 hook casts its input
+
+
+def packed_hidden_states(model: nn.Module, batch: PackedBatch, decoder: bool = True) -> torch.Tensor:
+    """The trunk's last hidden states over the packed row (N, H), each segment having seen its own tokens and its
+    prefix's alone."""
     extra = {}
     if not decoder:
         # BERT-style encoders otherwise slice a buffer of max_position_embeddings zeros, shorter than a packed row
         # (GPT-2 takes token_type_ids too, but embeds them: it must not get any)
         extra["token_type_ids"] = torch.zeros_like(batch.input_ids)
     with packed_attention_on(model):
-        hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                  rewardserve_documents=batch.documents, **extra).last_hidden_state[0]  # (N, H)
-    if decoder:
-        return model.score(hidden[batch.last_index].float()).squeeze(-1)  # (B,)
-    pooled = model.base_model.pooler(hidden[batch.first_index][:, None, :])  # (B, H): the pooler reads position 0
-    return model.classifier(pooled).squeeze(-1).float()  # the head's fp32 hook casts its input
+        return model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                rewardserve_documents=batch.documents, **extra).last_hidden_state[0]

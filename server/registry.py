@@ -28,6 +28,7 @@ class ServedModel:
     info: ModelInfo
     version: str
     path: str
+    output_names: tuple[str, ...] = ()  # several outputs: each item's result is [reward, *outputs]
 
 
 @dataclass(frozen=True)

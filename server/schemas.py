@@ -151,6 +151,11 @@ class ComponentScores(BaseModel):
     truncated: list[bool]
     transform: TransformOut
     model_version: str
+    outputs: dict[str, list[float]] | None = None
+
+
+OUTPUTS_DESCRIPTION = ("a model of several outputs (a num_labels > 1 head, a judge): each named output, one value per"
+                       " item; `scores` is the reward made of them as /info's `objective` says")
 
 
 class ScoreResponse(BaseModel):
@@ -172,6 +177,7 @@ class ScoreResponse(BaseModel):
     combination: CombinationOut | None = None
     chosen: list[str] | None = Field(None, description="llama2: the model whose score each item got")
     std: list[float] | None = Field(None, description="ensemble: the std of the models' whitened scores")
+    outputs: dict[str, list[float]] | None = Field(None, description=OUTPUTS_DESCRIPTION)
 
 
 class CalibrationCandidateOut(BaseModel):
@@ -211,6 +217,13 @@ class ModelInfo(BaseModel):
                                                             " computed over that prefix once; None: sharing is off")
     shared_prefix: str = Field("", description="why sharing is on or off for this model")
     length_fit: LengthFitOut | None = None
+    kind: Literal["reward_model", "judge"] = Field("reward_model", description="a reward model, or a causal LM"
+                                                                             " served as a judge (its expected rating)")
+    outputs: list[str] = Field([], description="the names of its outputs, where it has several")
+    objective: str | None = Field(None, description="how the reward is made of the outputs: one of them, or a"
+                                                    " weighted sum")
+    code_files: dict[str, str] | None = Field(None, description="--trust-remote-code: SHA-256 of each Python file"
+                                                                " of the checkpoint, the code that scores")
 
 
 class ServerInfo(ModelInfo):

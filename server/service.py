@@ -199,25 +199,34 @@ class ScoringService:
         return [[future.result() for future in model_futures] for model_futures in futures]
 
     @staticmethod
-    def _component(items: list[EncodedItem], scores: list[float], transform: RewardTransform,
+    def _component(items: list[EncodedItem], results: list, transform: RewardTransform,
                    model: ServedModel) -> ComponentScores:
+        """results: a score per item, or for a model of several outputs [reward, *outputs] per item."""
+        outputs = None
+        scores = results
+        if model.output_names:
+            scores = [row[0] for row in results]
+            outputs = {name: [row[1 + k] for row in results] for k, name in enumerate(model.output_names)}
         lengths = [item.response_length for item in items] if transform.needs_lengths else None
         return ComponentScores(scores=scores, rewards=transform.apply(scores, lengths),
                                truncated=[item.truncated for item in items],
-                               transform=TransformOut(**transform.describe()), model_version=model.version)
+                               transform=TransformOut(**transform.describe()), model_version=model.version,
+                               outputs=outputs)
 
     @staticmethod
     def _response(target: Target, request: ScoreRequest, components: list[ComponentScores]) -> ScoreResponse:
         first = components[0]
         if target.kind == "model":
             return ScoreResponse(model=target.name, scores=first.scores, rewards=first.rewards,
-                                 truncated=first.truncated, transform=first.transform, model_version=first.model_version)
+                                 truncated=first.truncated, transform=first.transform, model_version=first.model_version,
+                                 outputs=first.outputs)
         by_name = {model.name: part for model, part in zip(target.models, components)}
         versions = ",".join(f"{name}={part.model_version}" for name, part in by_name.items())
         truncated = [any(flags) for flags in zip(*(part.truncated for part in components))]
         if target.kind == "models":
             return ScoreResponse(model=target.name, scores=first.scores, rewards=first.rewards, truncated=truncated,
-                                 transform=first.transform, model_version=versions, components=by_name)
+                                 transform=first.transform, model_version=versions, components=by_name,
+                                 outputs=first.outputs)
         combination = target.combination
         combined = combine(combination, {name: part.scores for name, part in by_name.items()},
                            {model.name: model.statistics for model in target.models},

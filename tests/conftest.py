@@ -124,13 +124,14 @@ def free_port() -> int:
 class ServerProcess:
     """A real `rewardserve serve` on free loopback ports; waits (bounded) for its ready line."""
 
-    def __init__(self, model: Path, *flags: str, env: dict | None = None, startup_timeout: float = 120,
+    def __init__(self, model: Path | None, *flags: str, env: dict | None = None, startup_timeout: float = 120,
                  ports: tuple[int, int] | None = None):
+        """model: served as --model (None: the flags name what to serve, e.g. --judge)."""
         self.http_port, self.grpc_port = ports or (free_port(), free_port())
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"rewardserve-{self.http_port}.log"
         self.log = open(self.log_path, "w+")
-        self.args = args = [*CLI, "serve", "--model", str(model), "--http-port", str(self.http_port),
-                            "--grpc-port", str(self.grpc_port), *flags]
+        self.args = args = [*CLI, "serve", *(["--model", str(model)] if model else []), "--http-port",
+                            str(self.http_port), "--grpc-port", str(self.grpc_port), *flags]
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})})
         self._wait_ready(startup_timeout)

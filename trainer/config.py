@@ -362,17 +362,22 @@ class LabelConfig(_Settings):
     """Output JSON Lines: prompt, chosen, rejected, p_chosen (what `rewardserve train` reads)."""
     policy: str = "smollm2"
     """Model that writes the candidate responses (local causal LM, hub id, or `smollm2`)."""
-    judge_mode: Literal["pairwise", "relevance"] = "pairwise"
+    judge_mode: Literal["pairwise", "relevance", "rating"] = "pairwise"
     """pairwise: a causal LM judge asked "A or B?" under the constitution, in both orders; relevance: a sentence
     encoder scores how directly each response answers its question (the cosine of their embeddings), one
-    response at a time, and a pair's label is the difference (it sees relevance, not harm or truth)."""
+    response at a time, and a pair's label is the difference (it sees relevance, not harm or truth); rating: a
+    causal LM rates each response alone from 1 to 10 under the constitution (the server's --judge), and a pair's
+    label is the gap of the expected ratings."""
     judge: str | None = None
-    """The judge: a causal LM for pairwise (default `smollm2`), a sentence encoder for relevance (default
+    """The judge: a causal LM for pairwise and rating (default `smollm2`), a sentence encoder for relevance (default
     `minilm`, the embedded all-MiniLM-L6-v2); a local folder or hub id."""
     constitution: str = "builtin"
-    """Text file of principles the pairwise judge applies; `builtin` for helpful, honest, harmless, concise."""
+    """Text file of principles the pairwise and rating judges apply; `builtin` for helpful, honest, harmless,
+    concise."""
     relevance_temperature: float = Field(0.05, gt=0)
     """Relevance mode: a pair's soft label is sigmoid(cosine gap / this), so a gap of this size gives 0.73."""
+    rating_temperature: float = Field(1.0, gt=0)
+    """Rating mode: a pair's soft label is sigmoid(expected-rating gap / this): one rating point gives 0.73."""
     max_prompts: int | None = Field(None, gt=0)
     """Label at most this many prompts (in file order)."""
     responses_per_prompt: int = Field(2, ge=2)

@@ -3,7 +3,9 @@ soft-labelled preference rows that `rewardserve train` reads. Two judges:
 
 - pairwise (the default): a causal LM compares two responses under a written constitution, as below;
 - relevance: a sentence encoder scores each response alone by how directly it answers its question
-  (`relevance.py`), and a pair's label is the score gap; no order, so no position bias.
+  (`relevance.py`), and a pair's label is the score gap; no order, so no position bias;
+- rating: a causal LM rates each response alone from 1 to 10 under the constitution, and a pair's label is the gap
+  of the expected ratings (the server's `--judge`, server/judge.py; pointwise, so no position bias either).
 
 The pairwise judge is asked which of two responses better follows the principles and must answer with one letter; its
 verdict is read from the next-token probabilities of "A" and "B". Each pair is asked in both orders and the two
@@ -61,7 +63,7 @@ class Verdict:
 
 def load_constitution(spec: str) -> str:
     if spec == "builtin":
-        return (resources.files("rewardserve.trainer") / "assets" / "constitution.txt").read_text().strip()
+        return (resources.files("rewardserve.server") / "assets" / "constitution.txt").read_text().strip()
     return Path(spec).read_text().strip()
 
 
@@ -174,11 +176,29 @@ def judge_both_orders(judge, tokenizer, questions, first, second, constitution, 
             for s, f, b, d, c, m in zip(signal, forward, backward, debiased, bias, mass)]
 
 
-def relevance_verdicts(first_scores: torch.Tensor, second_scores: torch.Tensor, temperature: float) -> list[Verdict]:
+def pointwise_verdicts(first_scores: torch.Tensor, second_scores: torch.Tensor, temperature: float) -> list[Verdict]:
     """A pointwise judge's verdicts: the logit that the first is better is the score gap over the temperature. The
     order the two were shown in plays no part, so every verdict is consistent and the position bias is 0."""
     signal = (first_scores - second_scores) / temperature
     return [Verdict(torch.sigmoid(s).item(), True, True, 0.0, s.item(), None) for s in signal]
+
+
+def rating_judge(path: str, constitution: str, device: str):
+    """The server's judge (server/judge.py) in process: `rate(questions, responses)` is each response's expected
+    rating from 1 to 10, (N,), computed as a server with `--judge` computes it."""
+    from transformers import AutoTokenizer
+
+    from rewardserve.server.batcher import score_in_batches
+    from rewardserve.server.judge import load_judge
+    from rewardserve.server.schemas import ScoreItem
+
+    judge, encoder = load_judge(path, AutoTokenizer.from_pretrained(path), constitution=constitution, device=device,
+                                min_shared_prefix=32)
+
+    def rate(questions: list[str], responses: list[str]) -> torch.Tensor:
+        sequences = [encoder.encode(ScoreItem(prompt=q, response=r)).input_ids for q, r in zip(questions, responses)]
+        return torch.tensor([row[0] for row in score_in_batches(judge, sequences)])
+    return rate
 
 
 def judge_figures(verdicts: list[Verdict]) -> dict:
@@ -229,7 +249,13 @@ def main(config: LabelConfig) -> dict:
         scores = [relevance.scores(questions, responses) for responses in candidates]  # each response once
 
         def judge_pair(i: int, j: int) -> list[Verdict]:
-            return relevance_verdicts(scores[i], scores[j], config.relevance_temperature)
+            return pointwise_verdicts(scores[i], scores[j], config.relevance_temperature)
+    elif config.judge_mode == "rating":
+        rate = rating_judge(judge_path, load_constitution(config.constitution), config.device)
+        ratings = [rate(questions, responses) for responses in candidates]  # each response once
+
+        def judge_pair(i: int, j: int) -> list[Verdict]:
+            return pointwise_verdicts(ratings[i], ratings[j], config.rating_temperature)
     else:
         judge = policy if judge_path == policy_path else \
             AutoModelForCausalLM.from_pretrained(judge_path).to(device).eval()

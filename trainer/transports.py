@@ -173,7 +173,7 @@ def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
                        "conservative_lambda": c.conservative_lambda if c.HasField("conservative_lambda") else None}
     components = {part.name: {"scores": list(part.scores), "rewards": list(part.rewards),
                               "truncated": list(part.truncated), "transform": _transform_from_proto(part.transform),
-                              "model_version": part.model_version}
+                              "model_version": part.model_version, "outputs": _outputs_from_proto(part.outputs)}
                   for part in message.components}
     return {
         "model": message.model,
@@ -186,7 +186,12 @@ def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
         "combination": combination,
         "chosen": list(message.chosen) or None,
         "std": list(message.std) or None,
+        "outputs": _outputs_from_proto(message.outputs),
     }
+
+
+def _outputs_from_proto(outputs) -> dict[str, list[float]] | None:
+    return {name: list(values.values) for name, values in outputs.items()} or None
 
 
 def _grpc_failure(error: grpc.RpcError, target: str) -> Exception:

@@ -98,3 +98,5 @@ def test_each_family_scores_as_transformers_alone_and_batch_invariant(tmp_path, 
     assert alone == pytest.approx(expected, abs=1e-4)
     assert together == pytest.approx(expected, abs=1e-4)
     assert with_short_neighbours == pytest.approx(expected[2], abs=1e-4)
+    with served.forward_path_as("padded"):  # what the calibration checks every packed path against
+        assert served.score_batch(sequences) == pytest.approx(expected, abs=1e-4)

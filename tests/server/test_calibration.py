@@ -117,8 +117,8 @@ def test_the_cpu_calibration_runs_for_real_within_its_budget(tiny):
 
 
 def test_a_kernel_whose_scores_differ_from_the_padded_forward_is_never_chosen(tiny, monkeypatch):
-    wrong = modeling.packed_scores
-    monkeypatch.setattr(modeling, "packed_scores", lambda network, batch: wrong(network, batch) + 0.01)
+    wrong = modeling.packed_outputs
+    monkeypatch.setattr(modeling, "packed_outputs", lambda network, batch: wrong(network, batch) + 0.01)
     chosen = configure_forward(tiny, serve_config(forward_path="auto", max_batch_tokens=1024))
     assert chosen.path == "padded"
     (packed,) = [m for m in chosen.measurements if m.path == "packed-sdpa"]

@@ -72,3 +72,27 @@ def test_the_shared_prefix_is_computed_once_and_changes_nothing(tmp_path, smol_t
         expected = torch.stack([original(input_ids=torch.tensor([s])).logits[0, -1] for s in sequences])
     assert torch.allclose(letters, expected[:, [10, 20]], atol=1e-4)
     assert torch.allclose(mass, expected.softmax(-1)[:, [10, 20]].sum(-1), atol=1e-5)
+
+
+def test_rating_mode_labels_each_pair_by_the_gap_of_the_judges_expected_ratings(tmp_path, smol_tokenizer, smollm2_dir):
+    """`rewardserve label --judge-mode rating`: the server's judge rates each sampled response once; a row's chosen
+    response is the higher-rated one and p_chosen is sigmoid(gap / rating_temperature)."""
+    import json
+
+    from rewardserve.trainer.config import LabelConfig
+
+    from ..conftest import build_tiny_policy
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a fruit.", "What is 2 + 2?")))
+    config = LabelConfig(prompts=str(prompts), out=str(tmp_path / "prefs.jsonl"), judge_mode="rating",
+                         policy=str(build_tiny_policy(tmp_path / "policy", smol_tokenizer)), judge=str(smollm2_dir),
+                         responses_per_prompt=2, max_new_tokens=8, rating_temperature=0.5, device="cpu")
+    summary = labeling.main(config)
+    rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    assert summary["judge_mode"] == "rating" and summary["pairs_judged"] == 2 and rows
+    rate = labeling.rating_judge(str(smollm2_dir), labeling.load_constitution("builtin"), "cpu")
+    for row in rows:
+        chosen, rejected = rate([row["prompt"]] * 2, [row["chosen"], row["rejected"]]).tolist()
+        assert chosen >= rejected
+        assert row["p_chosen"] == pytest.approx(1 / (1 + math.exp(-(chosen - rejected) / 0.5)), abs=1e-4)

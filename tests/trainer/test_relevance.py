@@ -10,7 +10,7 @@ from rewardserve.trainer import labeling
 
 
 def test_a_pointwise_verdict_is_the_score_gap_over_the_temperature():
-    verdicts = labeling.relevance_verdicts(torch.tensor([0.8, 0.5, 0.2]), torch.tensor([0.6, 0.5, 0.3]), 0.1)
+    verdicts = labeling.pointwise_verdicts(torch.tensor([0.8, 0.5, 0.2]), torch.tensor([0.6, 0.5, 0.3]), 0.1)
     assert [v.content_signal for v in verdicts] == pytest.approx([2.0, 0.0, -1.0], abs=1e-5)
     assert [v.p_first for v in verdicts] == pytest.approx([1 / (1 + math.exp(-2)), 0.5, 1 / (1 + math.exp(1))],
                                                           abs=1e-5)
