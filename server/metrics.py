@@ -7,7 +7,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-REQUESTS = Counter("rewardserve_requests_total", "Scoring requests answered, by outcome (ok or error kind)", ["outcome"])
+PROTOCOLS = ("http", "grpc", "python")  # how a request came: an adapter, or a caller of the core in process
+REQUESTS = Counter("rewardserve_requests_total", "Requests answered, by outcome (ok or error kind) and protocol",
+                   ["outcome", "protocol"])
 ITEMS = Counter("rewardserve_items_total", "Items scored")
 TOKENS = Counter("rewardserve_tokens_total", "Real (unpadded) tokens scored")
 PADDED_TOKENS = Counter("rewardserve_padded_tokens_total", "Tokens computed including padding")
@@ -22,7 +24,8 @@ UNSCORABLE = Counter("rewardserve_unscorable_items_total",
                      "Items answered an error alone: the forward failed on them, or their score was not finite")
 OOM_SPLITS = Counter("rewardserve_oom_splits_total", "Batches split in two after running out of device memory")
 
-MODEL_ITEMS = Counter("rewardserve_model_items_total", "Items scored, by model and version", ["model", "version"])
+MODEL_ITEMS = Counter("rewardserve_model_items_total", "Items scored, by model, version and protocol",
+                      ["model", "version", "protocol"])
 MODEL_INFO = Gauge("rewardserve_model_info", "1 for each model version now serving (no paths: /metrics is open)",
                    ["model", "version"])
 FORWARD_CONFIG = Gauge("rewardserve_forward_budget_tokens",

@@ -13,6 +13,7 @@ SIGHUP's, which waits its turn. The old version's metric series are dropped once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -138,10 +139,10 @@ def forget_when_freed(old: ServedModel, registry: ModelRegistry) -> None:
     def forget(name: str, version: str) -> None:
         if name in registry.names and registry.get(name).version == version:
             return  # the same checkpoint reloaded within the same second: that version still serves
-        for collector in (metrics.MODEL_INFO, metrics.MODEL_ITEMS):
-            try:
-                collector.remove(name, version)
-            except KeyError:
-                pass
+        with contextlib.suppress(KeyError):
+            metrics.MODEL_INFO.remove(name, version)
+        for protocol in metrics.PROTOCOLS:
+            with contextlib.suppress(KeyError):
+                metrics.MODEL_ITEMS.remove(name, version, protocol)
 
     weakref.finalize(old, forget, old.name, old.version)

@@ -94,7 +94,7 @@ class ScoringService:
         if presented is None or not hmac.compare_digest(presented.encode(), self._admin_key):
             raise Unauthorized("missing or wrong admin key: send `Authorization: Bearer <admin key>`")
 
-    async def reload(self, request: ReloadRequest, admin_key: str | None) -> ReloadResponse:
+    async def reload(self, request: ReloadRequest, admin_key: str | None, protocol: str) -> ReloadResponse:
         """Replaces one model by a checkpoint (or re-reads its own) without stopping; see server/reloading.py."""
         try:
             if self.registry is None:
@@ -103,11 +103,11 @@ class ScoringService:
             name = request.model or self.registry.names[0]
             outcome = await self.reloader.reload(name, request.path)
         except RewardServeError as error:
-            self.record_error(error)
+            self.record_error(error, protocol)
             raise
         return ReloadResponse(**asdict(outcome))
 
-    def admit(self, client: str) -> None:
+    def admit(self, client: str, protocol: str) -> None:
         """Per-client rate limit (--rate-limit requests/s); raises RateLimited with the wait before the next one."""
         if self._rate_limiter is None:
             return
@@ -115,7 +115,7 @@ class ScoringService:
         if wait > 0:
             error = RateLimited(f"more than {self._rate_limiter.rate:g} requests/s from {client}; slow down",
                                 retry_after=wait)
-            self.record_error(error)
+            self.record_error(error, protocol)
             raise error
 
     def transform_for(self, model: ServedModel, name: TransformChoice | None) -> RewardTransform:
@@ -135,26 +135,28 @@ class ScoringService:
                                model.length_fit if name == "debias" else None)
 
     # -- scoring --------------------------------------------------------------------------------------------------
-    async def score(self, request: ScoreRequest, request_id: str | None = None) -> ScoreResponse:
+    async def score(self, request: ScoreRequest, request_id: str | None = None, protocol: str = "python"
+                    ) -> ScoreResponse:
+        """protocol: the adapter's (`http`, `grpc`), a label of the request and item counters."""
         request_id = request_id or uuid.uuid4().hex[:12]
         started = time.perf_counter()
         try:
-            response = await self._score(request)
+            response = await self._score(request, protocol)
         except RewardServeError as error:
-            self.record_error(error)
+            self.record_error(error, protocol)
             raise
         except asyncio.CancelledError:
             raise
         except Exception as error:
             log.exception("request %s failed", request_id)
             internal = Internal(f"unexpected error (request id {request_id}); the server logged it")
-            self.record_error(internal)
+            self.record_error(internal, protocol)
             raise internal from error
         metrics.REQUEST_LATENCY.observe(time.perf_counter() - started)
-        metrics.REQUESTS.labels("ok").inc()
+        metrics.REQUESTS.labels("ok", protocol).inc()
         return response
 
-    async def _score(self, request: ScoreRequest) -> ScoreResponse:
+    async def _score(self, request: ScoreRequest, protocol: str) -> ScoreResponse:
         if not self.is_ready():
             raise NotReady("the server is not ready (loading the model or shutting down); retry shortly")
         if len(request.items) > self.max_items_per_request:
@@ -174,7 +176,7 @@ class ScoringService:
         scores = await self._scores_of(futures)
         metrics.TRUNCATED.inc(sum(item.truncated for items in encoded for item in items))
         for model in target.models:
-            metrics.MODEL_ITEMS.labels(model.name, model.version).inc(len(request.items))
+            metrics.MODEL_ITEMS.labels(model.name, model.version, protocol).inc(len(request.items))
         components = [self._component(items, list(s), transform, model)
                       for model, items, s, transform in zip(target.models, encoded, scores, transforms)]
         return self._response(target, request, components)
@@ -245,9 +247,9 @@ class ScoringService:
         return encoded
 
     @staticmethod
-    def record_error(error: RewardServeError) -> None:
+    def record_error(error: RewardServeError, protocol: str) -> None:
         metrics.ERRORS.labels(error.kind).inc()
-        metrics.REQUESTS.labels(error.kind).inc()
+        metrics.REQUESTS.labels(error.kind, protocol).inc()
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=False)

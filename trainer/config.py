@@ -72,6 +72,12 @@ class ScoreConfig(_Settings):
         return self
 
 
+def check_report_to(report_to: list[str]) -> None:
+    if set(report_to) - {"wandb"}:
+        raise ValueError(f"--report-to {','.join(report_to)}: only wandb is known (JSON Lines and TensorBoard are"
+                         " always written)")
+
+
 class RMTrainConfig(_Settings):
     base: str = "smollm2"
     """Base model: a local folder (causal LM or encoder), a hub id, or `smollm2` for the embedded SmolLM2-135M."""
@@ -125,11 +131,15 @@ class RMTrainConfig(_Settings):
     """Continue from OUT/train_state after an interruption."""
     log_every: int = Field(10, gt=0)
     """Steps between log lines in OUT/train_log.jsonl."""
+    report_to: CommaList = []
+    """Where the log lines also go: `wandb` (Weights & Biases, as for `rewardserve ppo`; its run ends up in
+    OUT/wandb)."""
 
     @model_validator(mode="after")
     def _exact_division(self) -> "RMTrainConfig":
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} must divide by --grad-accum {self.grad_accum}")
+        check_report_to(self.report_to)
         return self
 
     @property
@@ -265,6 +275,11 @@ class PPOConfig(_Settings):
     report_to: CommaList = []
     """Where metrics also go: `wandb` (Weights & Biases: online with WANDB_API_KEY, else offline into OUT/wandb),
     beside the JSON Lines and TensorBoard that are always written."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Serve each step's metrics for Prometheus on this port (`rewardserve_trainer_<name>` gauges at /metrics; 0
+    picks a free port and prints it); off by default. docker compose's monitoring profile scrapes 9400."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds; 0.0.0.0 for a scraper on another host or container."""
     sharding: Literal["ddp", "fsdp"] = "ddp"
     """ddp: every rank holds the whole policy, reference and AdamW state. fsdp: FSDP2 (`fully_shard`) on each decoder
     layer and the root, so each rank holds 1/world of the parameters, gradients, AdamW state and reference; bf16
@@ -333,9 +348,7 @@ class PPOConfig(_Settings):
         if self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"--advantage-estimator {self.advantage_estimator} baselines each score with the other"
                              " answers to its prompt: give --samples-per-prompt 2 or more")
-        if set(self.report_to) - {"wandb"}:
-            raise ValueError(f"--report-to {','.join(self.report_to)}: only wandb is known (JSON Lines and"
-                             " TensorBoard are always written)")
+        check_report_to(self.report_to)
         if self.sharding == "fsdp" and self.merge_lora:
             raise ValueError("--merge-lora with --sharding fsdp is not built yet: merge the saved adapter folder with"
                              " peft's merge_and_unload")

@@ -44,6 +44,7 @@ from .lora import AdaptersOff, attach_adapters, merged_copy, trainable_parameter
 from .sharding import (describe_held, full_policy_state, gathered, held_bytes, load_shards, save_shards,
                        shard)
 from .rollout import ActorCritic, Rollout, end_of_turn_ids, generate_rollout, policy_forward, share_prompts
+from .monitoring import StepGauges
 from .tracking import JsonlLog, plot_curves, start_wandb
 
 
@@ -452,7 +453,9 @@ def main(config: PPOConfig) -> dict:
     log = None
     if ranks.is_main:
         wandb_run = start_wandb(out, config.printable(), "ppo") if "wandb" in config.report_to else None
-        log = JsonlLog(out / "metrics.jsonl", fresh=not config.resume, tensorboard_namespace="ppo", wandb_run=wandb_run)
+        gauges = StepGauges(config.metrics_port, config.metrics_host) if config.metrics_port is not None else None
+        log = JsonlLog(out / "metrics.jsonl", fresh=not config.resume, tensorboard_namespace="ppo", wandb_run=wandb_run,
+                       gauges=gauges)
     if log:
         log.drop_after(start)
     earlier = log.records() if log else []

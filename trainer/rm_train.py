@@ -33,7 +33,7 @@ from .data import (DataReport, EncodedPair, PairBatch, PreferencePair, collate_p
 from .preference import (bradley_terry_loss, brier_score, expected_calibration_error, label_log_likelihood,
                          length_only_accuracy, pairwise_accuracy, pairwise_wins, pearson, reward_statistics,
                          winner_margin)
-from .tracking import JsonlLog, format_table, plot_curves
+from .tracking import JsonlLog, format_table, plot_curves, start_wandb
 
 
 
@@ -309,7 +309,8 @@ def main(config: RMTrainConfig) -> dict:
     work = work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
     start = load_train_state(work, model, optimizer) if config.resume else 0
-    log = JsonlLog(work / "train_log.jsonl", fresh=not config.resume)
+    wandb_run = start_wandb(work, config.printable(), "train") if "wandb" in config.report_to else None
+    log = JsonlLog(work / "train_log.jsonl", fresh=not config.resume, wandb_run=wandb_run, namespace="train")
     log.drop_after(start)
     model.train()
     loop_began, trained_pairs = time.perf_counter(), 0
@@ -394,12 +395,15 @@ def finish(config: RMTrainConfig, model, tokenizer, data: PreparedData, log: Jso
     write_pairs(data.held_out_pairs, out / HELD_OUT_FILE)
     (out / TRAINED_PAIRS_FILE).write_text("".join(f"{fingerprint}\n" for fingerprint in data.trained_fingerprints))
     shutil.move(log.path, out / "train_log.jsonl")
-    shutil.rmtree(work_dir(out), ignore_errors=True)
     print_report(report, f"held-out evaluation of {out}")
     # After the checkpoint, never before: a fresh machine's matplotlib first builds its font cache (up to a minute).
     print(f"train: checkpoint saved to {out}; drawing {out / 'training.png'}", flush=True)
-    plot_curves(JsonlLog(out / "train_log.jsonl", fresh=False).records(), ["loss", "accuracy"], out / "training.png",
-                f"reward model: {out.name}")
+    plot = plot_curves(JsonlLog(out / "train_log.jsonl", fresh=False).records(), ["loss", "accuracy"],
+                       out / "training.png", f"reward model: {out.name}")
+    log.finish({"train/plot": plot})
+    if (work_dir(out) / "wandb").is_dir():  # the run, finished, joins the checkpoint it describes
+        shutil.move(work_dir(out) / "wandb", out / "wandb")
+    shutil.rmtree(work_dir(out), ignore_errors=True)
     return report
 
 

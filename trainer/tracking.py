@@ -15,18 +15,24 @@ class JsonlLog:
     that Weights & Biases run under the same names.
     """
 
-    def __init__(self, path: str | Path, fresh: bool, tensorboard_namespace: str | None = None, wandb_run=None):
+    def __init__(self, path: str | Path, fresh: bool, tensorboard_namespace: str | None = None, wandb_run=None,
+                 gauges=None, namespace: str | None = None):
+        """gauges: a monitoring.StepGauges that serves each record to Prometheus. namespace: the metrics' prefix in
+        Weights & Biases without TensorBoard (default: tensorboard_namespace)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.path.write_text("")
-        self.namespace = tensorboard_namespace
+        self.namespace = tensorboard_namespace or namespace
         self._board = _summary_writer(self.path.parent / "tensorboard") if tensorboard_namespace else None
         self.wandb_run = wandb_run
+        self.gauges = gauges
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.gauges is not None:
+            self.gauges.observe(record)
         if self._board is None and self.wandb_run is None:
             return
         numbers = {f"{self.namespace}/{name}": value for name, value in record.items()
@@ -39,7 +45,9 @@ class JsonlLog:
             self.wandb_run.log(numbers, step=record["step"])
 
     def finish(self, images: dict[str, Path | None] | None = None) -> None:
-        """Ends the Weights & Biases run, with the plots (name -> PNG) as images."""
+        """Ends the Weights & Biases run, with the plots (name -> PNG) as images, and the metrics endpoint."""
+        if self.gauges is not None:
+            self.gauges.close()
         if self.wandb_run is None:
             return
         import wandb

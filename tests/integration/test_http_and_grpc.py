@@ -75,7 +75,7 @@ def test_health_ready_info_metrics_openapi(running_server):
     metrics = httpx.get(f"{base}/metrics").text
     for name in ("rewardserve_items_total", "rewardserve_batch_size_bucket", "rewardserve_queue_seconds_bucket",
                  "rewardserve_forward_seconds_bucket", "rewardserve_tokenize_seconds_bucket",
-                 "rewardserve_queue_depth", 'rewardserve_requests_total{outcome="ok"}'):
+                 "rewardserve_queue_depth", 'rewardserve_requests_total{outcome="ok",protocol="http"}'):
         assert name in metrics
     assert {"/score", "/get_reward", "/info"} <= set(httpx.get(f"{base}/openapi.json").json()["paths"])
 

@@ -68,7 +68,7 @@ def test_trl_grpo_trainer_runs_with_our_reward_function(running_server, smol_tok
 
     def ok_requests() -> float:
         lines = httpx.get(f"{running_server.http_url}/metrics").text.splitlines()
-        return sum(float(line.split()[-1]) for line in lines if line.startswith('rewardserve_requests_total{outcome="ok"}'))
+        return sum(float(line.split()[-1]) for line in lines if line.startswith('rewardserve_requests_total{outcome="ok",'))
 
     policy = build_tiny_policy(tmp_path / "policy", smol_tokenizer)
     prompts = Dataset.from_list([{"prompt": f"Say something about {w}."} for w in ("cats", "dogs", "rain", "tea")])

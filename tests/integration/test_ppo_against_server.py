@@ -160,7 +160,7 @@ def server_requests(server) -> float:
     import httpx
 
     lines = httpx.get(f"{server.http_url}/metrics").text.splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith('rewardserve_requests_total{outcome="ok"}'))
+    return sum(float(line.split()[-1]) for line in lines if line.startswith('rewardserve_requests_total{outcome="ok",'))
 
 
 def test_torchrun_two_ranks_on_the_cpu(setup, tmp_path):

@@ -72,3 +72,26 @@ def test_eval_warns_about_pairs_the_checkpoint_trained_on(trained, shared_data, 
     assert "eval: warning: 109 of these 120 pairs were in this checkpoint's training data" in trained_on
     assert "915 rows read:" in trained_on and "741 left out by --max-pairs" in trained_on
     assert "1 not a JSON object (a JSON list)" in trained_on
+
+
+@pytest.mark.slow  # 10 s, most of it wandb's own start and finish
+def test_report_to_wandb_writes_an_offline_run_that_ends_up_in_the_checkpoint(tiny_base, shared_data,  # noqa: F811
+                                                                               tmp_path):
+    import json
+
+    from .test_ppo_against_server import wandb_history
+
+    out, data = tmp_path / "rm", shared_data / "pandalm" / "pairs.jsonl"
+    run = subprocess.run([*CLI, "train", "--base", str(tiny_base), "--data", str(data), "--out", str(out),
+                          "--max-pairs", "48", "--batch-size", "8", "--max-length", "200", "--log-every", "1",
+                          "--report-to", "wandb"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not out.with_name("rm.work").exists()
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")  # no API key here: offline, moved into the checkpoint
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [row for row in wandb_history(run_file) if "train/loss" in row]
+    assert [row["_step"] for row in steps] == [record["step"] for record in logged] and len(steps) >= 4
+    for row, record in zip(steps, logged):
+        assert row["train/loss"] == pytest.approx(record["loss"])
+        assert row["train/accuracy"] == pytest.approx(record["accuracy"])
+    assert list(run_file.parent.glob("files/media/images/train/plot_*.png"))
