@@ -157,14 +157,14 @@ def serve_model(model: RewardModel, encoder: ItemEncoder, statistics: RewardStat
         shared_prefix=model.shared_prefix_note(), kind=kind, outputs=list(model.output_names),
         objective=model.objective_formula or None, code_files=model.code_hashes or None,
     )
-    engine = model
+    engine, output_names = model, model.output_names
     if config.stand_in_forward_us:
-        engine = SimulatedForward(config.stand_in_forward_us)
+        engine, output_names = SimulatedForward(config.stand_in_forward_us), ()  # it scores 0, one number an item
         log.warning("benchmark mode: %s", engine.describe())
         info.forward = engine.describe()
     log.info("model %s ready: %s, version %s", name, path, model.version)
     return ServedModel(name, engine, encoder, statistics, model.length_fit, default_transform, info, model.version,
-                       str(path), model.output_names)
+                       str(path), output_names)
 
 
 def configure_forward(model: RewardModel, config: ServeConfig) -> Calibration:

@@ -4,7 +4,9 @@ PPO trainer runs against it by URL."""
 from __future__ import annotations
 
 import json
+import signal
 import statistics as stats
+import time
 
 import httpx
 import pytest
@@ -72,6 +74,25 @@ def test_a_judge_and_a_reward_model_in_one_request(server, in_process):
         assert result.components[reward_model]["outputs"] is None
         assert result.components["judge"]["scores"] == pytest.approx([r[0] for r in in_process(ITEMS[:2])], abs=1e-5)
         assert set(result.components["judge"]["outputs"]) == {"rating", "rating_entropy", "rating_mass"}
+
+
+def test_a_reload_reads_the_judge_anew_with_its_calibration_set(server, in_process):
+    """SIGHUP re-reads every model: the judge comes back as a judge, rated and whitened as before."""
+    def judge_info() -> dict:
+        models = httpx.get(f"{server.http_url}/info", timeout=10).json()["models"]
+        return next(model for model in models if model["model"] == "judge")
+
+    before = judge_info()
+    time.sleep(1.1)  # a version's load time has one-second resolution
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 120
+    while (after := judge_info())["version"] == before["version"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert after["version"] != before["version"] and after["kind"] == "judge"
+    assert after["statistics"] == before["statistics"]
+    with RewardClient(server.http_url) as client:
+        result = client.score(ITEMS[:1], target=RewardTarget(model="judge"))
+    assert result.scores == pytest.approx([in_process(ITEMS[:1])[0][0]], abs=1e-5)
 
 
 def test_items_a_judge_cannot_rate_get_a_422_that_says_what_to_send(server):

@@ -83,13 +83,15 @@ def live(tiny_llama, smol_tokenizer, tmp_path_factory):
         (root / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(server.http_port, trainer_port)))
         prometheus = subprocess.Popen(
             ["prometheus", f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prometheus_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prompts = root / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Say something."}) + "\n")
+    policy = build_tiny_policy(root / "policy", smol_tokenizer)
     trainer = subprocess.Popen(
-        [*CLI, "ppo", "--reward-url", server.grpc_url, "--policy", str(build_tiny_policy(root / "policy", smol_tokenizer)),
-         "--prompts", str(prompts), "--out", str(root / "run"), "--steps", "20", "--batch-size", "4", "--mini-batch-size", "4",
-         "--max-new-tokens", "8", "--metrics-port", str(trainer_port)],
+        [*CLI, "ppo", "--reward-url", server.grpc_url, "--policy", str(policy), "--prompts", str(prompts), "--out",
+         str(root / "run"), "--steps", "20", "--batch-size", "4", "--mini-batch-size", "4", "--max-new-tokens", "8",
+         "--metrics-port", str(trainer_port)],
         stdout=(root / "trainer.log").open("w"), stderr=subprocess.STDOUT)
     try:
         with RewardClient(server.http_url) as client:
@@ -106,9 +108,9 @@ def live(tiny_llama, smol_tokenizer, tmp_path_factory):
             def series(query: str) -> list:
                 answer = get(f"http://127.0.0.1:{prometheus_port}/api/v1/query?query={query}")
                 return json.loads(answer)["data"]["result"] if answer and answer.startswith("{") else []
-            queries_ = {"trainer": "rewardserve_trainer_reward_mean",
-                        "grpc_items": 'rewardserve_model_items_total{protocol="grpc"}'}
-            scraped = {name: wait_for(lambda q=q: series(q), 60, f"Prometheus: {q}") for name, q in queries_.items()}
+            wanted = {"trainer": "rewardserve_trainer_reward_mean",
+                      "grpc_items": 'rewardserve_model_items_total{protocol="grpc"}'}
+            scraped = {name: wait_for(lambda q=q: series(q), 60, f"Prometheus: {q}") for name, q in wanted.items()}
         yield exported(get(f"{server.http_url}/metrics")), exported(trainer_text), scraped
     finally:
         for process in (trainer, prometheus):
@@ -124,10 +126,10 @@ def test_every_dashboard_query_names_metrics_and_labels_a_live_server_or_trainer
     named = {name for expr in queries() for name in METRIC.findall(expr)}
     assert named and len(queries()) >= 20
     for expr in queries():
-        for name in METRIC.findall(expr):
+        metrics = METRIC.findall(expr)
+        for name in metrics:
             # histogram_quantile reads NAME_bucket; every other query a sample name as exported
             assert name in everything, f"{name} (in {expr!r}) is exported by neither the server nor the trainer"
-        metrics = [name for name in METRIC.findall(expr)]
         for group in GROUPED_BY.findall(expr):
             wanted = {label.strip() for label in group.split(",")} - {"le", "instance"}  # added by Prometheus
             assert any(wanted <= everything[name] for name in metrics), f"by ({group}) in {expr!r}"

@@ -8,10 +8,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import torch
 
+from rewardserve.proto import reward_pb2, reward_pb2_grpc
 from rewardserve.trainer.client import RewardClient
 from tests.conftest import ServerProcess, build_checkpoint
 from tests.integration.test_startup_errors import assert_refused_in_one_line, run_cli
@@ -109,6 +111,8 @@ def test_own_code_scores_as_its_plain_forward_over_http_and_grpc(own_code_checkp
         info = httpx.get(f"{server.http_url}/info", timeout=10).json()
         digest = hashlib.sha256((own_code_checkpoint / "modeling_tiny_rm.py").read_bytes()).hexdigest()
         assert info["code_files"] == {"modeling_tiny_rm.py": digest}
+        stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+        assert dict(stub.Info(reward_pb2.InfoRequest(), timeout=10).default_model.code_files) == info["code_files"]
         assert info["forward_path"] == "padded" and info["architecture"] == "TinyRewardModel"
     finally:
         server.stop()
