@@ -86,24 +86,39 @@ def spell(tokenizer, text: str) -> list[int]:
     return full[len(base):] if full[:len(base)] == base else tokenizer.encode(text, add_special_tokens=False)
 
 
-def rating_outputs(first_logits: torch.Tensor, second_logits: torch.Tensor | None, tokens: RatingTokens
+@dataclass(frozen=True)
+class RatingIndex:
+    """RatingTokens as device tensors, built once at load: the forward then copies nothing from the host."""
+
+    first: torch.Tensor  # (R,) each rating's first token
+    second: torch.Tensor  # (R,) its second token, 0 for one-token ratings (masked by `two_tokens`)
+    two_tokens: torch.Tensor  # (R,) bool
+    is_lead: torch.Tensor  # (R,) bool: the rating that is the lead token alone ("1")
+    ratings: torch.Tensor  # (R,) fp32: 1..10
+    lead: int | None
+
+    @classmethod
+    def of(cls, tokens: RatingTokens, device: torch.device) -> "RatingIndex":
+        first, second = torch.tensor(tokens.first), torch.tensor(tokens.second)
+        lead = -1 if tokens.lead is None else tokens.lead
+        return cls(first.to(device), second.clamp(min=0).to(device), (second >= 0).to(device),
+                   (first == lead).to(device), torch.tensor(RATINGS, dtype=torch.float32, device=device), tokens.lead)
+
+
+def rating_outputs(first_logits: torch.Tensor, second_logits: torch.Tensor | None, index: RatingIndex
                    ) -> torch.Tensor:
     """The judge's outputs per item, (B, 3): the expected rating, the entropy of the rating distribution (nats) and
     the probability its next token is a rating at all. first_logits (B, V): the logits at the answer's first token;
     second_logits (B, V): after the lead token (None when every rating is one token)."""
-    first_ids = torch.tensor(tokens.first, device=first_logits.device)
-    probability = first_logits.float().softmax(-1)[:, first_ids]  # (B, R): P(a rating's first token)
-    if tokens.lead is not None:
-        second_ids = torch.tensor(tokens.second, device=first_logits.device)
-        two_tokens = second_ids >= 0
-        after_lead = second_logits.float().softmax(-1)[:, second_ids.clamp(min=0)]  # (B, R): P(second | lead)
-        goes_on = (after_lead * two_tokens).sum(-1, keepdim=True)  # (B, 1): the lead starts a longer rating
-        stops = torch.where(first_ids == tokens.lead, 1 - goes_on, 1.0)  # "1" alone: the lead, then no "0"
-        probability = probability * torch.where(two_tokens, after_lead, stops)
+    probability = first_logits.float().softmax(-1)[:, index.first]  # (B, R): P(a rating's first token)
+    if index.lead is not None:
+        after_lead = second_logits.float().softmax(-1)[:, index.second]  # (B, R): P(second | lead)
+        goes_on = (after_lead * index.two_tokens).sum(-1, keepdim=True)  # (B, 1): the lead starts a longer rating
+        stops = torch.where(index.is_lead, 1 - goes_on, 1.0)  # "1" alone: the lead, then no "0"
+        probability = probability * torch.where(index.two_tokens, after_lead, stops)
     mass = probability.sum(-1)  # (B,)
     distribution = probability / mass[:, None].clamp(min=torch.finfo(torch.float32).tiny)
-    ratings = torch.tensor(RATINGS, dtype=torch.float32, device=first_logits.device)
-    expected = distribution @ ratings
+    expected = distribution @ index.ratings
     entropy = -(distribution * distribution.clamp(min=1e-30).log()).sum(-1)
     return torch.stack([expected, entropy, mass], dim=-1)
 
@@ -114,6 +129,8 @@ class JudgeModel(RewardModel):
     prefix, calibration, reload) is the reward model's."""
 
     rating_tokens: RatingTokens | None = None
+    rating_index: RatingIndex | None = None  # the same on the device
+    answer_back: torch.Tensor | None = None  # (A,) on the device: where the logits are read, back from the end
 
     @classmethod
     def load_judge(cls, path: str, tokenizer, dtype: str = "auto", device: str = "auto",
@@ -132,6 +149,9 @@ class JudgeModel(RewardModel):
         model = cls.from_network(network.to(target).eval(), path, target, torch_dtype, max_length, min_shared_prefix,
                                  may_pack=True)
         model.rating_tokens = RatingTokens.of(tokenizer)
+        model.rating_index = RatingIndex.of(model.rating_tokens, target)
+        # the answer's first token, and the position after the lead token where one is appended
+        model.answer_back = torch.tensor((2, 1) if model.rating_tokens.lead is not None else (1,), device=target)
         model.output_names, model.objective_formula = OUTPUT_NAMES, "rating"
         model.objective = torch.tensor([1.0, 0.0, 0.0], device=target)
         return model
@@ -140,23 +160,15 @@ class JudgeModel(RewardModel):
     def is_decoder(self) -> bool:
         return True
 
-    @property
-    def answer_offsets(self) -> tuple[int, ...]:
-        """Where the logits are read, counted back from each sequence's end: the answer's first token, and after
-        the lead token when one was appended."""
-        return (2, 1) if self.rating_tokens.lead is not None else (1,)
-
     def packed_outputs(self, batch: PackedBatch) -> torch.Tensor:
         hidden = packed_hidden_states(self.network, batch)  # (N, H)
-        back = torch.tensor(self.answer_offsets, device=hidden.device)
-        rows = batch.token_index(batch.lengths[:, None] - back)  # (B, A): through a shared prefix where it lies
+        rows = batch.token_index(batch.lengths[:, None] - self.answer_back)  # (B, A): through a shared prefix
         return self._rate(hidden[rows])
 
     def padded_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = decoder_attention_mask(self.network.config, attention_mask)
         hidden = self.network.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-        back = torch.tensor(self.answer_offsets, device=hidden.device)
-        columns = (last_token_index(attention_mask)[:, None] + 1 - back).clamp(min=0)  # (B, A)
+        columns = (last_token_index(attention_mask)[:, None] + 1 - self.answer_back).clamp(min=0)  # (B, A)
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         return self._rate(hidden[rows, columns])
 
@@ -164,7 +176,7 @@ class JudgeModel(RewardModel):
         """hidden (B, A, H) at the answer positions -> (B, 3); the LM head runs on those positions alone."""
         logits = self.network.get_output_embeddings()(hidden)  # (B, A, V)
         second = logits[:, 1] if logits.shape[1] > 1 else None
-        return rating_outputs(logits[:, 0], second, self.rating_tokens)
+        return rating_outputs(logits[:, 0], second, self.rating_index)
 
 
 def load_judge(path: str, tokenizer, template: str | None = None, constitution: str | None = None,

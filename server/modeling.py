@@ -479,13 +479,12 @@ class RewardModel:
         log.info("loading reward model %s on %s", path, describe_device(target, torch_dtype))
         network = load_sequence_classifier(path, torch_dtype, trust_remote_code, several_outputs=True).to(target)
         own_code = bool(getattr(network.config, "auto_map", None))
-        if own_code:
-            log.warning("--trust-remote-code: %s runs its own code: %s", path,
-                        ", ".join(f"{name} (sha256 {digest[:16]})" for name, digest in code_file_hashes(path).items()))
         model = cls.from_network(network, path, target, torch_dtype, max_length, min_shared_prefix,
                                  may_pack=not own_code and packable_head(network))
         if own_code:
             model.output_field, model.code_hashes = output_field, code_file_hashes(path)
+            log.warning("--trust-remote-code: %s runs its own code: %s", path,
+                        ", ".join(f"{name} (sha256 {digest[:16]})" for name, digest in model.code_hashes.items()))
         count = model.output_count()
         if count > 1:
             model.set_objective(output_names(network.config, count), objective or Objective())

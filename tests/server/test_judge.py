@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from rewardserve.server.errors import InputTooLong, InvalidInput, StartupError
-from rewardserve.server.judge import RatingTokens, load_judge, rating_outputs, read_template
+from rewardserve.server.judge import RatingIndex, RatingTokens, load_judge, rating_outputs, read_template
 from rewardserve.server.schemas import ScoreItem
 
 TWINS = Path(__file__).resolve().parents[1] / "assets" / "judge_twins.jsonl"
 
 # Ratings 1..9 are tokens 1..9; 10 is token 1 then token 0 (as SmolLM2 spells it)
-SPELLED_LIKE_SMOLLM2 = RatingTokens(first=(1, 2, 3, 4, 5, 6, 7, 8, 9, 1), second=(-1,) * 9 + (0,), lead=1)
+SPELLED_LIKE_SMOLLM2 = RatingIndex.of(RatingTokens(first=(1, 2, 3, 4, 5, 6, 7, 8, 9, 1), second=(-1,) * 9 + (0,),
+                                                   lead=1), torch.device("cpu"))
 
 
 def logits_of(probabilities: dict[int, float], vocabulary: int = 12) -> torch.Tensor:
@@ -37,7 +38,7 @@ def test_the_expected_rating_reads_two_token_ratings_from_the_token_after_the_le
 
 
 def test_one_token_ratings_need_no_second_position():
-    tokens = RatingTokens(first=tuple(range(1, 11)), second=(-1,) * 10, lead=None)
+    tokens = RatingIndex.of(RatingTokens(first=tuple(range(1, 11)), second=(-1,) * 10, lead=None), torch.device("cpu"))
     rating, entropy, mass = rating_outputs(logits_of({7: 0.8, 3: 0.2}), None, tokens)[0].tolist()
     assert rating == pytest.approx(0.8 * 7 + 0.2 * 3, abs=1e-6)
     assert entropy == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)), abs=1e-6)
