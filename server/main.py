@@ -107,7 +107,12 @@ def judge_statistics(model: JudgeModel, encoder: JudgeEncoder, path: str) -> Rew
                                " line is {\"prompt\", \"response\"} or {\"prompt\", \"chosen\", \"rejected\"}")
     if len(items) < 2:
         raise StartupError(f"--judge-calibration-set {path} has {len(items)} responses; whitening needs two or more")
-    sequences = [encoder.encode(item).input_ids for item in items]
+    sequences = []
+    for number, item in enumerate(items, 1):
+        try:
+            sequences.append(encoder.encode(item).input_ids)
+        except RewardServeError as error:  # too long for the judge, a token it has no embedding for
+            raise StartupError(f"--judge-calibration-set {path}, response {number}: {error.message}") from None
     ratings = [row[0] for row in score_in_batches(model, sequences)]
     mean = sum(ratings) / len(ratings)
     std = math.sqrt(sum((r - mean) ** 2 for r in ratings) / (len(ratings) - 1))

@@ -175,15 +175,16 @@ def test_reload_paths_with_nul_or_links_out_of_the_folder_are_refused(tmp_path):
 
 
 def test_a_freed_version_leaves_no_metric_series(tmp_path):
-    """After reloads, the metrics hold one model_info and model_items series per model: the live version's."""
+    """After reloads, the metrics hold one model_info series per model, and model_items series of the live version
+    alone (whatever protocol counted the old ones)."""
     (tmp_path / "b").mkdir()
     versions = iter(["v2", "v3", "v4"])
     registry, reloader = reloader_for(tmp_path, lambda name, path: served(name, path, next(versions)))
     metrics.MODEL_INFO.labels("rm", "v1").set(1)
-    metrics.MODEL_ITEMS.labels("rm", "v1").inc()
-    for _ in range(3):
+    metrics.MODEL_ITEMS.labels("rm", "v1", "http").inc()
+    for protocol in ("http", "grpc", "python"):
         version = asyncio.run(reloader.reload("rm", str(tmp_path / "b"))).new_version
-        metrics.MODEL_ITEMS.labels("rm", version).inc()
+        metrics.MODEL_ITEMS.labels("rm", version, protocol).inc()
     gc.collect()
     series = [s.labels["version"] for s in metrics.MODEL_INFO.collect()[0].samples if s.labels["model"] == "rm"]
     items = {s.labels["version"] for s in metrics.MODEL_ITEMS.collect()[0].samples if s.labels["model"] == "rm"}
