@@ -115,18 +115,3 @@ def test_ppo_runs_against_the_judge_by_url(tmp_path, smol_tokenizer):
     assert [r["step"] for r in records] == [1, 2]
     assert all(1 <= r["reward_mean"] <= 10 for r in records), records
 
-
-def test_a_calibration_set_the_judge_cannot_rate_is_a_one_line_start_up_error(tmp_path):
-    from tests.integration.test_startup_errors import run_cli
-
-    good = json.dumps({"prompt": "q", "response": "a"})
-    for bad, says in [(json.dumps({"prompt": "q"}), "line 2: KeyError"),
-                      (json.dumps({"prompt": "q", "response": "word " * 9000}), "response 2: the judge's question")]:
-        rows = tmp_path / "rows.jsonl"
-        rows.write_text(good + "\n" + bad + "\n")
-        result, _ = run_cli("serve", "--judge", "smollm2", "--judge-calibration-set", str(rows), "--device", "cpu",
-                            "--http-port", "0", "--grpc-port", "0", "--forward-path", "packed",
-                            "--max-batch-tokens", "4096")
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert f"--judge-calibration-set {rows}, {says}" in lines[-1], lines[-1]

@@ -130,3 +130,19 @@ def test_the_judge_refuses_what_it_cannot_rate(judge):
         encoder.encode(ScoreItem(messages=[{"role": "user", "content": "hi"}]))
     with pytest.raises(InputTooLong, match="never cuts an item"):
         encoder.encode(ScoreItem(prompt="q", response="word " * 9000))
+
+
+def test_a_calibration_set_the_judge_cannot_rate_is_a_start_up_error_naming_the_line(judge, tmp_path):
+    from rewardserve.server.main import judge_statistics
+
+    model, encoder = judge
+    good = json.dumps({"prompt": "q", "response": "a"})
+    for bad, says in [(json.dumps({"prompt": "q"}), "line 2: KeyError"),
+                      (json.dumps({"prompt": "q", "response": "word " * 9000}), "response 2: the judge's question")]:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(good + "\n" + bad + "\n")
+        with pytest.raises(StartupError, match=f"--judge-calibration-set {rows}, {says}"):
+            judge_statistics(model, encoder, str(rows))
+    rows.write_text(good + "\n" + json.dumps({"prompt": "q", "chosen": "b", "rejected": "c"}) + "\n")
+    statistics = judge_statistics(model, encoder, str(rows))
+    assert statistics.source == "calibration set rows.jsonl (3 responses)" and statistics.std > 0
