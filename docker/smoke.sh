@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves `docker compose up` on this machine: dockerd, compose v2, a local Debian base image (no registry is
 # reachable), both images built against it with a CPU torch, the stack up on the host network (loopback only),
-# a few PPO steps against the server, the trainer's metrics and the server's /metrics checked, then down -v.
+# a few PPO steps against the server, the trainer's metrics (its metrics.jsonl, and its Prometheus endpoint while
+# it runs) and the server's /metrics checked, then down -v.
 # Cleans up after itself, also on failure, and prints how long each stage took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 TIMEOUT_S=${TIMEOUT_S:-1800}
 COMPOSE_FILES=(-f docker-compose.yml -f docker/compose.cpu.yml -f docker/compose.hostnet.yml)
 STARTED=$(date +%s)
+TRAINER_METRICS=""
 declare -a TIMINGS=()
 
 stage() {  # stage NAME COMMAND...: runs it and records its duration
@@ -86,7 +88,9 @@ run_stack() {
     while [ "$(date +%s)" -lt "$deadline" ]; do
         state=$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$("${COMPOSE[@]}" "${COMPOSE_FILES[@]}" ps -aq trainer)" 2>/dev/null || true)
         [[ "$state" == exited* ]] && break
-        sleep 5
+        # the trainer's step metrics for Prometheus (REWARDSERVE_METRICS_PORT), while it runs
+        [ -n "$TRAINER_METRICS" ] || TRAINER_METRICS=$(curl -sf http://127.0.0.1:9400/metrics | grep '^rewardserve_trainer_' || true)
+        sleep 1
     done
     echo "trainer: $state"
     [ "$state" = "exited 0" ]
@@ -98,8 +102,9 @@ check_outputs() {
     echo "reward-server health: $health"
     [ "$health" = healthy ]
     metrics=$(curl -sf http://127.0.0.1:8000/metrics)
-    echo "$metrics" | grep -E '^rewardserve_(items_total|requests_total\{outcome="ok"\})'
+    echo "$metrics" | grep -E '^rewardserve_(items_total|requests_total\{outcome="ok")'
     echo "$metrics" | grep -qE '^rewardserve_items_total [1-9]'
+    echo "$TRAINER_METRICS" | grep -E '^rewardserve_trainer_(step|reward_mean|kl|beta) '  # scraped while it ran
     "${COMPOSE[@]}" "${COMPOSE_FILES[@]}" run --rm --no-deps --entrypoint python3 trainer -c \
         "import json; rows=[json.loads(l) for l in open('/runs/ppo/metrics.jsonl')]; print(json.dumps([{k: r[k] for k in ('step','reward_mean','kl','beta')} for r in rows])); assert [r['step'] for r in rows] == [1, 2, 3]"
     docker run --rm --entrypoint id rewardserve-server:latest -u | grep -qv '^0$'  # not root
