@@ -163,6 +163,7 @@ def server_requests(server) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith('rewardserve_requests_total{outcome="ok",'))
 
 
+@pytest.mark.slow  # 9 s; two ranks updating together are checked by tests/trainer/test_ppo_update.py
 def test_torchrun_two_ranks_on_the_cpu(setup, tmp_path):
     """Data parallel under torchrun (gloo): each rank rolls out its own prompts and calls the server itself."""
     import sys

@@ -13,7 +13,7 @@ import pytest
 from ..conftest import build_tiny_policy
 
 
-@pytest.mark.parametrize("lora_rank", [0, 8])
+@pytest.mark.parametrize("lora_rank", [0, pytest.param(8, marks=pytest.mark.slow)])  # LoRA under FSDP: 8 s more
 def test_an_fsdp_step_equals_the_ddp_step_and_holds_half_the_bytes(tmp_path, smol_tokenizer, lora_rank):
     policy = build_tiny_policy(tmp_path / "policy", smol_tokenizer)
     worker = Path(__file__).with_name("fsdp_worker.py")
