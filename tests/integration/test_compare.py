@@ -36,7 +36,7 @@ def read(out) -> tuple[list[dict], dict]:
     return rows, json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("protocol", ["http", pytest.param("grpc", marks=pytest.mark.slow)])  # the same over gRPC: 7 s
 def test_the_win_rate_is_that_of_the_server_s_scores(running_server, policies, tmp_path, protocol):
     url = running_server.http_url if protocol == "http" else running_server.grpc_url
     run = compare(url, policies, tmp_path, "--samples", "2")

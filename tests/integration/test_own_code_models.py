@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from rewardserve.proto import reward_pb2, reward_pb2_grpc
+from rewardserve.server.combinations import Objective
+from rewardserve.server.errors import StartupError
+from rewardserve.server.modeling import RewardModel
 from rewardserve.trainer.client import RewardClient
 from tests.conftest import ServerProcess, build_checkpoint
 from tests.integration.test_startup_errors import assert_refused_in_one_line, run_cli
@@ -119,11 +122,9 @@ def test_own_code_scores_as_its_plain_forward_over_http_and_grpc(own_code_checkp
 
 
 def test_an_output_field_the_code_does_not_return_is_refused_with_the_fields_it_has(own_code_checkpoint):
-    result, _ = run_cli("serve", "--model", str(own_code_checkpoint), "--trust-remote-code", "--device", "cpu",
-                        "--http-port", "0", "--grpc-port", "0")  # the default field, `logits`
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "without a tensor 'logits' (its fields: score, pooled); pass --output-field" in lines[-1], lines[-1]
+    with pytest.raises(StartupError, match=r"without a tensor 'logits' \(its fields: score, pooled\); pass"
+                                           " --output-field"):
+        RewardModel.load(str(own_code_checkpoint), trust_remote_code=True)  # the default field, `logits`
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +142,12 @@ def three_labels(tmp_path_factory, smol_tokenizer) -> Path:
     return folder
 
 
-def test_three_labels_need_an_objective(three_labels):
-    result, _ = run_cli("serve", "--model", str(three_labels), "--device", "cpu", "--http-port", "0",
-                        "--grpc-port", "0")
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "has 3 outputs (helpful, honest, harmless); choose its reward with --objective NAME" in lines[-1]
+def test_three_labels_need_an_objective_that_names_their_outputs(three_labels):
+    with pytest.raises(StartupError, match=r"has 3 outputs \(helpful, honest, harmless\); choose its reward with"
+                                           " --objective NAME"):
+        RewardModel.load(str(three_labels))
+    with pytest.raises(StartupError, match="--objective-weights names kind, not outputs of model"):
+        RewardModel.load(str(three_labels), objective=Objective(weights={"helpful": 0.5, "kind": 0.5}))
 
 
 def test_three_named_outputs_and_the_chosen_reward_over_http_and_grpc(three_labels):
