@@ -68,14 +68,13 @@ def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
         model_version=response.model_version,
         chosen=response.chosen or [],
         std=response.std or [],
+        outputs=outputs_to_proto(response.outputs),
     )
     message.components.extend(
         reward_pb2.ComponentScores(name=name, scores=part.scores, rewards=part.rewards, truncated=part.truncated,
                                    transform=transform_to_proto(part.transform), model_version=part.model_version,
                                    outputs=outputs_to_proto(part.outputs))
         for name, part in (response.components or {}).items())
-    for name, values in outputs_to_proto(response.outputs).items():
-        message.outputs[name].CopyFrom(values)
     if response.combination is not None:
         message.combination.CopyFrom(reward_pb2.Combination(
             **response.combination.model_dump(exclude_none=True)))
