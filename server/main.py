@@ -152,7 +152,7 @@ def serve_model(model: RewardModel, encoder: ItemEncoder, statistics: RewardStat
     info = ModelInfo(
         model=name, path=str(path), version=model.version, architecture=model.architecture,
         dtype=str(model.dtype).removeprefix("torch."), device=str(model.device), max_length=model.max_length,
-        on_overflow="error" if kind == "judge" else config.on_overflow, chat_template=encoder.has_chat_template,
+        on_overflow=encoder.on_overflow, chat_template=encoder.has_chat_template,
         default_transform=default_transform.describe(), statistics=asdict(statistics) if statistics else None,
         max_items_per_request=config.max_items_per_request, max_batch_tokens=model.max_batch_tokens,
         forward_path=model.forward_path, length_fit=asdict(model.length_fit) if model.length_fit else None,

@@ -454,8 +454,8 @@ def main(config: PPOConfig) -> dict:
     if ranks.is_main:
         wandb_run = start_wandb(out, config.printable(), "ppo") if "wandb" in config.report_to else None
         gauges = StepGauges(config.metrics_port, config.metrics_host) if config.metrics_port is not None else None
-        log = JsonlLog(out / "metrics.jsonl", fresh=not config.resume, tensorboard_namespace="ppo", wandb_run=wandb_run,
-                       gauges=gauges)
+        log = JsonlLog(out / "metrics.jsonl", fresh=not config.resume, namespace="ppo", tensorboard=True,
+                       wandb_run=wandb_run, gauges=gauges)
     if log:
         log.drop_after(start)
     earlier = log.records() if log else []

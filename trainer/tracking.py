@@ -10,21 +10,19 @@ from pathlib import Path
 class JsonlLog:
     """Appends one JSON object per line; a resumed run keeps appending to the same file.
 
-    With `tensorboard_namespace` and the tensorboard package installed, every numeric metric also goes to
-    TensorBoard (under PATH's folder/tensorboard) as `namespace/name`, e.g. `ppo/approx_kl`; with `wandb_run`, to
-    that Weights & Biases run under the same names.
+    With `tensorboard` and the tensorboard package installed, every numeric metric also goes to TensorBoard (under
+    PATH's folder/tensorboard) as `namespace/name`, e.g. `ppo/approx_kl`; with `wandb_run`, to that Weights & Biases
+    run under the same names; with `gauges` (a monitoring.StepGauges), to Prometheus.
     """
 
-    def __init__(self, path: str | Path, fresh: bool, tensorboard_namespace: str | None = None, wandb_run=None,
-                 gauges=None, namespace: str | None = None):
-        """gauges: a monitoring.StepGauges that serves each record to Prometheus. namespace: the metrics' prefix in
-        Weights & Biases without TensorBoard (default: tensorboard_namespace)."""
+    def __init__(self, path: str | Path, fresh: bool, namespace: str = "", tensorboard: bool = False, wandb_run=None,
+                 gauges=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.path.write_text("")
-        self.namespace = tensorboard_namespace or namespace
-        self._board = _summary_writer(self.path.parent / "tensorboard") if tensorboard_namespace else None
+        self.namespace = namespace
+        self._board = _summary_writer(self.path.parent / "tensorboard") if tensorboard else None
         self.wandb_run = wandb_run
         self.gauges = gauges
 
