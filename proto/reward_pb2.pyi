@@ -183,7 +183,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration", "kind", "outputs", "objective", "code_files")
+    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration", "kind", "outputs", "objective", "code_files", "forwards")
     class CodeFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,13 @@ class ModelInfo(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ForwardsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +221,7 @@ class ModelInfo(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     CODE_FILES_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     version: str
@@ -237,23 +245,26 @@ class ModelInfo(_message.Message):
     outputs: _containers.RepeatedScalarFieldContainer[str]
     objective: str
     code_files: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., kind: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., objective: _Optional[str] = ..., code_files: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    forwards: _containers.ScalarMap[str, int]
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., kind: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., objective: _Optional[str] = ..., code_files: _Optional[_Mapping[str, str]] = ..., forwards: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CalibrationCandidate(_message.Message):
-    __slots__ = ("path", "budget", "tokens_per_s", "peak_bytes", "seconds", "skipped")
+    __slots__ = ("path", "budget", "tokens_per_s", "peak_bytes", "seconds", "skipped", "compile_seconds")
     PATH_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     path: str
     budget: int
     tokens_per_s: float
     peak_bytes: int
     seconds: float
     skipped: str
-    def __init__(self, path: _Optional[str] = ..., budget: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., peak_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., skipped: _Optional[str] = ...) -> None: ...
+    compile_seconds: float
+    def __init__(self, path: _Optional[str] = ..., budget: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., peak_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., skipped: _Optional[str] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
 
 class Calibration(_message.Message):
     __slots__ = ("how", "seconds", "candidates")

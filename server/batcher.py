@@ -318,15 +318,18 @@ class Batcher:
             metrics.QUEUE_LATENCY.observe(started - job.submitted_at)
         loop = asyncio.get_running_loop()
         engine = live[0].engine
+        out_of_memory = False
         try:
             pending = await loop.run_in_executor(self._worker, engine.launch, [j.input_ids for j in live])
         except OutOfMemory:
-            await self._finish_in_flight()
-            await self._split_after_oom(live)
-            return
+            out_of_memory = True  # split after the except clause, once the failed attempt's exception is gone
         except Exception as error:  # the batch, or one item of it, broke the forward: find which, fail it alone
             await self._finish_in_flight()
             await self._isolate(live, error)
+            return
+        if out_of_memory:
+            await self._finish_in_flight()
+            await self._split_after_oom(live)
             return
         await self._finish_in_flight()
         self._in_flight = _InFlight(live, engine, pending, started)
@@ -343,6 +346,7 @@ class Batcher:
             return
         self._record_batch([job.input_ids for job in flight.jobs], time.perf_counter() - flight.started,
                            getattr(flight.engine, "name", "model"), getattr(flight.pending, "computed_tokens", None))
+        self._record_path(flight.engine, flight.pending)
         for job, score in zip(flight.jobs, scores):
             if job.future.done():
                 continue
@@ -378,6 +382,9 @@ class Batcher:
             return
         metrics.OOM_SPLITS.inc()
         log.warning("out of memory on a batch of %d items; splitting it in two", len(jobs))
+        release = getattr(jobs[0].engine, "release_memory", None)
+        if release is not None:
+            await asyncio.get_running_loop().run_in_executor(self._worker, release)
         middle = len(jobs) // 2
         await self._launch(jobs[:middle])
         await self._finish_in_flight()
@@ -388,6 +395,18 @@ class Batcher:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
+
+    @staticmethod
+    def _record_path(engine, pending) -> None:
+        """The path that ran (the kernels the forward's layers called), and a fallback if its kernel failed."""
+        path = getattr(pending, "path", "")
+        if not path:
+            return
+        name = getattr(engine, "name", "model")
+        metrics.FORWARDS.labels(name, path).inc()
+        if getattr(pending, "fell_back", False):
+            metrics.FALLBACKS.labels(name, path).inc()
+            metrics.serving_path(name, engine.forward_path, engine.max_batch_tokens)
 
     def _record_batch(self, sequences: list[list[int]], seconds: float, model: str = "model",
                       computed: int | None = None) -> None:

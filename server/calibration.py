@@ -11,7 +11,10 @@ measures instead of guessing. At warm-up, per model (and again after a reload):
    dropped: a fast kernel that is wrong is never chosen;
 3. budgets ascending, every path at one budget before any at the next: a synthetic batch whose lengths follow the
    traffic (workload W's by default) is planned as the batcher would plan it for that path and budget, run once to
-   warm up (kernels, compilation), then timed; tokens/s and, on CUDA, the peak memory are recorded;
+   warm up (kernels, compilation; a path's first budget also warms each shape class a compiler specialises on),
+   then timed; tokens/s and, on CUDA, the peak memory are recorded, and the check and warm-up's seconds apart
+   (`compile_seconds`): a budget's expected time is extrapolated from the timed runs alone, never from a compile;
+   a timed run whose layers called another kernel than the path's (a kernel that switched itself off) fails;
 4. a candidate that fails is skipped with one warning (and the path's larger budgets with it); one over the memory
    cap (90% of the memory free before calibration) or out of memory stops that path's larger budgets; one that
    would not finish in the time left (`--calibration-seconds`, estimated from the path's last budget) is skipped;
@@ -66,6 +69,11 @@ class Measurement:
     peak_bytes: int | None = None
     seconds: float = 0.0  # what measuring it took (warm-up included)
     skipped: str | None = None  # why it was not measured, or not eligible
+    compile_seconds: float = 0.0  # of `seconds`, the check against padded and the warm-up (compilation)
+
+    @property
+    def run_seconds(self) -> float:
+        return self.seconds - self.compile_seconds
 
 
 @dataclass
@@ -77,13 +85,13 @@ class Calibration:
     how: str  # "measured", or why nothing was
 
     def table(self) -> str:
-        lines = [f"{'path':<14} {'budget':>7} {'tokens/s':>10} {'peak MiB':>9}  note"]
+        lines = [f"{'path':<14} {'budget':>7} {'tokens/s':>10} {'peak MiB':>9} {'compile s':>9}  note"]
         for m in self.measurements:
             chosen = m.path == self.path and m.budget == self.budget
             note = "chosen" if chosen else (m.skipped or "")
             rate = f"{m.tokens_per_s:,.0f}" if m.tokens_per_s else "-"
             peak = f"{m.peak_bytes / 2**20:,.0f}" if m.peak_bytes else "-"
-            lines.append(f"{m.path:<14} {m.budget:>7} {rate:>10} {peak:>9}  {note}")
+            lines.append(f"{m.path:<14} {m.budget:>7} {rate:>10} {peak:>9} {m.compile_seconds:>9.1f}  {note}")
         return "\n".join(lines)
 
     def rows(self) -> list[dict]:
@@ -108,9 +116,14 @@ def choose(paths: list[str], budgets: list[int], measure: Measure, seconds: floa
                 continue
             left = seconds - (clock() - began)
             previous = last.get(path)
-            expected = previous.seconds * budget / previous.budget if previous else 0.0
-            if left <= 0 or expected > left:
-                measurements.append(Measurement(path, budget, skipped=f"would not finish in the {left:.1f} s left"))
+            expected = previous.run_seconds * budget / previous.budget if previous else 0.0  # a compile is not
+            if left <= 0:  # repeated at the next budget: the timed runs alone scale with it
+                measurements.append(Measurement(path, budget, skipped=f"the {seconds:.0f} s of calibration were"
+                                                                      " spent"))
+                continue
+            if expected > left:
+                measurements.append(Measurement(path, budget, skipped=f"would take about {expected:.1f} s, with"
+                                                                      f" {left:.1f} s left"))
                 continue
             try:
                 measured = measure(path, budget)
@@ -155,7 +168,7 @@ def synthetic_batch(lengths: list[int], budget: int, packed: bool, max_length: i
 def measure_model(model, lengths: list[int], timed_runs: int = 2) -> Measure:
     """`measure(path, budget)` for a `RewardModel`: its forward along `path` on a synthetic batch planned at `budget`,
     run once to warm up and `timed_runs` times timed; tokens/s over the real tokens. A path whose scores differ from
-    the padded forward's (on a few short sequences) raises."""
+    the padded forward's (on a few short sequences), or whose timed runs called another kernel, raises."""
     verified: set[str] = set()
     cuda = model.device.type == "cuda"
 
@@ -164,6 +177,7 @@ def measure_model(model, lengths: list[int], timed_runs: int = 2) -> Measure:
         with model.forward_path_as(path), strict_kernels():
             if path not in verified:
                 verify(model, path, random.Random(0))
+                warm_shape_classes(model)  # each graph a compiled kernel needs, compiled now rather than on traffic
                 verified.add(path)
             # every path at a budget plans from the same window of sequences
             batch = synthetic_batch(lengths, budget, path != "padded", model.max_length, model.embedding_rows,
@@ -173,13 +187,35 @@ def measure_model(model, lengths: list[int], timed_runs: int = 2) -> Measure:
                 torch.cuda.reset_peak_memory_stats(model.device)
             started = time.perf_counter()
             for _ in range(timed_runs):
-                model.score_batch(batch)  # waits for its scores: the time is the device's
+                pending = model.launch(batch)
+                model.collect(pending)  # waits for its scores: the time is the device's
+                if pending.path != path:
+                    raise RuntimeError(f"its forward ran {pending.path}, not {path} (a kernel switched itself off)")
             per_batch = (time.perf_counter() - started) / timed_runs
             peak = torch.cuda.max_memory_allocated(model.device) if cuda else None
         tokens = sum(map(len, batch))
-        return Measurement(path, budget, tokens / per_batch, peak, time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        return Measurement(path, budget, tokens / per_batch, peak, seconds,
+                           compile_seconds=seconds - timed_runs * per_batch)
 
     return measure
+
+
+def warm_shape_classes(model) -> None:
+    """Scores one batch of each shape class a compiled kernel specialises on, so that traffic compiles nothing:
+    a row within one attention block and one of several (compilers specialise a dimension of size 1), each also
+    with a shared prefix where the model shares (its mask is another function)."""
+    rows = model.embedding_rows
+
+    def tokens(start: int, count: int) -> list[int]:
+        return [(start + i) % rows for i in range(count)]
+
+    model.score_batch([tokens(3, 40), tokens(5, 30)])  # 70 tokens: one block
+    if not (model.min_shared_prefix and model.plans_packed):
+        return
+    for prefix_length, suffix in ((model.min_shared_prefix, 4), (model.min_shared_prefix + 200, 40)):
+        prefix = tokens(7, prefix_length)
+        model.score_batch([prefix + tokens(11 + k, suffix + 5 * k) for k in range(3)])
 
 
 def verify(model, path: str, rng: random.Random) -> None:

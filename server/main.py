@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+import random
 import signal
 import threading
 import time
@@ -22,7 +23,8 @@ from pathlib import Path
 import uvicorn
 
 from .batcher import Batcher, score_in_batches
-from .calibration import Calibration, choose, measure_model, memory_cap, read_lengths, workload_w_lengths
+from .calibration import (Calibration, choose, measure_model, memory_cap, read_lengths, synthetic_batch, verify,
+                          warm_shape_classes, workload_w_lengths)
 from .config import ServeConfig
 from .grpc_api import create_grpc_server, set_serving
 from .http_api import create_app
@@ -33,6 +35,7 @@ from .errors import InsufficientMemory, RewardServeError, StartupError
 from .modeling import (FORWARD_PATHS, RewardModel, check_local_checkpoint, check_own_code, forward_paths,
                        free_memory, is_local, local_checkpoint, resolve_device, resolve_dtype, weights_bytes)
 from .normalization import RewardStatistics, RewardTransform
+from .packing import strict_kernels
 from .registry import ModelRegistry, ServedModel
 from .reloading import Reloader
 from .schemas import CalibrationOut, ModelInfo, ScoreItem
@@ -186,6 +189,7 @@ def configure_forward(model: RewardModel, config: ServeConfig) -> Calibration:
     budgets = [config.max_batch_tokens] if config.max_batch_tokens else sorted(set(config.calibration_budgets))
     if len(paths) == 1 and len(budgets) == 1:
         calibration = Calibration(paths[0], budgets[0], [], 0.0, "pinned by --forward-path and --max-batch-tokens")
+        warm_pinned(model, calibration.path)
     else:
         lengths = read_lengths(config.calibration_lengths) if config.calibration_lengths else workload_w_lengths()
         calibration = choose(paths, budgets, measure_model(model, lengths), config.calibration_seconds,
@@ -193,11 +197,7 @@ def configure_forward(model: RewardModel, config: ServeConfig) -> Calibration:
         log.info("calibration of %s in %.1f s (%s): serving %s at %d tokens a batch\n%s", model.name,
                  calibration.seconds, calibration.how, calibration.path, calibration.budget, calibration.table())
     model.forward_path, model.max_batch_tokens = calibration.path, calibration.budget
-    for other in FORWARD_PATHS:  # one series per model: the path it serves with now
-        if other != calibration.path:
-            with contextlib.suppress(KeyError):
-                metrics.FORWARD_CONFIG.remove(model.name, other)
-    metrics.FORWARD_CONFIG.labels(model.name, calibration.path).set(calibration.budget)
+    metrics.serving_path(model.name, calibration.path, calibration.budget)
     for other, budget in itertools.product(FORWARD_PATHS, budgets):  # this model's last table (same budgets)
         with contextlib.suppress(KeyError):
             metrics.CALIBRATION.remove(model.name, other, str(budget))
@@ -207,12 +207,31 @@ def configure_forward(model: RewardModel, config: ServeConfig) -> Calibration:
     return calibration
 
 
+def warm_pinned(model: RewardModel, path: str) -> None:
+    """A pinned kernel that compiles is checked and warmed at start, as the calibration would (a failure is a
+    one-line start-up error, not a silent fallback on the first request)."""
+    if path not in ("packed-flex", "packed-varlen"):
+        return
+    try:
+        with model.forward_path_as(path), strict_kernels():
+            verify(model, path, random.Random(0))
+            warm_shape_classes(model)
+            model.score_batch(synthetic_batch(workload_w_lengths(), min(model.max_batch_tokens, 16384), True,
+                                              model.max_length, model.embedding_rows, random.Random(0)))
+    except Exception as error:
+        raise StartupError(f"--forward-path {path} cannot run for {model.name} on {model.device}"
+                           f" ({type(error).__name__}: {str(error)[:300]}); pin another path or leave it auto")
+    log.info("%s: pinned %s checked against padded and warmed up", model.name, path)
+
+
 def warm_up(model: RewardModel, path: str) -> None:
-    """The first forwards pay for kernels and allocations; their scores must be finite numbers, or the checkpoint is
-    refused (at start, or at a reload, where the old model keeps serving)."""
+    """Its scores must be finite numbers, or the checkpoint is refused (at start, or at a reload, where the old
+    model keeps serving). Along the padded path: a fast kernel is first run by the calibration, at the shapes it
+    will serve and under the guard that reports its failures, never switched off by a toy batch here."""
     rows = model.embedding_rows
     sequences = [[model.pad_token_id] * 8, [(3 + i) % rows for i in range(min(32, model.max_length))]]
-    scores = model.score_batch(sequences)
+    with model.forward_path_as("padded"):
+        scores = model.score_batch(sequences)
     if not all(math.isfinite(value) for score in scores for value in (score if isinstance(score, list) else [score])):
         raise StartupError(f"{path} gives non-finite scores {scores} on warm-up (NaN or infinite weights?): refused")
 

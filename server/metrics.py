@@ -34,6 +34,12 @@ FORWARD_CONFIG = Gauge("rewardserve_forward_budget_tokens",
 CALIBRATION = Gauge("rewardserve_calibration_tokens_per_second",
                     "Tokens/s each candidate forward path and budget reached in the start-up calibration",
                     ["model", "forward", "budget"])
+FORWARDS = Counter("rewardserve_forwards_total",
+                   "Forward passes by model and the path that ran: the attention kernel its layers called (counted)",
+                   ["model", "path"])
+FALLBACKS = Counter("rewardserve_kernel_fallbacks_total",
+                    "Forward passes whose planned kernel failed, by model and the path that ran instead",
+                    ["model", "path"])
 RELOADS = Counter("rewardserve_reloads_total", "Reloads asked for, by model and outcome", ["model", "outcome"])
 
 QUEUE_DEPTH = Gauge("rewardserve_queue_depth", "Items waiting for a batch")
@@ -46,3 +52,12 @@ REQUEST_LATENCY = Histogram("rewardserve_request_seconds", "Whole request, in th
 TOKENIZE_LATENCY = Histogram("rewardserve_tokenize_seconds", "Tokenizing one request", buckets=LATENCY_BUCKETS)
 QUEUE_LATENCY = Histogram("rewardserve_queue_seconds", "Item wait from submit to its forward", buckets=LATENCY_BUCKETS)
 FORWARD_LATENCY = Histogram("rewardserve_forward_seconds", "One batch's forward pass", buckets=LATENCY_BUCKETS)
+
+
+def serving_path(model: str, path: str, budget: int) -> None:
+    """One FORWARD_CONFIG series per model: the path it serves with now (at start, after a reload or a fallback)."""
+    for metric in FORWARD_CONFIG.collect():
+        for sample in metric.samples:
+            if sample.labels.get("model") == model and sample.labels.get("forward") != path:
+                FORWARD_CONFIG.remove(model, sample.labels["forward"])
+    FORWARD_CONFIG.labels(model, path).set(budget)

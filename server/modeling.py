@@ -32,8 +32,8 @@ from torch import nn
 from .combinations import Objective
 from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory, StartupError
 from .normalization import LengthFit, RewardStatistics
-from .packing import (PackedBatch, pack, packable_head, packed_outputs, plain_attention_blocker, supports_packing,
-                      to_device, varlen_available)
+from .packing import (PackedBatch, pack, packable_head, packed_outputs, plain_attention_blocker,
+                      supports_packing, to_device, varlen_available)
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +465,7 @@ class RewardModel:
     objective_formula: str = ""  # the same, as /info shows it: `helpful` or `0.5*helpful + 0.5*honest`
     output_field: str | None = None  # a checkpoint with its own code: the field of its forward's output to read
     code_hashes: dict[str, str] = field(default_factory=dict)  # its code files' SHA-256 (--trust-remote-code)
+    forwards_by_path: dict[str, int] = field(default_factory=dict)  # forwards that ran along each path (counted)
 
     @classmethod
     def load(cls, path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
@@ -579,26 +580,54 @@ class RewardModel:
         work is done by the time it returns.
         """
         pinned = self.device.type == "cuda"
+        planned = self.forward_path
         try:
             if self.plans_packed:
-                packed = pack(sequences, pin_memory=pinned, min_shared_prefix=self.min_shared_prefix,
-                              kernel=self.forward_path.removeprefix("packed-"))
-                outputs, computed = self.packed_outputs(to_device(packed, self.device)), packed.computed_tokens
+                packed = to_device(pack(sequences, pin_memory=pinned, min_shared_prefix=self.min_shared_prefix,
+                                        kernel=planned.removeprefix("packed-")), self.device)
+                outputs, computed = self.packed_outputs(packed), packed.computed_tokens
+                ran = "packed-" + "+".join(sorted(packed.documents.ran))  # counted as the layers called them
             else:
                 input_ids, attention_mask = pad_right(sequences, self.pad_token_id, pin_memory=pinned)
                 outputs = self.padded_outputs(input_ids.to(self.device, non_blocking=pinned),
                                               attention_mask.to(self.device, non_blocking=pinned))
-                computed = input_ids.numel()
+                computed, ran = input_ids.numel(), "padded"
             scores = self.read_out(outputs)
         except torch.OutOfMemoryError as error:
-            raise OutOfMemory(str(error)) from error
+            out_of_memory = str(error)
+        else:
+            out_of_memory = None
+        if out_of_memory is not None:  # raised outside the except clause: nothing keeps the failed forward's frames
+            raise OutOfMemory(out_of_memory)  # (and its activations) alive while the batcher retries the halves
+        self.forwards_by_path[ran] = self.forwards_by_path.get(ran, 0) + 1
+        expected = self.expected_path(packed.documents.expected_kernel(self.device)) if self.plans_packed else planned
+        if ran != expected:
+            self.fall_back(planned, ran)
         if not pinned:
-            return PendingScores(scores, None, computed)
+            return PendingScores(scores, None, computed, ran, ran != expected)
         host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
         host.copy_(scores, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return PendingScores(host, done, computed)
+        return PendingScores(host, done, computed, ran, ran != expected)
+
+    @staticmethod
+    def expected_path(kernel: str) -> str:
+        return f"packed-{kernel}"
+
+    def release_memory(self) -> None:
+        """After running out of memory: give the allocator's cached blocks back before the halves are retried."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def fall_back(self, planned: str, ran: str) -> None:
+        """A kernel failed (one warning from packing) and another ran: from now on the model says the path that
+        runs, so /info, gRPC Info and the metrics report the kernel that executed, not the one asked for."""
+        if self.forward_path == planned and planned != ran:
+            now = ran if ran in FORWARD_PATHS else "packed-sdpa"  # a forward that changed kernel half-way
+            log.warning("%s: its %s forward ran %s (a kernel failed); it serves and is reported as %s from now on",
+                        self.name, planned, ran, now)
+            self.forward_path = now
 
     def packed_outputs(self, batch: PackedBatch) -> torch.Tensor:
         """(B, K) fp32 from a packed batch already on the device."""
@@ -647,6 +676,8 @@ class PendingScores:
     scores: torch.Tensor  # (B,) or (B, 1 + K), on the host (pinned on a GPU machine), complete once `done` has fired
     done: "torch.cuda.Event | None"
     computed_tokens: int = 0  # what the forward ran: padding included, a shared prefix once
+    path: str = ""  # the path that ran, from the kernels the layers called (packed-sdpa, packed-flex, padded, ...)
+    fell_back: bool = False  # the path's kernel failed and another ran
 
 
 def checkpoint_hash(path: str | os.PathLike, config=None) -> str:

@@ -19,10 +19,11 @@ encoders), as the padded path reads them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,24 @@ class Documents:
     prefixes: list[int] | None = None  # per segment, on the host: the segment it also attends to, or -1 (None: none)
     prefix_ids: torch.Tensor | None = None  # (N,) each token's segment's prefix, on the device (for the block mask)
     kernel: str = "auto"  # auto, flex, varlen or sdpa (below): which attention kernel runs
+    cu_seqlens: torch.Tensor | None = None  # (S + 1,) int32 `bounds`, built on the host with the batch (varlen's)
+    ran: set[str] = field(default_factory=set)  # the kernels that executed in this forward (counted per layer)
+
+    @property
+    def longest(self) -> int:
+        return max(e - s for s, e in self.spans())
+
+    def expected_kernel(self, device: torch.device) -> str:
+        """The kernel this batch should run on `device`: the one asked for, or flex where varlen cannot serve it
+        (shared prefixes), or sdpa where neither exists."""
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = "flex" if device.type in FLEX_DEVICES else "sdpa"
+        if kernel == "varlen" and self.prefixes is not None:
+            kernel = "flex"
+        if kernel == "flex" and device.type not in FLEX_DEVICES:
+            kernel = "sdpa"
+        return kernel
 
     def spans(self) -> list[tuple[int, int]]:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
@@ -162,6 +181,7 @@ def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix
     lengths = [len(t) for t in tokens]
     bounds = [0, *itertools.accumulate(lengths)]  # in Python: a trainer packs each minibatch without a tensor read
     repeats, starts = torch.tensor(lengths), torch.tensor(bounds)  # starts (S + 1,): the last is the row's end
+    cu_seqlens = starts.to(torch.int32)
     input_ids = torch.tensor([t for segment in tokens for t in segment], dtype=torch.long)[None]  # (1, N)
     position_ids = torch.arange(bounds[-1]) - (starts[:-1] - torch.tensor(first_positions)).repeat_interleave(repeats)
     position_ids = position_ids[None]
@@ -171,7 +191,8 @@ def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix
     if pin_memory:
         input_ids, position_ids, ids = input_ids.pin_memory(), position_ids.pin_memory(), ids.pin_memory()
         prefix_ids = prefix_ids.pin_memory() if shares else None
-    documents = Documents(bounds, {}, ids, prefixes if shares else None, prefix_ids, kernel)
+        cu_seqlens = cu_seqlens.pin_memory()
+    documents = Documents(bounds, {}, ids, prefixes if shares else None, prefix_ids, kernel, cu_seqlens)
     prefix_segment, prefix_length, own_segment, last = torch.tensor([placed[w] for w in which]).unbind(-1)
     # a whole-prefix sequence's own part is empty: it "begins" at the next segment's start (or the row's end)
     prefix_start, own_start = starts[prefix_segment], starts[own_segment]
@@ -183,9 +204,10 @@ def pack(sequences: list[list[int]], pin_memory: bool = False, min_shared_prefix
 def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     non_blocking = device.type == "cuda"
     move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-    shared = batch.documents.prefix_ids
-    documents = Documents(batch.documents.bounds, {}, move(batch.documents.ids), batch.documents.prefixes,
-                          None if shared is None else move(shared), batch.documents.kernel)
+    host = batch.documents
+    documents = Documents(host.bounds, {}, move(host.ids), host.prefixes,
+                          None if host.prefix_ids is None else move(host.prefix_ids), host.kernel,
+                          None if host.cu_seqlens is None else move(host.cu_seqlens))
     return PackedBatch(move(batch.input_ids), move(batch.position_ids), documents, move(batch.first_index),
                        move(batch.last_index), move(batch.prefix_start), move(batch.prefix_length),
                        move(batch.own_start), move(batch.lengths))
@@ -196,8 +218,11 @@ def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
 # compiled; CUDA), `varlen` (torch.nn.attention.varlen.varlen_attn over cumulative lengths, no mask at all; CUDA,
 # torch 2.10 or later, half precision; a batch with shared prefixes runs flex), `sdpa` (one SDPA call per segment:
 # anywhere, exact), and `auto` (flex on CUDA, sdpa elsewhere). Which is fastest on a card is measured at start
-# (server/calibration.py).
+# (server/calibration.py). Every forward records the kernels that really ran (`Documents.ran`), so that what is
+# reported is what executed, never what was asked for.
 FLEX_DEVICES = {"cuda"}  # where flex_attention's block-sparse kernels pay (elsewhere it runs a dense reference)
+FLEX_BLOCK = 128  # flex_attention's block size: the mask says which (query block, key block) pairs to compute
+FLEX_COMPILE_BACKEND = "inductor"  # the tests compile through dynamo's eager backend: the same guards, no codegen
 _flex = None  # the compiled flex_attention, or False once it failed
 _varlen = None  # False once varlen_attn failed
 _strict = False  # calibration: a kernel that fails raises instead of falling back, so the failure is seen
@@ -212,6 +237,11 @@ def varlen_available(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
+
+
+def flex_disabled() -> bool:
+    """Whether flex_attention failed earlier in this process (every packed flex forward then runs SDPA)."""
+    return _flex is False
 
 
 @contextlib.contextmanager
@@ -236,17 +266,24 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each KV head serves several query heads
         repeats = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
-    kernel = documents.kernel
-    if kernel == "auto":
-        kernel = "flex" if query.device.type in FLEX_DEVICES else "sdpa"
-    if kernel == "varlen" and documents.prefixes is None and dropout == 0 and _varlen is not False:
+    kernel = documents.expected_kernel(query.device)
+    if kernel == "varlen" and dropout == 0 and _varlen is not False:
         output = _varlen_attention(query, key, value, documents, causal, scaling)
         if output is not None:
+            documents.ran.add("varlen")
             return output, None
-    if kernel in ("flex", "varlen") and query.device.type in FLEX_DEVICES and _flex is not False and dropout == 0:
+        kernel = "flex"
+    if kernel == "flex" and _flex is not False and dropout == 0:
         output = _flex_attention(query, key, value, documents, causal, scaling)
         if output is not None:
+            documents.ran.add("flex")
             return output.transpose(1, 2).contiguous(), None
+    documents.ran.add("sdpa")
+    return _sdpa_per_document(query, key, value, documents, causal, scaling, dropout), None
+
+
+def _sdpa_per_document(query, key, value, documents: Documents, causal: bool, scaling, dropout):
+    """One SDPA call per segment: exact anywhere, the reference the other kernels are checked against."""
     parts = []
     for (s, e), prefix in zip(documents.spans(), documents.prefix_spans()):
         if prefix is None:
@@ -260,7 +297,18 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         visible = torch.ones(own, p + own, dtype=torch.bool, device=query.device).tril(p)
         parts.append(F.scaled_dot_product_attention(query[:, :, s:e], keys, values, attn_mask=visible,
                                                     dropout_p=dropout, scale=scaling))
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
+
+
+@functools.cache
+def varlen_api() -> tuple[bool, bool]:
+    """What this torch's varlen_attn takes, read once (not per layer): (a causal window rather than is_causal,
+    a `scale` argument). torch 2.10 has is_causal and no scale; later releases a window, (-1, 0) being causal,
+    and scale."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    parameters = inspect.signature(varlen_attn).parameters
+    return "window_size" in parameters, "scale" in parameters
 
 
 def _varlen_attention(query, key, value, documents: Documents, causal: bool, scaling):
@@ -269,52 +317,108 @@ def _varlen_attention(query, key, value, documents: Documents, causal: bool, sca
     try:
         from torch.nn.attention.varlen import varlen_attn
 
-        if "varlen" not in documents.built:  # once per batch, not per layer; the longest is a host figure
-            documents.built["varlen"] = (torch.tensor(documents.bounds, dtype=torch.int32).to(query.device),
-                                         max(e - s for s, e in documents.spans()))
+        if "varlen" not in documents.built:  # once per batch, not per layer; copied with the batch (no sync here)
+            bounds = documents.cu_seqlens
+            if bounds is None or bounds.device != query.device:
+                bounds = torch.tensor(documents.bounds, dtype=torch.int32).to(query.device, non_blocking=True)
+            documents.built["varlen"] = (bounds, documents.longest)
         bounds, longest = documents.built["varlen"]
-        # torch 2.10-2.12 take is_causal; later releases a window, (-1, 0) being causal
-        mode = {"is_causal": causal} if "is_causal" in inspect.signature(varlen_attn).parameters else \
-            {"window_size": (-1, 0) if causal else (-1, -1)}
-        output = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), bounds,
-                             bounds, longest, longest, scale=scaling, **mode)  # (N, H, D)
+        windowed, takes_scale = varlen_api()
+        mode = {"window_size": (-1, 0) if causal else (-1, -1)} if windowed else {"is_causal": causal}
+        q = query[0].transpose(0, 1)  # (N, H, D)
+        if takes_scale:
+            mode["scale"] = scaling
+        elif scaling is not None and abs(scaling * query.shape[-1] ** 0.5 - 1) > 1e-6:
+            q = q * (scaling * query.shape[-1] ** 0.5)  # its fixed 1/sqrt(D), made the model's own scale
+        output = varlen_attn(q, key[0].transpose(0, 1), value[0].transpose(0, 1), bounds, bounds, longest, longest,
+                             **mode)  # (N, H, D)
         return output[None]
+    except torch.OutOfMemoryError:
+        raise  # the batcher splits the batch; a kernel is never given up for want of memory
     except Exception as error:
+        if _strict:
+            raise
         _give_up("varlen_attn", error, "flex_attention or SDPA")
         _varlen = False
         return None
 
 
+def compiled_flex():
+    """flex_attention compiled once with dynamic shapes, so that batches of every length share its graphs."""
+    global _flex
+    if not _flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex = torch.compile(flex_attention, dynamic=True, backend=FLEX_COMPILE_BACKEND)
+    return _flex
+
+
 def _flex_attention(query, key, value, documents: Documents, causal: bool, scaling):
     global _flex
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        if _flex is None:
-            _flex = torch.compile(flex_attention, dynamic=True)
         mask = documents.built.get(causal)
         if mask is None:
-            mask = documents.built[causal] = document_block_mask(documents.ids, causal, create_block_mask,
-                                                                       documents.prefix_ids)
-        return _flex(query, key, value, block_mask=mask, scale=scaling)
+            mask = documents.built[causal] = document_block_mask(documents.ids, causal, documents.prefix_ids)
+        return compiled_flex()(query, key, value, block_mask=mask, scale=scaling)
+    except torch.OutOfMemoryError:
+        raise  # the batcher splits the batch; a kernel is never given up for want of memory
     except Exception as error:  # never die of an optimisation nobody could try here
+        if _strict:  # raised here, in the except clause: no frame holding the tensors is kept alive by a cycle
+            raise
         _give_up("flex_attention", error, "one SDPA call per document")
         _flex = False
         return None
 
 
 def _give_up(kernel: str, error: Exception, instead: str) -> None:
-    """A kernel failed: in calibration (`strict_kernels`) the error goes on; otherwise one warning, and the caller
-    never tries that kernel again."""
-    if _strict:
-        raise error
+    """A kernel failed outside calibration: one warning; the caller never tries that kernel again, and the forwards
+    that follow record the kernel that runs instead (the fallback shows in /info and the metrics)."""
     log.warning("%s failed (%s: %s); packed attention runs %s from now on", kernel, type(error).__name__, error,
                 instead)
 
 
-def document_block_mask(ids: torch.Tensor, causal: bool, create_block_mask, prefix_ids: torch.Tensor | None = None):
-    """A flex_attention block mask: token q sees token k of the same segment (and, if causal, only k <= q), and
-    every token of the prefix its segment shares (which lies before it in the row)."""
+def document_block_mask(ids: torch.Tensor, causal: bool, prefix_ids: torch.Tensor | None = None,
+                        block: int = FLEX_BLOCK):
+    """flex_attention's block mask for a packed row, built from the segment ids at the block level: memory and work
+    grow with (N / block)^2, never N^2, and nothing is compiled.
+
+    Token q sees token k of its own segment (causally: k <= q), and every token of the prefix its segment shares
+    (which lies before it in the row). Segments are laid in order, so the segments a block touches form a range
+    [first, last]; a (query block, key block) pair is computed where those ranges can meet, and is full (computed
+    without evaluating the mask) where both blocks lie whole inside one segment (causally: strictly below the
+    diagonal) or the query block lies inside suffixes of one prefix and the key block inside that prefix. A pair
+    marked partial is exact too: the kernel evaluates the mask function on it."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n, device = ids.shape[0], ids.device
+    blocks = -(-n // block)
+    starts = torch.arange(blocks, device=device) * block
+    first, last = ids[starts], ids[torch.clamp(starts + block, max=n) - 1]  # (nb,) segment range of each block
+    whole = torch.ones(blocks, dtype=torch.bool, device=device)
+    whole[-1] = n % block == 0  # a last block shorter than `block` is never full
+    inside_one = (first == last) & whole  # (nb,)
+    row, column = torch.arange(blocks, device=device)[:, None], torch.arange(blocks, device=device)[None]
+    meets = (first[:, None] <= last[None]) & (first[None] <= last[:, None])  # (nb, nb): segment ranges overlap
+    below = column < row if causal else torch.ones_like(meets)
+    some = meets & (column <= row) if causal else meets
+    full = inside_one[:, None] & inside_one[None] & (first[:, None] == first[None]) & below
+    if prefix_ids is not None:
+        padded = torch.full((blocks * block,), -1, dtype=prefix_ids.dtype, device=device)
+        padded[:n] = prefix_ids
+        per_block = padded.view(blocks, block)
+        highest = per_block.max(-1).values  # (nb,) the largest prefix a token of the block reads (-1: none)
+        lowest = torch.where(per_block < 0, highest[:, None], per_block).min(-1).values
+        reads = highest >= 0
+        some |= reads[:, None] & (lowest[:, None] <= last[None]) & (first[None] <= highest[:, None])
+        one_prefix = reads & (lowest == highest) & (per_block >= 0).all(-1) & whole
+        full |= one_prefix[:, None] & inside_one[None] & (first[None] == highest[:, None])
+    partial = some & ~full
+
+    def as_indices(chosen: torch.Tensor):  # (nb, nb) bool -> counts (1, 1, nb) and column indices (1, 1, nb, nb)
+        counts = chosen.sum(-1, dtype=torch.int32)
+        order = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None], order[None, None]
+
     def same_document(_b, _h, q, k):
         return (ids[q] == ids[k]) & (q >= k) if causal else ids[q] == ids[k]
 
@@ -322,7 +426,8 @@ def document_block_mask(ids: torch.Tensor, causal: bool, create_block_mask, pref
         return same_document(b, h, q, k) | (prefix_ids[q] == ids[k])
 
     visible = same_document if prefix_ids is None else same_document_or_prefix
-    return create_block_mask(visible, None, None, ids.shape[0], ids.shape[0], device=ids.device)
+    return BlockMask.from_kv_blocks(*as_indices(partial), *as_indices(full), BLOCK_SIZE=block, mask_mod=visible,
+                                    seq_lengths=(n, n))
 
 
 def register() -> None:

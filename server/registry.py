@@ -30,6 +30,13 @@ class ServedModel:
     path: str
     output_names: tuple[str, ...] = ()  # several outputs: each item's result is [reward, *outputs]
 
+    def live_info(self) -> ModelInfo:
+        """Its /info, with the path it serves along now (a kernel that failed has been replaced) and the forwards
+        that ran along each path, counted from the kernels the layers called."""
+        return self.info.model_copy(update={
+            "forward_path": getattr(self.engine, "forward_path", self.info.forward_path),
+            "forwards": dict(getattr(self.engine, "forwards_by_path", {}))})
+
 
 @dataclass(frozen=True)
 class Target:

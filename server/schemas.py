@@ -186,6 +186,8 @@ class CalibrationCandidateOut(BaseModel):
     tokens_per_s: float | None = None
     peak_bytes: int | None = None
     seconds: float = 0.0
+    compile_seconds: float = Field(0.0, description="of `seconds`, the check against padded and the warm-up"
+                                                    " (compilation), kept apart from the timed runs")
     skipped: str | None = Field(None, description="why it was not measured, or is not eligible")
 
 
@@ -210,7 +212,10 @@ class ModelInfo(BaseModel):
     max_items_per_request: int
     max_batch_tokens: int
     forward_path: str = Field("", description="packed-flex, packed-varlen, packed-sdpa or padded: how its batches"
-                                               " run (measured at start unless pinned)")
+                                               " run (measured at start unless pinned; after a kernel failed, the"
+                                               " path that runs instead)")
+    forwards: dict[str, int] = Field({}, description="forward passes along each path since the model loaded, from"
+                                                     " the attention kernels its layers called")
     calibration: CalibrationOut | None = Field(None, description="the start-up calibration's candidates and choice")
     forward: str = Field("model", description="`model`, or the stand-in a benchmark replaced its forward with")
     min_shared_prefix: int | None = Field(None, description="items sharing this many leading tokens or more are"

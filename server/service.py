@@ -73,8 +73,8 @@ class ScoringService:
         registry = self.registry
         if registry is None:
             raise NotReady("the server is loading its models; /info answers once /ready does")
-        return ServerInfo(**registry.default_model().info.model_dump(), default=registry.default,
-                          models=[model.info for model in registry.models()],
+        return ServerInfo(**registry.default_model().live_info().model_dump(), default=registry.default,
+                          models=[model.live_info() for model in registry.models()],
                           combinations=[CombinationOut(**c.describe()) for c in registry.combinations.values()])
 
     @property
