@@ -95,21 +95,28 @@ class Ranks:
         return torch.tensor([v for part in parts for v in part], dtype=values.dtype)
 
 
+def group_backend(cuda: bool) -> str:
+    """The process group's backend for each device type. On GPUs both: NCCL for CUDA tensors (gradients, the
+    on-device flags), gloo for the host values the loop agrees on (metrics, counts); NCCL alone has no CPU
+    backend, and the first host all-reduce would raise."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def setup_ranks(device_spec: str, group_of_one: bool = False) -> tuple[Ranks, torch.device]:
-    """Joins the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on the CPU. With
-    `group_of_one` (FSDP needs a process group), a lone process makes a group of its own."""
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1): NCCL and gloo on GPUs, gloo on the
+    CPU. With `group_of_one` (FSDP needs a process group), a lone process makes a group of its own."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         device = resolve_device(device_spec)
         if group_of_one and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+            dist.init_process_group(group_backend(device.type == "cuda"), store=dist.HashStore(), rank=0,
                                     world_size=1)
         return Ranks(), device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_spec != "cpu"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group(group_backend(use_cuda))
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     return Ranks(dist.get_rank(), world_size), device
 

@@ -11,10 +11,17 @@ loop is what sampling needs and nothing else:
   host synchronisation; an end-of-turn token turning a row into padding;
 - one host synchronisation every `check_every` steps, to stop once every row has reached EOS;
 - on CUDA, the decode step compiled with CUDA graphs (torch.compile, mode="reduce-overhead"), guarded: if it fails
-  to build or run, one warning and the same loop runs eagerly.
+  to build or run, one warning and the same loop runs eagerly. Graphs need static shapes, so compiled calls pad
+  their prompts on the left (masked: the same samples) to a cache width of a power of two: a run compiles one graph
+  per width class, not per prompt width, and a width past dynamo's recompile limit decodes eagerly and says so
+  (`Generated.path` is what ran, never what was meant to);
+- sampling from a bf16 copy of the weights on CUDA (`compute_dtype`), refreshed in place once per call: autocast
+  over fp32 weights re-casts every Linear weight at every decode step (22 casts a step for SmolLM2's 22 layers,
+  about 4x the weight traffic of bf16 weights).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from dataclasses import dataclass
@@ -67,10 +74,20 @@ def sample_next(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return (logits.double() - torch.log(-torch.log(uniform))).argmax(-1)
 
 
+def cache_width(width: int) -> int:
+    """The compiled decode step's cache width for prompt + response `width`: the next power of two (at least 64),
+    so that runs of every prompt length compile a handful of graphs."""
+    return max(64, 1 << (width - 1).bit_length())
+
+
 class RolloutEngine:
     def __init__(self, policy: nn.Module, eos_token_id: int | list[int], pad_token_id: int,
-                 compile_decode: bool | None = None, check_every: int = 8):
-        """eos_token_id: the token, or every token, that ends a response (`rollout.end_of_turn_ids`)."""
+                 compile_decode: bool | None = None, check_every: int = 8,
+                 compute_dtype: torch.dtype | None | str = "auto", compile_backend: str | object = "inductor"):
+        """eos_token_id: the token, or every token, that ends a response (`rollout.end_of_turn_ids`).
+        compute_dtype: sample from a copy of the weights in this dtype ("auto": bf16 on CUDA; None: the policy's
+        own weights, as under FSDP, where a whole copy would defeat the sharding). compile_backend: torch.compile's
+        (the tests count graphs through their own)."""
         self.policy = policy
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.pad_token_id = pad_token_id
@@ -79,20 +96,34 @@ class RolloutEngine:
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"  # transformers renamed it
         self._caches: dict[tuple, object] = {}
         device = next(policy.parameters()).device
-        self._compiled = None
+        if compute_dtype == "auto":
+            compute_dtype = torch.bfloat16 if device.type == "cuda" else None
+        self._sampler = policy if compute_dtype is None else _weights_copy(policy, compute_dtype)
+        self._compiled, self._compiled_shapes, self._warned_limit = None, set(), False
         if compile_decode if compile_decode is not None else device.type == "cuda":
-            self._compiled = torch.compile(self._forward_last, mode="reduce-overhead", dynamic=False)
+            options = {"mode": "reduce-overhead"} if compile_backend == "inductor" else {}
+            self._compiled = torch.compile(self._forward_last, dynamic=False, backend=compile_backend, **options)
 
     @property
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
+    @property
+    def compiled_graphs(self) -> int:
+        """The decode-step shapes compiled so far (each is one graph, captured once)."""
+        return len(self._compiled_shapes)
+
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling) -> Generated:
         """Samples up to max_new_tokens per row after left-padded prompts (B, P); returns the responses (B, R')
         with R' <= max_new_tokens (trailing columns that are padding in every row are cut)."""
-        batch, width = prompt_ids.shape
+        if self._sampler is not self.policy:
+            _refresh(self._sampler, self.policy)  # one cast per call, in place (CUDA graphs keep their addresses)
         steps = sampling.max_new_tokens
+        if self._compiled is not None:  # static shapes: one graph per width class, not per prompt width
+            prompt_ids, prompt_mask = _pad_left(prompt_ids, prompt_mask, cache_width(prompt_ids.shape[1] + steps)
+                                                - steps, self.pad_token_id)
+        batch, width = prompt_ids.shape
         cache = self._cache_for(batch, width + steps)
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, steps)], dim=1)  # (B, P + R), fixed for the loop
         prompt_lengths = prompt_mask.long().sum(-1)  # (B,)
@@ -102,7 +133,7 @@ class RolloutEngine:
         ends = torch.tensor(self.eos_token_ids, device=prompt_ids.device)
         with self._autocast():
             logits = self._forward_last(prompt_ids, positions, mask, cache)  # the prefill, eager: its shape varies
-        path, forwards = "compiled" if self._compiled is not None else "eager", 1
+        path, forwards = self._decode_path(batch, width + steps), 1
         for step in range(steps):
             tokens = torch.where(unfinished, sample_next(logits, sampling), self.pad_token_id)  # (B,)
             responses[:, step] = tokens
@@ -118,9 +149,25 @@ class RolloutEngine:
 
     def _forward_last(self, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
         """Logits of the last position (B, V)."""
-        output = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        output = self._sampler(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         return output.logits[:, -1]
+
+    def _decode_path(self, batch: int, width: int) -> str:
+        """compiled, or eager: this shape would pass dynamo's recompile limit, past which dynamo itself would run
+        the step eagerly without a word (while this said compiled)."""
+        if self._compiled is None:
+            return "eager"
+        shape = (batch, width)
+        if shape not in self._compiled_shapes:
+            if len(self._compiled_shapes) >= torch._dynamo.config.recompile_limit:
+                if not self._warned_limit:
+                    log.warning("compiled decode: %d shapes compiled, dynamo's recompile limit; shape %s decodes"
+                                " eagerly (and says so)", len(self._compiled_shapes), shape)
+                    self._warned_limit = True
+                return "eager"
+            self._compiled_shapes.add(shape)
+        return "compiled"
 
     def _decode(self, tokens, positions, mask, cache, path: str):
         with self._autocast():
@@ -149,5 +196,29 @@ class RolloutEngine:
         return cache
 
     def _autocast(self):
-        """bf16 on CUDA for sampling (the weights stay fp32 for the update); plain fp32 on the CPU."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        """Sampling from the policy's own fp32 weights on CUDA (under FSDP): bf16 autocast. A bf16 copy needs none."""
+        return torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=self.device.type == "cuda" and self._sampler is self.policy)
+
+
+def _weights_copy(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The policy with its parameters (not its buffers: rotary frequencies stay fp32) in `dtype`, for sampling."""
+    sampler = copy.deepcopy(policy).eval().requires_grad_(False)
+    for parameter in sampler.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return sampler
+
+
+@torch.no_grad()
+def _refresh(sampler: nn.Module, policy: nn.Module) -> None:
+    for target, source in zip(sampler.parameters(), policy.parameters()):
+        target.copy_(source)
+
+
+def _pad_left(ids: torch.Tensor, mask: torch.Tensor, width: int, pad_token_id: int):
+    """Left-padded prompts widened to `width` with masked padding (positions count from the first real token)."""
+    extra = width - ids.shape[1]
+    if extra <= 0:
+        return ids, mask
+    return (torch.cat([ids.new_full((ids.shape[0], extra), pad_token_id), ids], dim=1),
+            torch.cat([mask.new_zeros(mask.shape[0], extra), mask], dim=1))

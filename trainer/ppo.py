@@ -223,8 +223,9 @@ def ppo_update(model, optimizer, rollout: Rollout, advantages, returns, config: 
     minibatches = ranks.smallest(math.ceil(count / config.mini_batch_size))  # DDP: as many backward passes
     for _epoch in range(config.ppo_epochs):
         epoch_began = len(applied)
-        for index in minibatch_indices(count, minibatches, group):
-            mini = {name: tensor[torch.tensor(index, device=device)] for name, tensor in batch.items()}
+        indices = minibatch_indices(count, minibatches, group)
+        for index, on_device in zip(indices, epoch_index_tensors(indices, device)):
+            mini = {name: tensor[on_device] for name, tensor in batch.items()}
             mask = mini["response_mask"].float()
             shared = share_prompts([rows[i] for i in index], [prompt_lengths[i] for i in index], mask.shape[1],
                                    config.min_shared_prefix) if config.min_shared_prefix else None
@@ -275,6 +276,15 @@ def minibatch_indices(count: int, minibatches: int, group: int = 1) -> list[list
     size, larger = divmod(count, minibatches)  # as tensor_split: the first `larger` parts one longer
     bounds = [m * size + min(m, larger) for m in range(minibatches + 1)]
     return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def epoch_index_tensors(indices: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Every minibatch's row indices on the device from one copy an epoch (pinned and non-blocking on a GPU): a
+    tensor built on the device per minibatch is a blocking host-to-device copy inside the loop."""
+    flat = torch.tensor([i for index in indices for i in index], dtype=torch.long)
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    return list(flat.to(device, non_blocking=True).split([len(index) for index in indices]))
 
 
 def applied_mean(values: list[torch.Tensor], applied: list[torch.Tensor]) -> float:
@@ -353,8 +363,11 @@ def build_models(config: PPOConfig, device):
     shares_base = config.lora_rank > 0 and config.reference is None
     try:
         tokenizer = AutoTokenizer.from_pretrained(policy_path)
-        policy = AutoModelForCausalLM.from_pretrained(policy_path)
-        reference = None if shares_base else AutoModelForCausalLM.from_pretrained(reference_path)
+        # fp32 master weights whatever the checkpoint was saved in: AdamW updates below bf16's resolution (most of
+        # them at RL learning rates) would round away, and learning would stall without a word
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+        reference = None if shares_base else \
+            AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
     except OSError as error:  # a hub id out of reach, or a folder that is not a causal LM
         raise StartupError(f"--policy {config.policy} / --reference {config.reference or config.policy}:"
                            f" {str(error).strip().splitlines()[0][:300]}") from None
@@ -371,9 +384,19 @@ def build_models(config: PPOConfig, device):
         reference = reference.to(device)
         reference.eval().requires_grad_(False)
     model.policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    fsdp = config.sharding == "fsdp"  # graphs need fixed storage; a whole bf16 copy would undo the sharding
     engine = RolloutEngine(model.policy, end_of_turn_ids(model.policy, tokenizer), tokenizer.pad_token_id,
-                           False if config.sharding == "fsdp" else config.compile_decode)  # graphs need fixed storage
+                           False if fsdp else config.compile_decode, compute_dtype=None if fsdp else "auto")
     return tokenizer, model, reference, engine
+
+
+def precision_note(sharding: str, device: torch.device) -> str:
+    """What the start line says of the dtypes: the weights AdamW updates are fp32 whatever the checkpoint holds."""
+    if device.type != "cuda":
+        return "fp32 master weights, fp32 compute"
+    compute = ("bf16 compute in the decoder layers (FSDP mixed precision, gradients reduced in fp32), the LM head"
+               " and value head in fp32" if sharding == "fsdp" else "fp32 compute")
+    return f"fp32 master weights, {compute}; sampling from a bf16 copy refreshed once per rollout"
 
 
 def holdings(model: ActorCritic, reference, optimizer) -> str:
@@ -420,7 +443,8 @@ def main(config: PPOConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
-        print(f"ppo: policy, reference and value head on {describe_device(device)}", flush=True)
+        print(f"ppo: policy, reference and value head on {describe_device(device)};"
+              f" {precision_note(config.sharding, device)}", flush=True)
     client = RewardClient(config.reward_url, timeout=config.reward_timeout, retry=RetryPolicy(config.reward_retries),
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
                           ca_file=config.reward_ca_file)
@@ -434,7 +458,7 @@ def main(config: PPOConfig) -> dict:
             print(f"ppo: prompts are computed once per response, not shared: {blocker}", flush=True)
     sharded = config.sharding == "fsdp"
     if sharded:
-        shard(model, reference, device)  # in place: the parameters become this rank's shards
+        shard(model, reference, device, torch.bfloat16 if device.type == "cuda" else None)  # in place: shards
     trainable = DistributedDataParallel(model) if ranks.active and not sharded else model  # generation: `model`
     trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters (and any value head)
     optimizer = torch.optim.AdamW(trained, lr=config.lr, fused=True)  # fused: it can skip on the device

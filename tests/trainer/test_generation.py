@@ -123,3 +123,82 @@ def test_a_rollout_batch_of_64_costs_max_new_tokens_policy_forwards(tiny_policy,
     assert rollout.old_logprobs.shape == rollout.ref_logprobs.shape == (64, rollout.response_mask.shape[1])
     # the reference is a copy of the policy here: the two log-probs agree token for token
     assert torch.allclose(rollout.old_logprobs, rollout.ref_logprobs, atol=1e-5)
+
+
+def counting_backend(graphs: list):
+    def backend(graph, example_inputs):
+        graphs.append(len(example_inputs))
+        return graph.forward
+    return backend
+
+
+def test_the_compiled_decode_step_compiles_once_per_width_class_and_equals_eager(tiny_policy, smol_tokenizer):
+    """Prompts of eight widths (with dynamic=False, eight graphs, and dynamo's limit: the ninth would decode eagerly
+    in silence) are padded on the left to a cache width of a power of two: two graphs, each width's greedy tokens
+    equal to the eager engine's, and `path` says compiled."""
+    torch._dynamo.reset()
+    graphs = []
+    compiled = RolloutEngine(tiny_policy, smol_tokenizer.eos_token_id, smol_tokenizer.pad_token_id,
+                             compile_decode=True, compile_backend=counting_backend(graphs))
+    eager = RolloutEngine(tiny_policy, smol_tokenizer.eos_token_id, smol_tokenizer.pad_token_id)
+    for extra in range(8):
+        ids, mask = prompts_batch(smol_tokenizer, [p + " more" * (4 * extra) for p in PROMPTS[:2]])
+        result = compiled.generate(ids, mask, Sampling(6, temperature=0))
+        assert result.path == "compiled"
+        assert result.responses.tolist() == eager.generate(ids, mask, Sampling(6, temperature=0)).responses.tolist()
+    torch._dynamo.reset()
+    assert compiled.compiled_graphs == len(graphs) <= 2
+
+
+def test_past_dynamos_recompile_limit_the_path_says_eager(tiny_policy, smol_tokenizer, monkeypatch, caplog):
+    import logging
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    engine = RolloutEngine(tiny_policy, smol_tokenizer.eos_token_id, smol_tokenizer.pad_token_id,
+                           compile_decode=True, compile_backend=counting_backend([]))
+    short = prompts_batch(smol_tokenizer, PROMPTS[:2])
+    long = prompts_batch(smol_tokenizer, [p + " more" * 40 for p in PROMPTS[:2]])
+    with caplog.at_level(logging.WARNING):
+        paths = [engine.generate(*batch, Sampling(4, temperature=0)).path for batch in (short, long, long)]
+    torch._dynamo.reset()
+    assert paths == ["compiled", "eager", "eager"]
+    assert sum("recompile limit" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_sampling_from_a_bf16_copy_casts_the_weights_once_per_call_not_per_step(tiny_policy, smol_tokenizer):
+    """Autocast over fp32 weights casts every Linear weight at every decode step; the engine's bf16 copy is
+    refreshed in place once a call, so the casts do not grow with the steps (counted with a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.weight_casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            source = args[0] if args else None
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and \
+                    isinstance(source, torch.Tensor) and source.dim() == 2 and source.numel() >= 32 * 32:
+                self.weight_casts += 1
+            return func(*args, **kwargs)
+
+    engine = RolloutEngine(tiny_policy, smol_tokenizer.eos_token_id, smol_tokenizer.pad_token_id,
+                           compute_dtype=torch.bfloat16)
+    assert {p.dtype for p in engine._sampler.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tiny_policy.parameters()} == {torch.float32}
+    ids, mask = prompts_batch(smol_tokenizer, PROMPTS[:2])
+    counts = []
+    for steps in (3, 12):
+        with CountCasts() as counter:
+            generated = engine.generate(ids, mask, Sampling(steps, temperature=0, ))
+        assert generated.decode_steps == steps
+        counts.append(counter.weight_casts)
+    linear_weights = sum(1 for p in tiny_policy.parameters() if p.dim() == 2 and p.numel() >= 32 * 32)
+    assert counts[0] == counts[1] <= linear_weights  # one refresh a call, whatever the steps
+    with torch.no_grad():  # the copy follows the policy after an update
+        tiny_policy.lm_head.weight.add_(1.0)
+        engine.generate(ids, mask, Sampling(1, temperature=0))
+        assert torch.equal(engine._sampler.lm_head.weight, tiny_policy.lm_head.weight.to(torch.bfloat16))
+        tiny_policy.lm_head.weight.sub_(1.0)

@@ -155,3 +155,12 @@ def test_a_half_precision_value_head_still_gives_fp32_values(tmp_path, smol_toke
         _, half = model(ids, mask, prompt_width=2)
     assert half.dtype == torch.float32 and fp32.abs().max() > 0.1
     assert torch.allclose(half, fp32, atol=0.05 * fp32.abs().max().item())
+
+
+def test_an_epochs_minibatch_indices_reach_the_device_in_one_copy():
+    """Views of one tensor, copied once an epoch, not a tensor built on the device per minibatch."""
+    from rewardserve.trainer.ppo import epoch_index_tensors
+
+    parts = epoch_index_tensors([[3, 0, 5], [1, 4], [2]], torch.device("cpu"))
+    assert [p.tolist() for p in parts] == [[3, 0, 5], [1, 4], [2]]
+    assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
