@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all demo proto clean
+.PHONY: venv test test-all test-gpu demo proto clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
+
+# The GPU check: tests marked gpu (skipped without CUDA), then the bench, one report under runs/gpu-check/
+# (tests/gpu/run_check.py). With the .venv where there is one; else with a python3 that has torch (a GPU machine's
+# own, with nothing to download); else the .venv is built first.
+test-gpu:
+	@if [ -x $(BIN)/python ]; then py=$(BIN)/python; \
+	elif $(PYTHON) -c 'import torch' 2>/dev/null; then py=$(PYTHON); \
+	else $(MAKE) venv && py=$(BIN)/python; fi; \
+	$$py tests/gpu/run_check.py
 
 demo: $(STAMP)
 	$(BIN)/rewardserve demo $(DEMO_ARGS)

@@ -110,10 +110,26 @@ check_outputs() {
     docker run --rm --entrypoint id rewardserve-server:latest -u | grep -qv '^0$'  # not root
 }
 
+check_compilers() {
+    # torch.compile's inductor builds a C++ kernel here as Triton builds its GPU kernels on a card: both need the
+    # compiler and Python's headers that the images install (a missing one would switch flex_attention off)
+    local image
+    for image in rewardserve-server:latest rewardserve-trainer:latest; do
+        docker run --rm --entrypoint python3 "$image" -c "
+import os, sysconfig, torch
+assert os.path.isfile(sysconfig.get_paths()['include'] + '/Python.h'), 'no Python.h'
+kernel = torch.compile(lambda x: (x.sin() * 2 + 1).sum(), fullgraph=True)
+value = float(kernel(torch.ones(64)))
+assert abs(value - 64 * (2 * 0.8414709848 + 1)) < 1e-3, value
+print('$image: compiled a kernel with inductor:', round(value, 3))"
+    done
+}
+
 stage "dockerd" ensure_dockerd
 stage "compose v2" ensure_compose
 stage "base image (debootstrap)" ensure_base_image
 stage "build images" build_images
+stage "a compiled kernel in each image" check_compilers
 stage "compose up + 3 PPO steps" run_stack
 stage "check metrics" check_outputs
 echo "smoke test passed"

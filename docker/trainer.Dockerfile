@@ -10,6 +10,13 @@ ARG TORCH_INDEX_URL=https://pypi.org/simple
 # The lines down to the torch install are the same in both Dockerfiles, so the two images share those layers.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1
+# A C and C++ compiler, and Python's headers: Triton builds flex_attention's and the compiled decode step's kernels
+# (and its launcher, which includes Python.h) with them, inductor its CPU kernels. The slim base has none, and
+# without them every compiled kernel would fall back at start. docker/smoke.sh compiles a kernel in each image.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ libc6-dev \
+    && (python3 -c "import os, sys, sysconfig; sys.exit(not os.path.isfile(sysconfig.get_paths()['include'] + '/Python.h'))" \
+        || apt-get install -y --no-install-recommends python3-dev) \
+    && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv && useradd --create-home --uid 10001 rewardserve
 COPY docker/wheels/ /wheels/
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"

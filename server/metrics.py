@@ -35,11 +35,11 @@ CALIBRATION = Gauge("rewardserve_calibration_tokens_per_second",
                     "Tokens/s each candidate forward path and budget reached in the start-up calibration",
                     ["model", "forward", "budget"])
 FORWARDS = Counter("rewardserve_forwards_total",
-                   "Forward passes by model and the path that ran: the attention kernel its layers called (counted)",
-                   ["model", "path"])
+                   "Forward passes by model and the forward path that ran: the attention kernel its layers called"
+                   " (counted)", ["model", "forward"])
 FALLBACKS = Counter("rewardserve_kernel_fallbacks_total",
-                    "Forward passes whose planned kernel failed, by model and the path that ran instead",
-                    ["model", "path"])
+                    "Forward passes whose planned kernel failed, by model and the forward path that ran instead",
+                    ["model", "forward"])
 RELOADS = Counter("rewardserve_reloads_total", "Reloads asked for, by model and outcome", ["model", "outcome"])
 
 QUEUE_DEPTH = Gauge("rewardserve_queue_depth", "Items waiting for a batch")

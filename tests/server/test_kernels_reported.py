@@ -84,7 +84,7 @@ def test_a_kernel_that_fails_while_serving_is_one_warning_and_reported_as_what_r
     sequences = [[5, 6, 7, 8] * 10, [9, 10, 11] * 7]
     with llama.forward_path_as("packed-sdpa"):
         reference = llama.score_batch(sequences)
-    fallbacks_before = counter(metrics.FALLBACKS, model="fallback-llama", path="packed-sdpa")
+    fallbacks_before = counter(metrics.FALLBACKS, model="fallback-llama", forward="packed-sdpa")
 
     async def scenario():
         batcher = Batcher(llama, max_batch_tokens=4096, max_wait_ms=1, max_queue_items=100)
@@ -100,8 +100,8 @@ def test_a_kernel_that_fails_while_serving_is_one_warning_and_reported_as_what_r
     assert first == pytest.approx(reference, abs=1e-5) and second == pytest.approx(reference, abs=1e-5)
     assert llama.forward_path == "packed-sdpa" and packing.flex_disabled()
     assert llama.forwards_by_path == {"packed-sdpa": 3}  # the reference's forward, then the two served
-    assert counter(metrics.FALLBACKS, model="fallback-llama", path="packed-sdpa") == fallbacks_before + 1
-    assert counter(metrics.FORWARDS, model="fallback-llama", path="packed-sdpa") >= 2
+    assert counter(metrics.FALLBACKS, model="fallback-llama", forward="packed-sdpa") == fallbacks_before + 1
+    assert counter(metrics.FORWARDS, model="fallback-llama", forward="packed-sdpa") >= 2
     served = [s for m in metrics.FORWARD_CONFIG.collect() for s in m.samples if s.labels["model"] == "fallback-llama"]
     assert [s.labels["forward"] for s in served] == ["packed-sdpa"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
