@@ -35,6 +35,7 @@ from .errors import Internal, NotReady, OutOfMemory, Overloaded, TooManyItems, U
 
 log = logging.getLogger(__name__)
 
+SMALL_REQUEST_ITEMS = 8  # a request of this many items or fewer may use the queue's reserve
 WINDOW_BUDGETS = 8  # batches' worth of tokens planned together: less padding, against a longer wait behind them
 
 ScoreBatch = Callable[[list[list[int]]], list[float]]
@@ -46,6 +47,7 @@ class _Job:
     future: asyncio.Future
     engine: "ForwardEngine"
     submitted_at: float = field(default_factory=time.perf_counter)
+    small: bool = False  # its request has at most SMALL_REQUEST_ITEMS items: it goes before large requests' items
 
 
 def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
@@ -163,6 +165,8 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_queue_items = max_queue_items
+        # a queue filled by large requests still takes small ones (a client's few items), up to this many more
+        self.reserve = max_queue_items // 16
         self._units: deque[deque[_Job]] = deque()  # one per submit() call, served round-robin
         self._window: list[_Job] = []  # taken from the units, planned together, not launched yet
         self._queued_items = 0
@@ -203,7 +207,8 @@ class Batcher:
                 f"this request needs {needed} places in the scoring queue{per_model}, and the queue holds"
                 f" {self.max_queue_items} (--max-queue-items): split the request"
             )
-        if self._queued_items + needed > self.max_queue_items:
+        room = self.max_queue_items + (self.reserve if needed <= SMALL_REQUEST_ITEMS else 0)
+        if self._queued_items + needed > room:
             raise Overloaded(
                 f"the scoring queue is full ({self._queued_items} items waiting, limit {self.max_queue_items});"
                 " retry after the indicated delay",
@@ -215,7 +220,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         futures = []
         for (sequences, _), engine in zip(parts, engines):
-            unit = deque(_Job(ids, loop.create_future(), engine) for ids in sequences)
+            small = needed <= SMALL_REQUEST_ITEMS
+            unit = deque(_Job(ids, loop.create_future(), engine, small=small) for ids in sequences)
             self._units.append(unit)
             self._queued_items += len(unit)
             self._queued_tokens += sum(len(ids) for ids in sequences)
@@ -291,11 +297,15 @@ class Batcher:
             self._leave_queue(gone)
         if not self._window:
             return []
-        engine = self._window[0].engine  # the item longest in the window: its model goes next
+        # the item longest in the window goes next (its model, its batch), a small request's before a large one's:
+        # a client's one item does not wait behind the window's worth of batches another client's flood filled
+        first = next((job for job in self._window if job.small), self._window[0])
+        engine = first.engine
         candidates = [job for job in self._window if job.engine is engine]
         batches = plan([job.input_ids for job in candidates], self.budget_of(engine),
                        getattr(engine, "plans_packed", False))
-        chosen = next(batch for batch in batches if 0 in batch)  # the batch holding that oldest item
+        seed = next(i for i, job in enumerate(candidates) if job is first)
+        chosen = next(batch for batch in batches if seed in batch)  # the batch holding that item
         jobs = [candidates[i] for i in chosen]
         self._leave_queue(jobs)
         return jobs
@@ -422,6 +432,9 @@ class Batcher:
         metrics.ITEMS.inc(len(sequences))
         metrics.FORWARD_LATENCY.observe(seconds)
         self._recent_batch_seconds = 0.9 * self._recent_batch_seconds + 0.1 * seconds
+
+    def retry_after(self) -> float:
+        return self._retry_after()
 
     def _retry_after(self) -> float:
         """Seconds until roughly the current queue has drained, at the recent batch rate (at least 1 s)."""

@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import InvalidInput
@@ -95,16 +95,16 @@ def sigmoid(x: float) -> float:
 
 
 def add_compat_routes(app: FastAPI, service: ScoringService, authorized) -> None:
-    async def raw_scores(items: list[ScoreItem]) -> ScoreResponse:
+    async def raw_scores(items: list[ScoreItem], request: Request) -> ScoreResponse:
         """The default model's raw scores, or a default combination's own (it fixes its transform itself)."""
         return await service.score(ScoreRequest(items=items, transform=None if service.default_is_combination
-                                                else "raw"), protocol="http")
+                                                else "raw"), protocol="http", client=client_of(request))
 
     @app.post("/classify", dependencies=[authorized])
     @app.post("/v1/classify", dependencies=[authorized], include_in_schema=False)
-    async def classify(body: ClassifyRequest):
+    async def classify(body: ClassifyRequest, request: Request):
         """vLLM's (and verl's) classify, or SGLang's native shape; raw scores unless use_activation."""
-        result = await raw_scores(body.items())
+        result = await raw_scores(body.items(), request)
         if body.is_sglang:
             answers = [{"embedding": [s], "meta_info": {"id": uuid.uuid4().hex}} for s in result.scores]
             return answers[0] if body.single_sglang_item else answers
@@ -116,16 +116,21 @@ def add_compat_routes(app: FastAPI, service: ScoringService, authorized) -> None
         }
 
     @app.post("/predict", dependencies=[authorized])
-    async def predict(body: PredictRequest):
+    async def predict(body: PredictRequest, request: Request):
         """TEI's predict: sigmoid(score) by default, the raw score with raw_scores=true."""
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
-        result = await raw_scores([ScoreItem(text=t) for t in texts])
+        result = await raw_scores([ScoreItem(text=t) for t in texts], request)
         answers = [[{"score": s if body.raw_scores else sigmoid(s), "label": "LABEL_0"}] for s in result.scores]
         return answers[0] if isinstance(body.inputs, str) else answers
 
     @app.post("/v1/score/evaluation", dependencies=[authorized])
-    async def evaluation(body: EvaluationRequest):
+    async def evaluation(body: EvaluationRequest, request: Request):
         """LLaMA-Factory's score API: the raw reward of each formatted conversation."""
-        result = await raw_scores([ScoreItem(text=m) for m in body.messages])
+        result = await raw_scores([ScoreItem(text=m) for m in body.messages], request)
         return {"id": f"scoreeval-{uuid.uuid4().hex}", "object": "score.evaluation", "model": body.model or result.model,
                 "scores": result.scores}
+
+
+def client_of(request: Request) -> str:
+    """One connection (address and port): the unit whose share of the in-flight characters a request draws on."""
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"

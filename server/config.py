@@ -108,6 +108,10 @@ class ServeConfig(BaseSettings):
     """Items allowed to wait; beyond it requests get 503 with Retry-After."""
     max_items_per_request: int = Field(1024, gt=0)
     """Items in one request at most (413 beyond)."""
+    max_inflight_characters: int = Field(16_000_000, gt=0)
+    """Characters of requests admitted and not yet answered (tokenizing, queued, scoring), all clients together;
+    beyond it a request gets 503 with Retry-After before it is tokenized. A client with nothing in flight may still
+    send a small request (a reserve of a quarter more), so one client's flood leaves room for the others."""
     rate_limit: float = Field(0.0, ge=0)
     """Scoring requests per second allowed from one client address (429 / RESOURCE_EXHAUSTED beyond); 0 is off."""
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
@@ -124,12 +128,18 @@ class ServeConfig(BaseSettings):
     append_eos: bool | None = None
     """Append EOS to formatted text before scoring (where the score is read); default: yes for decoder models."""
     api_key: SecretStr | None = None
-    """Require this key (HTTP `Authorization: Bearer`, gRPC metadata `authorization`); health and metrics stay open."""
+    """Require this key (HTTP `Authorization: Bearer`, gRPC metadata `authorization`); health and metrics stay open.
+    Pass it through the environment (REWARDSERVE_API_KEY) or --api-key-file: a flag's value shows in `ps`."""
+    api_key_file: str | None = None
+    """A file holding the API key (its first line), read at start: a Kubernetes or Docker secret."""
     allow_reload_from: str | None = None
     """Folder whose checkpoints `POST /admin/reload` (and gRPC AdminService.Reload) may load; reload by path is off
     without it. Give --admin-key too. SIGHUP re-reads every model's own path in any case."""
     admin_key: SecretStr | None = None
-    """Key the admin calls must present (HTTP `Authorization: Bearer`, gRPC metadata `authorization`)."""
+    """Key the admin calls must present (HTTP `Authorization: Bearer`, gRPC metadata `authorization`); through the
+    environment (REWARDSERVE_ADMIN_KEY) or --admin-key-file rather than the command line."""
+    admin_key_file: str | None = None
+    """A file holding the admin key (its first line), read at start."""
     tls_cert: str | None = None
     """PEM certificate chain: serve HTTPS and gRPC over TLS (give with --tls-key)."""
     tls_key: str | None = None
@@ -158,6 +168,24 @@ class ServeConfig(BaseSettings):
         if isinstance(value, str):
             return [part for part in re.split(r"[\s,]+", value) if part]
         return value
+
+    @model_validator(mode="after")
+    def _keys_from_files(self) -> "ServeConfig":
+        for name in ("api_key", "admin_key"):
+            file = getattr(self, f"{name}_file")
+            if file is None:
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            if getattr(self, name) is not None:
+                raise ValueError(f"give {flag} or {flag}-file, not both")
+            try:
+                key = Path(file).read_text().splitlines()[0].strip() if Path(file).stat().st_size else ""
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"{flag}-file {file}: {type(error).__name__}: {error}") from None
+            if not key:
+                raise ValueError(f"{flag}-file {file} is empty: put the key on its first line")
+            setattr(self, name, SecretStr(key))
+        return self
 
     @model_validator(mode="after")
     def _pairs_come_together(self) -> "ServeConfig":
@@ -209,6 +237,9 @@ class ServeConfig(BaseSettings):
         weights = {}
         for part in filter(None, re.split(r"[\s,]+", self.objective_weights)):
             name, equals, weight = part.partition("=")
+            if name in weights:
+                raise ValueError(f"--objective-weights {self.objective_weights!r} names {name} twice; give each"
+                                 " output once")
             try:
                 weights[name] = float(weight)
             except ValueError:

@@ -132,12 +132,18 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
     'items[0].text: Input should be a valid string'
     """
     parts = []
-    for error in errors:
+    for error in errors[:MAX_LISTED_ERRORS]:
         location = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.get("loc", ()))
         location = location.lstrip(".") or "body"
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        parts.append(f"{location}: {message}")
+        parts.append(f"{location}: {message}"[:MAX_ERROR_CHARS])
+    if len(errors) > MAX_LISTED_ERRORS:  # a bounded answer, whatever the request: the first problems say what to fix
+        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more problems of the same request")
     return "; ".join(parts)
+
+
+MAX_LISTED_ERRORS = 10
+MAX_ERROR_CHARS = 500
 
 
 class StartupError(ValueError):

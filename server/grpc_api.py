@@ -16,13 +16,18 @@ from pydantic import ValidationError
 
 from rewardserve.proto import reward_pb2
 
-from .errors import Internal, InvalidInput, Overloaded, RewardServeError, Unauthorized, describe_validation_errors
+from .admission import count_protobuf_field
+from .errors import (Internal, InvalidInput, Overloaded, RewardServeError, TooManyItems, Unauthorized,
+                     describe_validation_errors)
 from .schemas import ModelInfo, ReloadRequest, ScoreRequest, ScoreResponse, ServerInfo, TransformOut
 from .service import ScoringService
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+ITEMS_FIELD = reward_pb2.ScoreRequest.DESCRIPTOR.fields_by_name["items"].number
+STREAM_IN_FLIGHT = 8  # a stream's requests being scored at once; the next message is read when one is answered
+MAX_STATUS_CHARS = 4000  # a status message travels in a trailer that gRPC caps at 16 KiB
 ADMIN_SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
@@ -113,7 +118,7 @@ ERROR_TYPE_KEY = "rewardserve-error-type"  # trailing metadata: the error's `typ
 
 
 def error_to_proto(error: RewardServeError) -> reward_pb2.Error:
-    return reward_pb2.Error(code=error.grpc_code, type=error.kind, message=error.message)
+    return reward_pb2.Error(code=error.grpc_code, type=error.kind, message=error.message[:MAX_STATUS_CHARS])
 
 
 def _status(error: RewardServeError) -> grpc.StatusCode:
@@ -127,7 +132,7 @@ async def abort(context, error: RewardServeError) -> None:
     if isinstance(error, Overloaded):
         metadata.append(("retry-after", str(max(1, round(error.retry_after)))))
     context.set_trailing_metadata(tuple(metadata))
-    await context.abort(_status(error), error.message)
+    await context.abort(_status(error), error.message[:MAX_STATUS_CHARS])
 
 
 # -- the servicer ---------------------------------------------------------------------------------------------------
@@ -137,7 +142,7 @@ class RewardServicer:
 
     async def Score(self, request, context):
         try:
-            return response_to_proto(await self._score(request))
+            return response_to_proto(await self._score(request, context.peer()))
         except RewardServeError as error:
             await abort(context, error)
 
@@ -147,11 +152,20 @@ class RewardServicer:
         in_flight: set[asyncio.Task] = set()
 
         async def answer(message):
-            answers.put_nowait(await self._stream_answer(message))
+            answers.put_nowait(await self._stream_answer(message, context.peer()))
+
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)  # bounded: a client that sends faster waits (flow control)
+
+        async def answer_in_slot(message):
+            try:
+                await answer(message)
+            finally:
+                slots.release()
 
         async def read_requests():
             async for message in request_iterator:
-                task = asyncio.create_task(answer(message))
+                await slots.acquire()
+                task = asyncio.create_task(answer_in_slot(message))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
             while in_flight:
@@ -174,21 +188,22 @@ class RewardServicer:
             self.service.record_error(error, "grpc")
             await abort(context, error)
 
-    async def _score(self, message) -> ScoreResponse:
+    async def _score(self, message, client: str) -> ScoreResponse:
         try:
             request = request_from_proto(message)
         except RewardServeError as error:
             self.service.record_error(error, "grpc")
             raise
-        return await self.service.score(request, request_id=message.request_id or None, protocol="grpc")
+        return await self.service.score(request, request_id=message.request_id or None, protocol="grpc",
+                                        client=client)
 
-    async def _stream_answer(self, message) -> reward_pb2.ScoreStreamResponse:
+    async def _stream_answer(self, message, client: str) -> reward_pb2.ScoreStreamResponse:
         if isinstance(message, RewardServeError):  # a message that did not parse, or came too fast
-            if isinstance(message, InvalidInput):
+            if isinstance(message, (InvalidInput, TooManyItems)):
                 self.service.record_error(message, "grpc")  # (admit() records its own)
             return reward_pb2.ScoreStreamResponse(error=error_to_proto(message))
         try:
-            response = response_to_proto(await self._score(message))
+            response = response_to_proto(await self._score(message, client))
             return reward_pb2.ScoreStreamResponse(request_id=message.request_id, response=response)
         except RewardServeError as error:
             return reward_pb2.ScoreStreamResponse(request_id=message.request_id, error=error_to_proto(error))
@@ -198,8 +213,14 @@ class RewardServicer:
             return reward_pb2.ScoreStreamResponse(request_id=message.request_id, error=error_to_proto(internal))
 
 
-def parse_request(raw: bytes) -> reward_pb2.ScoreRequest:
-    """Bytes -> ScoreRequest here rather than in gRPC's deserializer, whose failures reach the client as UNKNOWN."""
+def parse_request(raw: bytes, max_items: int) -> reward_pb2.ScoreRequest:
+    """Bytes -> ScoreRequest here rather than in gRPC's deserializer, whose failures reach the client as UNKNOWN.
+    The items are counted on the wire first, stopping past the limit: a message of a million empty items is refused
+    before it becomes a million objects."""
+    count = count_protobuf_field(raw, ITEMS_FIELD, max_items)
+    if count > max_items:
+        raise TooManyItems(f"more than {max_items} items in one request, over the limit of {max_items}"
+                           " (--max-items-per-request): split the request")
     try:
         return reward_pb2.ScoreRequest.FromString(raw)
     except DecodeError as error:
@@ -217,20 +238,23 @@ def reward_service_handlers(servicer: RewardServicer) -> grpc.GenericRpcHandler:
     async def score(raw: bytes, context):
         try:
             servicer.service.admit(_peer_address(context), "grpc")
-            request = parse_request(raw)
-        except InvalidInput as error:
+            request = parse_request(raw, servicer.service.max_items_per_request)
+        except (InvalidInput, TooManyItems) as error:
             servicer.service.record_error(error, "grpc")
             await abort(context, error)
         except RewardServeError as error:
             await abort(context, error)
-        return await servicer.Score(request, context)
+        try:
+            return await servicer.Score(request, context)
+        finally:
+            servicer.service.after_request(len(raw))
 
     async def score_stream(raw_iterator, context):
         async def parsed():
             async for raw in raw_iterator:
                 try:
                     servicer.service.admit(_peer_address(context), "grpc")  # each message counts against the rate limit
-                    yield parse_request(raw)
+                    yield parse_request(raw, servicer.service.max_items_per_request)
                 except RewardServeError as error:  # answered in the stream; the stream goes on
                     yield error
         async for answer in servicer.ScoreStream(parsed(), context):

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from .compat_api import add_compat_routes
+from .admission import longest_json_array
+from .compat_api import add_compat_routes, client_of
 from .errors import (
     Internal,
     InvalidInput,
@@ -25,10 +26,11 @@ from .errors import (
     Overloaded,
     PayloadTooLarge,
     RewardServeError,
+    TooManyItems,
     describe_validation_errors,
 )
 from .schemas import (OpenRLHFRewardRequest, OpenRLHFRewardResponse, ReloadRequest, ReloadResponse, ScoreItem,
-                      ScoreRequest, ScoreResponse, ServerInfo)
+                      ScoreRequest, ScoreResponse, ServerInfo, score_request_limited_to)
 from .service import ScoringService
 
 log = logging.getLogger(__name__)
@@ -44,17 +46,21 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
         service.check_api_key(token)
         service.admit(request.client.host if request.client else "unknown", "http")
 
+    score_request = score_request_limited_to(service.max_items_per_request)
+
     @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(authorized)],
-              openapi_extra=json_body_schema(ScoreRequest))
+              openapi_extra=json_body_schema(score_request))
     async def score(request: Request, x_request_id: str | None = Header(None)) -> Response:
-        body = await parse_json_body(request, ScoreRequest, service)
-        return json_response(await service.score(body, request_id=x_request_id, protocol="http"))
+        body = await parse_json_body(request, score_request, service)
+        return json_response(await service.score(body, request_id=x_request_id, protocol="http",
+                                                 client=client_of(request)))
 
     @app.post("/get_reward", response_model=OpenRLHFRewardResponse, dependencies=[Depends(authorized)])
-    async def get_reward(body: OpenRLHFRewardRequest) -> OpenRLHFRewardResponse:
+    async def get_reward(body: OpenRLHFRewardRequest, request: Request) -> OpenRLHFRewardResponse:
         """OpenRLHF's remote reward model: each `query` is a whole templated text, scored as given."""
         result = await service.score(ScoreRequest(items=[ScoreItem(text=q) for q in body.query], model=body.model,
-                                                  combination=body.combination), protocol="http")
+                                                  combination=body.combination), protocol="http",
+                                     client=client_of(request))
         return OpenRLHFRewardResponse(rewards=result.rewards, scores=result.scores)
 
     @app.post("/admin/reload", response_model=ReloadResponse)
@@ -99,9 +105,14 @@ async def parse_json_body(request: Request, model: type[BaseModel], service: Sco
         try:
             return model.model_validate_json(body)
         except ValidationError as error:
-            if any(e["type"] == "json_invalid" for e in error.errors()):
+            problems = error.errors()
+            if any(e["type"] == "json_invalid" for e in problems):
                 return _validate_leniently_parsed(model, body)
-            raise InvalidInput(describe_validation_errors(error.errors())) from None
+            if any(e["type"] == "too_long" and tuple(e["loc"]) == ("items",) for e in problems):
+                limit = service.max_items_per_request
+                raise TooManyItems(f"more than {limit} items in one request, over the limit of {limit}"
+                                   " (--max-items-per-request): split the request") from None
+            raise InvalidInput(describe_validation_errors(problems)) from None
     except RewardServeError as error:
         service.record_error(error, "http")
         raise
@@ -176,10 +187,19 @@ def install_error_handlers(app: FastAPI, service: ScoringService) -> None:
         return error_response(mapped)
 
 
-class BodySizeLimit:
-    """ASGI middleware for two HTTP concerns of every request:
+# Routes anyone may call (probes, scrapers, the API's own documentation); every other route needs the API key (the
+# /admin/ routes the admin key), checked from the headers before a byte of the body is read.
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json")
 
+
+class BodySizeLimit:
+    """ASGI middleware for the HTTP concerns of every request, in the order that keeps a request's cost bounded
+    before it is paid:
+
+    - the key, from the headers, before the body is read (an unauthenticated 16 MB POST costs nothing);
     - answers 413 once a body passes `max_body_bytes`, before any parsing;
+    - answers 413 for a JSON body one of whose top-level arrays holds more than the item limit, counted on the bytes
+      and stopping there (`admission.longest_json_array`), before any parsing;
     - cancels the request's handler when the client disconnects, so its items are dropped from the batcher's
       queue before they cost a forward pass.
     """
@@ -192,9 +212,13 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        headers = dict(scope.get("headers", []))
+        refusal = self._refuse_before_body(scope["path"], headers)
+        if refusal is not None:
+            return await self._reject(refusal, scope, receive, send)
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await self._reject(scope, receive, send)
+            return await self._reject(self._too_large(), scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -203,9 +227,41 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body_bytes:
-                return await self._reject(scope, receive, send)
+                return await self._reject(self._too_large(), scope, receive, send)
             more = message.get("more_body", False)
-        await self._run_until_disconnect(scope, b"".join(chunks), receive, send)
+        body = b"".join(chunks)
+        del chunks
+        try:
+            too_many = longest_json_array(body, self.service.max_items_per_request) if body[:1] in b"{[" and \
+                body else None
+            if too_many is not None:
+                key, count = too_many
+                return await self._reject(TooManyItems(
+                    f"`{key}` holds more than {count - 1} elements, over the limit of"
+                    f" {self.service.max_items_per_request} items a request (--max-items-per-request): split the"
+                    " request"), scope, receive, send)
+            await self._run_until_disconnect(scope, body, receive, send)
+        finally:
+            self.service.after_request(len(body))
+
+    def _refuse_before_body(self, path: str, headers: dict) -> RewardServeError | None:
+        if path in OPEN_PATHS or path.startswith("/static"):
+            return None
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        token = authorization.removeprefix("Bearer ").strip() or None
+        try:
+            if path.startswith("/admin/"):
+                if self.service.registry is None:
+                    return None  # still loading: the route answers 503 first
+                self.service.check_admin_key(token)
+            else:
+                self.service.check_api_key(token)
+        except RewardServeError as error:
+            return error
+        return None
+
+    def _too_large(self) -> RewardServeError:
+        return PayloadTooLarge(f"the request body is over the {self.max_body_bytes}-byte limit; split the request")
 
     async def _run_until_disconnect(self, scope, body: bytes, receive, send):
         pending = [{"type": "http.request", "body": body, "more_body": False}]
@@ -227,7 +283,6 @@ class BodySizeLimit:
         with contextlib.suppress(asyncio.CancelledError):
             await handler
 
-    async def _reject(self, scope, receive, send):
-        error = PayloadTooLarge(f"the request body is over the {self.max_body_bytes}-byte limit; split the request")
+    async def _reject(self, error: RewardServeError, scope, receive, send):
         self.service.record_error(error, "http")
         await error_response(error)(scope, receive, send)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .errors import InputTooLong, InvalidInput, NotARewardModel, StartupError
-from .modeling import (RewardModel, decoder_attention_mask, describe_device, last_token_index, quiet_transformers,
-                       resolve_device, resolve_dtype)
+from .modeling import (RewardModel, check_own_code, decoder_attention_mask, describe_device, last_token_index,
+                       quiet_transformers, resolve_device, resolve_dtype, unchanged_while_loading)
 from .packing import PackedBatch, packed_hidden_states
 from .schemas import ScoreItem
 from .tokenization import WHOLE_TEXT_CHARS, EncodedItem, ItemEncoder, trained_max_length
@@ -48,9 +48,16 @@ def read_template(path: str | None) -> str:
     field but {constitution}, {prompt} and {response} (literal braces are written {{ }})."""
     template = Path(path).read_text() if path else asset("judge_template.txt")
     try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as error:
         raise StartupError(f"--judge-template {path}: {error} (write literal braces as {{{{ and }}}})") from None
+    formatted = [f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+                 for name, spec, conversion in parsed if spec or conversion]
+    if formatted:  # `{response:>99999999999}` would pad every question to a hundred billion characters
+        raise StartupError(f"--judge-template {path or 'default'}: fields take no format spec or conversion, found"
+                           f" {', '.join(formatted[:3])}; write them plainly, e.g. {{response}}")
+    fields = {name for name, _, _ in parsed}
     unknown = fields - TEMPLATE_FIELDS
     if unknown or "response" not in fields:
         raise StartupError(f"--judge-template {path or 'default'}: it takes the fields {{constitution}}, {{prompt}}"
@@ -134,18 +141,22 @@ class JudgeModel(RewardModel):
 
     @classmethod
     def load_judge(cls, path: str, tokenizer, dtype: str = "auto", device: str = "auto",
-                   max_length: int | None = None, min_shared_prefix: int = 0) -> "JudgeModel":
+                   max_length: int | None = None, min_shared_prefix: int = 0,
+                   trust_remote_code: bool = False) -> "JudgeModel":
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        check_own_code(path, trust_remote_code, "judge")  # never served silently with the standard class
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
-        architectures = ", ".join(AutoConfig.from_pretrained(path).architectures or [])
+        architectures = ", ".join(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code
+                                                             ).architectures or [])
         if "ForCausalLM" not in architectures:
             raise NotARewardModel(f"--judge {path} is a {architectures or 'model of no named architecture'}; a judge"
                                   " is a causal LM (an instruction-tuned one, to follow the rating question)")
         log.info("loading judge %s on %s", path, describe_device(target, torch_dtype))
-        with quiet_transformers():
-            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+        with unchanged_while_loading(path), quiet_transformers():
+            network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
+                                                           trust_remote_code=trust_remote_code)
         model = cls.from_network(network.to(target).eval(), path, target, torch_dtype, max_length, min_shared_prefix,
                                  may_pack=True)
         model.rating_tokens = RatingTokens.of(tokenizer)
@@ -180,12 +191,12 @@ class JudgeModel(RewardModel):
 
 
 def load_judge(path: str, tokenizer, template: str | None = None, constitution: str | None = None,
-               dtype: str = "auto", device: str = "auto", max_length: int | None = None, min_shared_prefix: int = 0
-               ) -> tuple["JudgeModel", "JudgeEncoder"]:
+               dtype: str = "auto", device: str = "auto", max_length: int | None = None, min_shared_prefix: int = 0,
+               trust_remote_code: bool = False) -> tuple["JudgeModel", "JudgeEncoder"]:
     """The judge and the encoder that formats its questions. template: a template file (default: the built-in);
     constitution: its text (default: server/assets/constitution.txt); max_length: default, the tokenizer's."""
     model = JudgeModel.load_judge(path, tokenizer, dtype, device, max_length or trained_max_length(tokenizer),
-                                  min_shared_prefix)
+                                  min_shared_prefix, trust_remote_code)
     encoder = JudgeEncoder(tokenizer, model.max_length, read_template(template),
                            constitution or asset("constitution.txt"), model.rating_tokens, model.embedding_rows)
     return model, encoder

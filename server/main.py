@@ -85,7 +85,7 @@ def load_served_judge(name: str, path: str, config: ServeConfig) -> ServedModel:
     folder = str(local_checkpoint(resolve_model_path(path), name))
     constitution = Path(config.constitution).read_text().strip() if config.constitution else None
     model, encoder = load_judge(folder, load_tokenizer(folder), config.judge_template, constitution, config.dtype,
-                                config.device, config.max_length, config.min_shared_prefix)
+                                config.device, config.max_length, config.min_shared_prefix, config.trust_remote_code)
     model.name = name
     statistics = None
     if config.judge_reward_mean is not None:
@@ -98,14 +98,19 @@ def load_served_judge(name: str, path: str, config: ServeConfig) -> ServedModel:
 def judge_statistics(model: JudgeModel, encoder: JudgeEncoder, path: str) -> RewardStatistics:
     """The mean and std of the judge's ratings of a calibration set's responses, scored at start."""
     items = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise StartupError(f"--judge-calibration-set {path}: {type(error).__name__}: {str(error)[:200]}; give a"
+                           " UTF-8 JSON Lines file") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             responses = [row["response"]] if "response" in row else [row["chosen"], row["rejected"]]
             items += [ScoreItem(prompt=row.get("prompt", ""), response=response) for response in responses]
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, RecursionError) as error:
             raise StartupError(f"--judge-calibration-set {path}, line {number}: {type(error).__name__}: {error}; each"
                                " line is {\"prompt\", \"response\"} or {\"prompt\", \"chosen\", \"rejected\"}")
     if len(items) < 2:
@@ -257,6 +262,7 @@ def build_service(config: ServeConfig) -> ScoringService:
         api_key=config.api_key.get_secret_value() if config.api_key else None,
         tokenizer_threads=config.tokenizer_threads, rate_limit=config.rate_limit,
         admin_key=config.admin_key.get_secret_value() if config.admin_key else None,
+        max_inflight_characters=config.max_inflight_characters,
     )
 
 
@@ -295,6 +301,9 @@ async def serve(config: ServeConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # until the models are up, a SIGHUP (whose default action ends the process) has nothing to reload
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP while the models load: nothing to reload"
+                                                               " yet; send it again once /ready answers 200"))
     check_before_listening(config)
     service = build_service(config)
     http, http_task, http_port = await start_http(config, service)

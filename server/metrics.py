@@ -42,6 +42,8 @@ FALLBACKS = Counter("rewardserve_kernel_fallbacks_total",
                     ["model", "forward"])
 RELOADS = Counter("rewardserve_reloads_total", "Reloads asked for, by model and outcome", ["model", "outcome"])
 
+INFLIGHT_CHARACTERS = Gauge("rewardserve_inflight_characters",
+                            "Characters of requests admitted and not yet answered (--max-inflight-characters)")
 QUEUE_DEPTH = Gauge("rewardserve_queue_depth", "Items waiting for a batch")
 BATCH_SIZE = Histogram("rewardserve_batch_size", "Items per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 BATCH_TOKENS = Histogram(

@@ -327,6 +327,25 @@ def check_own_code(path: str | os.PathLike, trust_remote_code: bool, name: str =
                            " --trust-remote-code: read it first, since the server executes it")
 
 
+def folder_signature(path: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """What a checkpoint folder holds, cheaply: each file's name, size and modification time (a hub id: none)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+
+
+@contextlib.contextmanager
+def unchanged_while_loading(path: str | os.PathLike):
+    """Refuses a checkpoint whose folder changed while it loaded (a file deleted, rewritten or added): the weights
+    read and the version computed from the files afterwards would not describe the same model."""
+    before = folder_signature(path)
+    yield
+    if folder_signature(path) != before:
+        raise StartupError(f"{path} changed while it loaded (files deleted, rewritten or added); load it again once"
+                           " it is completely written")
+
+
 def load_sequence_classifier(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
     several_outputs: bool = False,
@@ -478,10 +497,11 @@ class RewardModel:
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         log.info("loading reward model %s on %s", path, describe_device(target, torch_dtype))
-        network = load_sequence_classifier(path, torch_dtype, trust_remote_code, several_outputs=True).to(target)
-        own_code = bool(getattr(network.config, "auto_map", None))
-        model = cls.from_network(network, path, target, torch_dtype, max_length, min_shared_prefix,
-                                 may_pack=not own_code and packable_head(network))
+        with unchanged_while_loading(path):
+            network = load_sequence_classifier(path, torch_dtype, trust_remote_code, several_outputs=True).to(target)
+            own_code = bool(getattr(network.config, "auto_map", None))
+            model = cls.from_network(network, path, target, torch_dtype, max_length, min_shared_prefix,
+                                     may_pack=not own_code and packable_head(network))
         if own_code:
             model.output_field, model.code_hashes = output_field, code_file_hashes(path)
             log.warning("--trust-remote-code: %s runs its own code: %s", path,
@@ -489,6 +509,9 @@ class RewardModel:
         count = model.output_count()
         if count > 1:
             model.set_objective(output_names(network.config, count), objective or Objective())
+        elif objective is not None and (objective.name or objective.weights):
+            raise StartupError(f"{path} has one output, its score: --objective and --objective-weights choose among"
+                               " the outputs of a model of several; leave them out")
         return model
 
     @classmethod

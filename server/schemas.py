@@ -5,9 +5,11 @@ are the only ones, and both protocols answer a bad item with the same message.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 TransformChoice = Literal["raw", "whiten", "logsigmoid", "debias"]
 
@@ -113,6 +115,15 @@ class ScoreRequest(BaseModel):
         if len(named) > 1:
             raise ValueError(f"name one of `model`, `models` or `combination`, not {' and '.join(named)}")
         return self
+
+
+@functools.cache
+def score_request_limited_to(max_items: int) -> type[ScoreRequest]:
+    """ScoreRequest whose `items` holds at most `max_items`: the validator refuses a longer list before validating
+    any item (one error, not one per item), the form the HTTP adapter parses a body into."""
+    return create_model("ScoreRequest", __base__=ScoreRequest,
+                        items=(list[ScoreItem], Field(min_length=1, max_length=max_items,
+                                                      description="the items to score, at least one")))
 
 
 class RewardStatisticsOut(BaseModel):
@@ -244,8 +255,9 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Name | None = Field(None, description="the model to replace; the server's first model when left out")
-    path: str | None = Field(None, min_length=1, description="checkpoint folder inside --allow-reload-from; the"
-                                                             " model's own path (re-read) when left out")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="checkpoint folder inside --allow-reload-from; the model's own path"
+                                         " (re-read) when left out")
 
 
 class ReloadResponse(BaseModel):

@@ -8,6 +8,7 @@ response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -18,15 +19,16 @@ from dataclasses import asdict
 from . import metrics
 from .batcher import Batcher
 from .combinations import combine
-from .errors import (Forbidden, Internal, InvalidInput, NotReady, RateLimited, RewardServeError, TooManyItems,
-                     TransformUnavailable, Unauthorized, UnscorableItem)
+from .admission import MemoryTrimmer, TokenizingBudget
+from .errors import (Forbidden, Internal, InvalidInput, NotReady, Overloaded, RateLimited, RewardServeError,
+                     TooManyItems, TransformUnavailable, Unauthorized, UnscorableItem)
 from .normalization import RewardTransform
 from .rate_limit import RateLimiter
 from .registry import ModelRegistry, ServedModel, Target
 from .reloading import Reloader
 from .schemas import (CombinationOut, ComponentScores, ReloadRequest, ReloadResponse, ScoreRequest, ScoreResponse,
                       ServerInfo, TransformChoice, TransformOut)
-from .tokenization import EncodedItem
+from .tokenization import WHOLE_TEXT_CHARS, EncodedItem
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class ScoringService:
         rate_limit: float = 0.0,
         reloader: Reloader | None = None,
         admin_key: str | None = None,
+        max_inflight_characters: int = 16_000_000,
     ):
         self.registry = registry
         self.reloader = reloader
@@ -52,6 +55,10 @@ class ScoringService:
         self.max_items_per_request = max_items_per_request
         self._api_key = api_key.encode() if api_key else None
         self._tokenizer_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="rewardserve-tokenize")
+        # small requests tokenize on a thread of their own, never queued behind a large request's tokenizing
+        self._quick_pool = ThreadPoolExecutor(1, thread_name_prefix="rewardserve-tokenize-quick")
+        self._budget = TokenizingBudget(max_inflight_characters)
+        self._trimmer = MemoryTrimmer()
         self._rate_limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
         self._ready = False
         self._draining = False
@@ -135,13 +142,16 @@ class ScoringService:
                                model.length_fit if name == "debias" else None)
 
     # -- scoring --------------------------------------------------------------------------------------------------
-    async def score(self, request: ScoreRequest, request_id: str | None = None, protocol: str = "python"
-                    ) -> ScoreResponse:
-        """protocol: the adapter's (`http`, `grpc`), a label of the request and item counters."""
+    async def score(self, request: ScoreRequest, request_id: str | None = None, protocol: str = "python",
+                    client: str | None = None) -> ScoreResponse:
+        """protocol: the adapter's (`http`, `grpc`), a label of the request and item counters. client: who sent it
+        (an address and port: one connection), whose share of the in-flight characters it draws on."""
         request_id = request_id or uuid.uuid4().hex[:12]
         started = time.perf_counter()
+        characters = request_characters(request)
         try:
-            response = await self._score(request, protocol)
+            with self._admitted(client or protocol, characters):
+                response = await self._score(request, protocol, characters)
         except RewardServeError as error:
             self.record_error(error, protocol)
             raise
@@ -156,7 +166,23 @@ class ScoringService:
         metrics.REQUESTS.labels("ok", protocol).inc()
         return response
 
-    async def _score(self, request: ScoreRequest, protocol: str) -> ScoreResponse:
+    @contextlib.contextmanager
+    def _admitted(self, client: str, characters: int):
+        """Holds the request's characters in the budget while it is tokenized, queued and scored; a request that
+        does not fit is answered 503 at once, before any of that work."""
+        if not self._budget.try_admit(client, characters):
+            raise Overloaded(f"the server holds {self._budget.admitted:,} characters of requests in flight (limit"
+                             f" {self._budget.capacity:,}, --max-inflight-characters); this request's"
+                             f" {characters:,} do not fit: retry after the indicated delay",
+                             retry_after=self.batcher.retry_after())
+        metrics.INFLIGHT_CHARACTERS.set(self._budget.admitted)
+        try:
+            yield
+        finally:
+            self._budget.release(client, characters)
+            metrics.INFLIGHT_CHARACTERS.set(self._budget.admitted)
+
+    async def _score(self, request: ScoreRequest, protocol: str, characters: int = 0) -> ScoreResponse:
         if not self.is_ready():
             raise NotReady("the server is not ready (loading the model or shutting down); retry shortly")
         if len(request.items) > self.max_items_per_request:
@@ -169,7 +195,8 @@ class ScoringService:
             raise InvalidInput(f"combination {target.name!r} whitens each model's score itself; leave out `transform`")
         transforms = [self.transform_for(model, "whiten" if target.combination else request.transform)
                       for model in target.models]
-        encoded = await asyncio.gather(*(self._tokenize(model, request, transform.needs_lengths)
+        pool = self._quick_pool if characters <= QUICK_CHARACTERS else self._tokenizer_pool
+        encoded = await asyncio.gather(*(self._tokenize(model, request, transform.needs_lengths, pool)
                                          for model, transform in zip(target.models, transforms)))
         futures = self.batcher.submit_group([([item.input_ids for item in items], model.engine)
                                              for model, items in zip(target.models, encoded)])
@@ -238,13 +265,19 @@ class ScoringService:
                              components=by_name, combination=CombinationOut(**combination.describe()),
                              chosen=combined.chosen, std=combined.std)
 
-    async def _tokenize(self, model: ServedModel, request: ScoreRequest, response_lengths: bool) -> list[EncodedItem]:
+    async def _tokenize(self, model: ServedModel, request: ScoreRequest, response_lengths: bool,
+                        pool: ThreadPoolExecutor) -> list[EncodedItem]:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._tokenizer_pool, model.encoder.encode_all, request.items,
-                                             response_lengths)
+        encoded = await loop.run_in_executor(pool, model.encoder.encode_all, request.items, response_lengths)
         metrics.TOKENIZE_LATENCY.observe(time.perf_counter() - started)
         return encoded
+
+    def after_request(self, size: int) -> None:
+        """An adapter's request of `size` bytes is answered: after a large one, freed memory goes back to the
+        system (off the event loop)."""
+        if self._trimmer.due(size):
+            asyncio.get_running_loop().run_in_executor(None, self._trimmer.trim)
 
     @staticmethod
     def record_error(error: RewardServeError, protocol: str) -> None:
@@ -253,3 +286,21 @@ class ScoringService:
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=False)
+        self._quick_pool.shutdown(wait=False)
+
+
+QUICK_CHARACTERS = 32_768  # a request this small tokenizes on the quick thread (milliseconds of work)
+
+
+def request_characters(request: ScoreRequest) -> int:
+    """What a request asks the tokenizer to read: its characters, each text counted up to what tokenizing reads of
+    it (a longer one is cut to its tail first: tokenization.WHOLE_TEXT_CHARS), a token id as one."""
+    def read(text: str | None) -> int:
+        return min(len(text), WHOLE_TEXT_CHARS) if text else 0
+
+    total = 0
+    for item in request.items:
+        total += read(item.prompt) + read(item.response) + read(item.text) + len(item.input_ids or ())
+        if item.messages:
+            total += sum(read(message.content) for message in item.messages)
+    return total

@@ -89,3 +89,22 @@ def test_sigterm_while_loading_exits_at_once(tiny_llama, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_sighup_while_loading_is_a_warning_not_the_end(tiny_llama, tmp_path):
+    """SIGHUP's default action ends a process: until the models are up, the server says there is nothing to reload
+    yet, and goes on loading."""
+    import signal
+
+    http_port, grpc_port, gate, log_path = free_port(), free_port(), tmp_path / "gate", tmp_path / "server.log"
+    process = start_gated(tiny_llama, gate, log_path, http_port, grpc_port)
+    try:
+        wait_for(process, log_path, "listening:")
+        process.send_signal(signal.SIGHUP)
+        wait_for(process, log_path, "SIGHUP while the models load")
+        gate.touch()
+        wait_for(process, log_path, "rewardserve ready")
+        assert httpx.post(f"http://127.0.0.1:{http_port}/score", json={"items": [{"text": "hi"}]}).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(30)
