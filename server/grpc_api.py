@@ -199,7 +199,7 @@ class RewardServicer:
 
     async def _stream_answer(self, message, client: str) -> reward_pb2.ScoreStreamResponse:
         if isinstance(message, RewardServeError):  # a message that did not parse, or came too fast
-            if isinstance(message, (InvalidInput, TooManyItems)):
+            if isinstance(message, (InvalidInput, TooManyItems, Overloaded)):
                 self.service.record_error(message, "grpc")  # (admit() records its own)
             return reward_pb2.ScoreStreamResponse(error=error_to_proto(message))
         try:
@@ -238,8 +238,9 @@ def reward_service_handlers(servicer: RewardServicer) -> grpc.GenericRpcHandler:
     async def score(raw: bytes, context):
         try:
             servicer.service.admit(_peer_address(context), "grpc")
+            servicer.service.refuse_before_parsing(len(raw))
             request = parse_request(raw, servicer.service.max_items_per_request)
-        except (InvalidInput, TooManyItems) as error:
+        except (InvalidInput, TooManyItems, Overloaded) as error:  # (admit() records its own)
             servicer.service.record_error(error, "grpc")
             await abort(context, error)
         except RewardServeError as error:
@@ -254,6 +255,7 @@ def reward_service_handlers(servicer: RewardServicer) -> grpc.GenericRpcHandler:
             async for raw in raw_iterator:
                 try:
                     servicer.service.admit(_peer_address(context), "grpc")  # each message counts against the rate limit
+                    servicer.service.refuse_before_parsing(len(raw))
                     yield parse_request(raw, servicer.service.max_items_per_request)
                 except RewardServeError as error:  # answered in the stream; the stream goes on
                     yield error

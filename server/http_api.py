@@ -41,7 +41,8 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
     app = FastAPIOffline(title="rewardserve", version="0.1.0", summary="Reward-model scoring over HTTP")
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes, service=service)
 
-    def authorized(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> None:
+    async def authorized(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> None:
+        # async: a plain function dependency would run on a thread of the pool for every request
         token = authorization.removeprefix("Bearer ").strip() if authorization else None
         service.check_api_key(token)
         service.admit(request.client.host if request.client else "unknown", "http")
@@ -215,10 +216,16 @@ class BodySizeLimit:
         headers = dict(scope.get("headers", []))
         refusal = self._refuse_before_body(scope["path"], headers)
         if refusal is not None:
-            return await self._reject(refusal, scope, receive, send)
+            return await self._reject(refusal, scope, receive, send, unread=True)
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await self._reject(self._too_large(), scope, receive, send)
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_body_bytes:
+                return await self._reject(self._too_large(), scope, receive, send, unread=True)
+            if scope.get("method") == "POST" and not scope["path"].startswith("/admin/"):
+                try:  # overloaded: a large body is refused from its declared length, before it is read
+                    self.service.refuse_before_parsing(int(declared))
+                except RewardServeError as error:
+                    return await self._reject(error, scope, receive, send, unread=True)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -227,11 +234,16 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body_bytes:
-                return await self._reject(self._too_large(), scope, receive, send)
+                return await self._reject(self._too_large(), scope, receive, send, unread=True)
             more = message.get("more_body", False)
         body = b"".join(chunks)
         del chunks
         try:
+            if scope.get("method") == "POST" and not scope["path"].startswith("/admin/"):
+                try:
+                    self.service.refuse_before_parsing(len(body))
+                except RewardServeError as error:
+                    return await self._reject(error, scope, receive, send)
             too_many = longest_json_array(body, self.service.max_items_per_request) if body[:1] in b"{[" and \
                 body else None
             if too_many is not None:
@@ -283,6 +295,11 @@ class BodySizeLimit:
         with contextlib.suppress(asyncio.CancelledError):
             await handler
 
-    async def _reject(self, error: RewardServeError, scope, receive, send):
+    async def _reject(self, error: RewardServeError, scope, receive, send, unread: bool = False):
+        """unread: the body is refused before it is read, so the connection is closed after the answer (`Connection:
+        close`): keeping it open would mean receiving, and throwing away, the rest of the body."""
         self.service.record_error(error, "http")
-        await error_response(error)(scope, receive, send)
+        response = error_response(error)
+        if unread:
+            response.headers["connection"] = "close"
+        await response(scope, receive, send)

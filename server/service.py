@@ -58,6 +58,7 @@ class ScoringService:
         # small requests tokenize on a thread of their own, never queued behind a large request's tokenizing
         self._quick_pool = ThreadPoolExecutor(1, thread_name_prefix="rewardserve-tokenize-quick")
         self._budget = TokenizingBudget(max_inflight_characters)
+        self._overloaded_until = 0.0  # while a refusal is this recent, large bodies are refused before parsing
         self._trimmer = MemoryTrimmer()
         self._rate_limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
         self._ready = False
@@ -171,10 +172,11 @@ class ScoringService:
         """Holds the request's characters in the budget while it is tokenized, queued and scored; a request that
         does not fit is answered 503 at once, before any of that work."""
         if not self._budget.try_admit(client, characters):
+            retry_after = self.batcher.retry_after()
+            self._overloaded_until = time.monotonic() + retry_after
             raise Overloaded(f"the server holds {self._budget.admitted:,} characters of requests in flight (limit"
                              f" {self._budget.capacity:,}, --max-inflight-characters); this request's"
-                             f" {characters:,} do not fit: retry after the indicated delay",
-                             retry_after=self.batcher.retry_after())
+                             f" {characters:,} do not fit: retry after the indicated delay", retry_after=retry_after)
         metrics.INFLIGHT_CHARACTERS.set(self._budget.admitted)
         try:
             yield
@@ -272,6 +274,17 @@ class ScoringService:
         encoded = await loop.run_in_executor(pool, model.encoder.encode_all, request.items, response_lengths)
         metrics.TOKENIZE_LATENCY.observe(time.perf_counter() - started)
         return encoded
+
+    def refuse_before_parsing(self, size: int) -> None:
+        """An adapter's body of `size` bytes, before it is parsed: while the server has just refused a request for
+        want of room, a body larger than a small request is refused at once (a flood's bodies would otherwise each
+        be parsed, on the event loop every client shares, only to be refused)."""
+        if size > self._budget.capacity // 64 and time.monotonic() < self._overloaded_until:
+            metrics.INFLIGHT_CHARACTERS.set(self._budget.admitted)
+            raise Overloaded(f"the server is refusing requests for want of room (--max-inflight-characters"
+                             f" {self._budget.capacity:,}); a {size:,}-byte request is refused before it is read:"
+                             " retry after the indicated delay",
+                             retry_after=max(1.0, self._overloaded_until - time.monotonic()))
 
     def after_request(self, size: int) -> None:
         """An adapter's request of `size` bytes is answered: after a large one, freed memory goes back to the

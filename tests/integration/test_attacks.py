@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,33 +50,43 @@ def reset_peak(server: ServerProcess) -> None:
     Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
+STEADY = """
+import json, pathlib, sys, time, httpx
+url, key, stop = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+body = json.dumps({"items": [{"prompt": "How are you?", "response": "Fine, thanks."}]})
+headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+latencies, statuses, began = [], [], time.monotonic()
+with httpx.Client(timeout=30) as client:
+    while not stop.exists() and len(latencies) < 2000 and time.monotonic() - began < 300:
+        sent = time.perf_counter()
+        try:
+            statuses.append(client.post(url, content=body, headers=headers).status_code)
+        except httpx.HTTPError:
+            statuses.append(0)
+        latencies.append(time.perf_counter() - sent)
+        time.sleep(0.02)
+print(json.dumps({"latencies": latencies, "statuses": statuses}))
+"""
+
+
 class SteadyClient:
-    """One-item /score requests, one after another, until stopped (at most `limit` of them)."""
+    """One-item /score requests, one after another, from a process of its own (the attackers' threads share
+    this one's interpreter lock), until stopped (at most 2,000 requests or 300 s)."""
 
-    def __init__(self, server: ServerProcess, limit: int = 400):
-        self.url, self.limit, self.latencies, self.statuses = f"{server.http_url}/score", limit, [], []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        body = json.dumps({"items": [{"prompt": "How are you?", "response": "Fine, thanks."}]})
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set() and len(self.latencies) < self.limit:
-                began = time.perf_counter()
-                try:
-                    self.statuses.append(client.post(self.url, content=body, headers=AUTH).status_code)
-                except httpx.HTTPError:
-                    self.statuses.append(0)
-                self.latencies.append(time.perf_counter() - began)
-                time.sleep(0.02)
+    def __init__(self, server: ServerProcess, folder: Path):
+        self.stop_file = folder / f"stop-{time.monotonic_ns()}"
+        self.args = [sys.executable, "-c", STEADY, f"{server.http_url}/score", KEY, str(self.stop_file)]
+        self.latencies, self.statuses = [], []
 
     def __enter__(self):
-        self._thread.start()
+        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(40)
+        self.stop_file.touch()
+        out, _ = self.process.communicate(timeout=60)
+        result = json.loads(out)
+        self.latencies, self.statuses = result["latencies"], result["statuses"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +96,8 @@ def server(tiny_llama):
     yield server
     server.stop()
     if FIGURES:
-        print("\n" + "\n".join(f"{f['attack']:<44} steady worst {f['steady_worst_s']:6.3f} s ({f['steady_ok']}"
+        print("\n" + "\n".join(f"{f['attack']:<44} steady p50 {f['steady_p50_s']:5.3f} p99 {f['steady_p99_s']:5.3f}"
+                               f" worst {f['steady_worst_s']:6.3f} s ({f['steady_ok']}"
                                f" ok)  attacker {f['attacker']:<28} peak +{f['peak_mib']:6.1f} MiB  after"
                                f" +{f['after_mib']:6.1f} MiB" for f in FIGURES))
 
@@ -94,14 +106,17 @@ def run_attack(server: ServerProcess, name: str, attack, seconds_bound: float) -
     """Runs `attack()` (returns a description of the attacker's answers) beside the steady client."""
     rss_before, _ = memory(server)
     reset_peak(server)
-    with SteadyClient(server) as steady:
-        time.sleep(0.1)
+    with SteadyClient(server, Path(server.log_path).parent) as steady:
+        time.sleep(1.0)  # the steady client's interpreter starts
         began = time.perf_counter()
         outcome = attack()
         elapsed = time.perf_counter() - began
         time.sleep(0.3)
     rss_after, peak = memory(server)
-    figure = {"attack": name, "steady_worst_s": max(steady.latencies), "steady_ok": steady.statuses.count(200),
+    ordered = sorted(steady.latencies)
+    figure = {"attack": name, "steady_worst_s": ordered[-1], "steady_p50_s": ordered[len(ordered) // 2],
+              "steady_p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+              "steady_ok": steady.statuses.count(200),
               "attacker": outcome, "peak_mib": (peak - rss_before) / MiB, "after_mib": (rss_after - rss_before) / MiB,
               "seconds": elapsed}
     FIGURES.append(figure)
@@ -124,7 +139,7 @@ def test_a_million_empty_items_is_refused_in_milliseconds(server, count):
             assert reply.status_code == 413 and reply.json()["error"]["type"] == "too_many_items", reply.text[:300]
             assert len(reply.content) < 2000, len(reply.content)
         took = statistics.median(times)
-        assert took < 0.1, times
+        assert took < (0.1 if count <= 1_000_000 else 0.3), times  # the target is a 1M-item request's
         return f"413 in {took * 1000:.0f} ms (median of 3)"
 
     figure = run_attack(server, f"HTTP {count:,} empty items ({len(body) / MiB:.0f} MiB)", attack, 5.0)
