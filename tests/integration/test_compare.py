@@ -53,6 +53,7 @@ def test_the_win_rate_is_that_of_the_server_s_scores(running_server, policies, t
     assert "B's win rate, reward" in run.stdout
 
 
+@pytest.mark.slow  # 8 s; the default suite keeps compare's win rate against the server's scores
 def test_a_policy_against_itself_ties_every_greedy_comparison(running_server, policies, minilm_dir, tmp_path):
     """Under the reward server, under an AI judge asked in both orders (whose position bias then cancels), and
     under the relevance judge."""
