@@ -191,6 +191,7 @@ def install_error_handlers(app: FastAPI, service: ScoringService) -> None:
 # Routes anyone may call (probes, scrapers, the API's own documentation); every other route needs the API key (the
 # /admin/ routes the admin key), checked from the headers before a byte of the body is read.
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json")
+OVERLOAD_HOLD_SECONDS = 1.0  # how long a large body refused unread for overload waits for its 503
 
 
 class BodySizeLimit:
@@ -302,4 +303,8 @@ class BodySizeLimit:
         response = error_response(error)
         if unread:
             response.headers["connection"] = "close"
+            if isinstance(error, Overloaded):
+                # a flood ignores Retry-After: its next body would come at once; held this long, each of its
+                # connections costs a coroutine that sleeps, not a request a millisecond on the event loop
+                await asyncio.sleep(min(OVERLOAD_HOLD_SECONDS, error.retry_after))
         await response(scope, receive, send)
