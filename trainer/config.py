@@ -246,7 +246,8 @@ class PPOConfig(_Settings):
     kl_horizon: int = Field(10000, gt=0)
     """Rollouts over which the adaptive controller closes the gap."""
     gamma: float = Field(1.0, ge=0, le=1)
-    """Discount."""
+    """Discount: GAE's (ppo), and the rewards-to-go of the critic-free estimators (grpo, rloo, reinforce++), as
+    verl and OpenRLHF discount REINFORCE++'s."""
     lam: float = Field(0.95, ge=0, le=1)
     """GAE lambda."""
     cliprange: float = Field(0.2, gt=0)

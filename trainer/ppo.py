@@ -138,11 +138,24 @@ def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompt
         except RewardUnavailable as error:
             dropped += len(chunk_rollout.responses)
             tqdm.write(f"dropped {len(chunk_rollout.responses)} rollouts the server could not score: {error}")
+        except RequestRejected as error:
+            if error.kind not in PER_ITEM_REFUSALS:  # the run's own configuration: it ends here, in one line
+                raise StartupError(f"the reward server refuses this run's requests ({error.status} {error.kind}):"
+                                   f" {error.message}") from None
+            dropped += len(chunk_rollout.responses)  # one item it could not score: the chunk, not the run
+            tqdm.write(f"dropped {len(chunk_rollout.responses)} rollouts the server refused ({error.kind}):"
+                       f" {error.message[:200]}")
         timings["score_wait"] += time.perf_counter() - began
     rollout = Rollout.concat(kept, tokenizer.pad_token_id) if kept else None
     scored = ScoredRollout(rollout, torch.tensor([r for result in results for r in result.rewards]), len(prompts),
                            dropped, timings, generation)
     return scored_parts(scored, results)
+
+
+# Refusals that concern one item of a chunk (a response the model scores NaN, one too long under
+# --on-overflow error): that chunk is dropped and counted, as when the server is unreachable; any other refusal
+# (a key, a model name) is the run's configuration and ends it.
+PER_ITEM_REFUSALS = {"unscorable_item", "input_too_long"}
 
 
 def scored_parts(scored: ScoredRollout, results: list) -> ScoredRollout:
@@ -195,7 +208,7 @@ def advantages_for(rollout: Rollout, scores: torch.Tensor, beta: float, config: 
     # Critic-free: each score baselined within its prompt's group, the KL penalty at every token, reward-to-go
     baselined = group_baselined_scores(scores, config.samples_per_prompt, config.advantage_estimator,
                                        config.grpo_scale_by_std)
-    advantages = returns_to_go(per_token_rewards(baselined, kl, beta, mask), mask)
+    advantages = returns_to_go(per_token_rewards(baselined, kl, beta, mask), mask, config.gamma)
     if config.advantage_estimator == "reinforce++":
         advantages = masked_whiten(advantages, mask, total=ranks.sum_on_device) * mask
     return advantages, advantages, kl.sum(-1)  # no critic: the returns train nothing

@@ -125,31 +125,43 @@ def group_baselined_scores(scores: torch.Tensor, group_size: int, estimator: str
     """
     if scores.numel() % group_size:
         raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
-    groups = scores.reshape(-1, group_size)
     if estimator == "reinforce++":
         return scores.clone()
+    # float64, and a group without spread set to exactly zero: the float32 mean of twelve equal scores can be one
+    # rounding step off them, and divided by a std of 0 (+ eps) that step became an advantage of -0.57 for all
+    groups = scores.double().reshape(-1, group_size)
+    spread = groups.amax(-1, keepdim=True) > groups.amin(-1, keepdim=True)  # (G, 1)
     if estimator == "rloo":
         if group_size < 2:
             raise ValueError("rloo needs at least 2 samples per prompt (a baseline from the others)")
         others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
-        return (groups - others).reshape(-1)
+        return torch.where(spread, groups - others, 0.0).reshape(-1).to(scores.dtype)
     if estimator == "grpo":
         centred = groups - groups.mean(-1, keepdim=True)
         if scale_by_std and group_size > 1:
             centred = centred / (groups.std(-1, keepdim=True) + eps)
-        return centred.reshape(-1)
+        return torch.where(spread, centred, 0.0).reshape(-1).to(scores.dtype)
     raise ValueError(f"no critic-free estimator {estimator!r}; choose one of {', '.join(ESTIMATORS[1:])}")
 
 
-def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each token's undiscounted sum of the rewards from it to the response's end: (B, T) -> (B, T). With the
-    sequence's (baselined) score at its last token and -beta KL at every token, this is the critic-free advantage.
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Each token's sum of the rewards from it to the response's end, discounted by `gamma` a step (as verl and
+    OpenRLHF discount REINFORCE++'s): G_t = r_t + gamma G_{t+1}, (B, T) -> (B, T). With the sequence's (baselined)
+    score at its last token and -beta KL at every token, this is the critic-free advantage.
 
     >>> returns_to_go(torch.tensor([[-0.1, -0.2, 1.0]]), torch.ones(1, 3))
     tensor([[0.7000, 0.8000, 1.0000]])
+    >>> returns_to_go(torch.tensor([[-0.1, -0.2, 1.0]]), torch.ones(1, 3), gamma=0.5)
+    tensor([[0.0500, 0.3000, 1.0000]])
     """
     rewards = rewards * mask
-    return rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    if gamma == 1.0:
+        return rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    returns, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):  # T steps of device work, no host synchronisation
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
 
 
 @dataclass(frozen=True)

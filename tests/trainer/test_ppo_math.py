@@ -169,3 +169,24 @@ def test_loss_aggregations_by_hand():
     assert aggregate(losses, mask, "token-sum-norm", max_tokens=4).item() == pytest.approx(6 / 8)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         aggregate(losses, mask, "median")
+
+
+def test_a_group_of_equal_scores_gets_exactly_zero_advantages():
+    """float32 means of equal scores can be one rounding step off them; divided by a std of 0 (+ eps) that step
+    was an advantage of up to -0.57 for the whole group. Groups of identical answers are common once a policy
+    sharpens."""
+    values = torch.rand(500, generator=torch.Generator().manual_seed(0)) * 20 - 10
+    equal = values.repeat_interleave(12)  # 500 groups of 12 equal float32 scores
+    for estimator in ("grpo", "rloo"):
+        assert torch.equal(group_baselined_scores(equal, 12, estimator), torch.zeros_like(equal)), estimator
+    assert torch.equal(group_baselined_scores(equal, 12, "grpo", scale_by_std=False), torch.zeros_like(equal))
+    mixed = torch.cat([torch.full((4,), 0.1), GROUP])  # a flat group beside one with spread: only it is zero
+    assert torch.equal(group_baselined_scores(mixed, 4, "grpo")[:4], torch.zeros(4))
+    assert group_baselined_scores(mixed, 4, "grpo").dtype == torch.float32
+
+
+def test_returns_to_go_discount_by_gamma_by_hand():
+    # G_2 = 1.0; G_1 = -0.2 + 0.5 * 1.0 = 0.3; G_0 = -0.1 + 0.5 * 0.3 = 0.05; a masked step adds nothing
+    rewards, mask = torch.tensor([[-0.1, -0.2, 1.0, 7.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert torch.allclose(returns_to_go(rewards, mask, gamma=0.5), torch.tensor([[0.05, 0.3, 1.0, 0.0]]))
+    assert torch.allclose(returns_to_go(rewards, mask), torch.tensor([[0.7, 0.8, 1.0, 0.0]]))

@@ -164,3 +164,46 @@ def test_an_epochs_minibatch_indices_reach_the_device_in_one_copy():
     parts = epoch_index_tensors([[3, 0, 5], [1, 4], [2]], torch.device("cpu"))
     assert [p.tolist() for p in parts] == [[3, 0, 5], [1, 4], [2]]
     assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
+
+
+class ScriptedScorer:
+    """A reward client that refuses its first chunk with the given 4xx and scores the others 1.0."""
+
+    def __init__(self, kind: str):
+        self.kind, self.calls = kind, 0
+
+    def score(self, items, target=None):
+        from rewardserve.trainer.client import ScoreResult
+        from rewardserve.trainer.transports import RequestRejected
+
+        self.calls += 1
+        if self.calls == 1:
+            raise RequestRejected("422", self.kind, "items[1]: the model's score for this item is nan")
+        return ScoreResult(scores=[1.0] * len(items), rewards=[1.0] * len(items), truncated=[False] * len(items),
+                           transform={"name": "raw"}, model="rm")
+
+
+@pytest.mark.parametrize("kind", ["unscorable_item", "unknown_model"])
+def test_a_refused_item_drops_its_chunk_and_a_refused_run_ends_in_one_line(tmp_path, smol_tokenizer, kind):
+    """A 422 for one item (unscorable, too long) drops that chunk and counts it, as an unreachable server does;
+    a refusal of the run's own configuration ends it with one line, not a traceback out of main()."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rewardserve.server.errors import StartupError
+    from rewardserve.trainer.ppo import rollout_and_score
+
+    policy = AutoModelForCausalLM.from_pretrained(build_tiny_policy(tmp_path / "p", smol_tokenizer))
+    model, reference = ActorCritic(policy), copy.deepcopy(policy).eval()
+    engine = RolloutEngine(policy, smol_tokenizer.eos_token_id, smol_tokenizer.pad_token_id)
+    config = PPOConfig(reward_url="http://127.0.0.1:9", batch_size=4, mini_batch_size=2, generation_batch_size=2,
+                       max_new_tokens=4)
+    prompts = ["one", "two", "three", "four"]
+    with ThreadPoolExecutor(2) as pool:
+        if kind == "unknown_model":
+            with pytest.raises(StartupError, match="refuses this run's requests .*unknown_model"):
+                rollout_and_score(model, reference, engine, smol_tokenizer, prompts, ScriptedScorer(kind), pool,
+                                  config, torch.device("cpu"))
+            return
+        scored = rollout_and_score(model, reference, engine, smol_tokenizer, prompts, ScriptedScorer(kind), pool,
+                                   config, torch.device("cpu"))
+    assert scored.dropped == 2 and len(scored.rollout.responses) == 2 and scored.scores.tolist() == [1.0, 1.0]
