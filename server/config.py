@@ -80,6 +80,10 @@ class ServeConfig(BaseSettings):
     trained at, else its positions; always capped, per model, at that model's positions."""
     on_overflow: Literal["truncate", "error"] = "truncate"
     """truncate: keep the response and cut the prompt from the left (the item says truncated); error: answer 413."""
+    plain_chat_format: Literal["auto", "concat", "roles"] = "auto"
+    """How `messages` (and prompt + response) are written for a checkpoint whose tokenizer has no chat template:
+    concat (the turns' texts in order, the last right after the others: prompt + response as ever) or roles
+    ("User: ...", blank lines between). auto: what `rewardserve train` stored in the checkpoint, else concat."""
     forward_path: Literal["auto", "packed", "packed-flex", "packed-varlen", "packed-sdpa", "padded"] = "auto"
     """How a batch runs: auto (measured at start, see --calibration-seconds), packed (padding-free with the
     device's default kernel: flex_attention on CUDA, SDPA per sequence elsewhere; padded for architectures that do

@@ -41,7 +41,7 @@ from .reloading import Reloader
 from .schemas import CalibrationOut, ModelInfo, ScoreItem
 from .service import ScoringService
 from .simulated_forward import SimulatedForward
-from .tokenization import ItemEncoder, load_tokenizer, trained_max_length
+from .tokenization import PLAIN_FORMAT_KEY, ItemEncoder, load_tokenizer, trained_max_length
 
 log = logging.getLogger("rewardserve")
 
@@ -74,8 +74,14 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     model.name = name  # the served name, which the batcher's per-model metrics are labelled with
     append_eos = model.is_decoder if config.append_eos is None else config.append_eos
     encoder = ItemEncoder(tokenizer, model.max_length, config.on_overflow, append_eos=append_eos,
-                          embedding_rows=model.embedding_rows)
+                          embedding_rows=model.embedding_rows,
+                          plain_format=plain_format_of(model.network.config, config.plain_chat_format))
     return serve_model(model, encoder, model.statistics, path, config)
+
+
+def plain_format_of(checkpoint_config, flag: str) -> str:
+    """The flag's plain chat format, or (auto) the one the checkpoint was trained with, else concat."""
+    return getattr(checkpoint_config, PLAIN_FORMAT_KEY, None) or "concat" if flag == "auto" else flag
 
 
 def load_served_judge(name: str, path: str, config: ServeConfig) -> ServedModel:
@@ -161,6 +167,7 @@ def serve_model(model: RewardModel, encoder: ItemEncoder, statistics: RewardStat
         model=name, path=str(path), version=model.version, architecture=model.architecture,
         dtype=str(model.dtype).removeprefix("torch."), device=str(model.device), max_length=model.max_length,
         on_overflow=encoder.on_overflow, chat_template=encoder.has_chat_template,
+        plain_chat_format=None if encoder.has_chat_template else encoder.plain_format,
         default_transform=default_transform.describe(), statistics=asdict(statistics) if statistics else None,
         max_items_per_request=config.max_items_per_request, max_batch_tokens=model.max_batch_tokens,
         forward_path=model.forward_path, length_fit=asdict(model.length_fit) if model.length_fit else None,

@@ -34,6 +34,7 @@ from .errors import DeviceUnavailable, NotARewardModel, OutOfMemory, StartupErro
 from .normalization import LengthFit, RewardStatistics
 from .packing import (PackedBatch, pack, packable_head, packed_outputs, plain_attention_blocker,
                       supports_packing, to_device, varlen_available)
+from .tokenization import PLAIN_FORMAT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +438,7 @@ def init_reward_model_from_base(base: str | os.PathLike, dtype: torch.dtype = to
 
 
 def save_reward_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, statistics: RewardStatistics | None,
-                      length_fit: LengthFit | None = None):
+                      length_fit: LengthFit | None = None, plain_format: str | None = None):
     """Writes an HF checkpoint (safetensors + tokenizer) with the whitening statistics and the length fit in its
     config.
 
@@ -450,6 +451,8 @@ def save_reward_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, s
         setattr(model.config, STATISTICS_KEY, {"mean": statistics.mean, "std": statistics.std})
     if length_fit is not None:
         setattr(model.config, LENGTH_FIT_KEY, asdict(length_fit))
+    if plain_format is not None and not getattr(tokenizer, "chat_template", None):
+        setattr(model.config, PLAIN_FORMAT_KEY, plain_format)  # how its conversations were written in training
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(staging, safe_serialization=True)

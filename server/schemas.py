@@ -218,6 +218,8 @@ class ModelInfo(BaseModel):
     max_length: int
     on_overflow: str
     chat_template: bool
+    plain_chat_format: str | None = Field(None, description="without a chat template: how conversations are"
+                                                            " written (concat or roles)")
     default_transform: TransformOut
     statistics: RewardStatisticsOut | None = None
     max_items_per_request: int

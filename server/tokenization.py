@@ -36,6 +36,29 @@ class EncodedItem:
     response_length: int | None = None  # the response's own tokens, counted when a length-debiased reward needs it
 
 
+# How a conversation is written for a checkpoint whose tokenizer has no chat template (BERT, DeBERTa, MiniLM reward
+# models): `concat`, the turns' texts in order, the earlier ones each on a line, the last (the response) right after,
+# so that a user turn and an assistant turn read exactly as `prompt` + `response` always did; `roles`, each turn as
+# "Role: text", blank lines between (hh-rlhf's shape). `rewardserve train` stores its choice in the checkpoint's
+# config.json (PLAIN_FORMAT_KEY) and the server reads it there, so scores are read as training wrote them.
+PLAIN_FORMATS = ("concat", "roles")
+PLAIN_FORMAT_KEY = "reward_plain_chat_format"
+
+
+def render_plain(messages: list[dict], plain_format: str = "concat") -> str:
+    """A conversation as text for a tokenizer without a chat template.
+
+    >>> render_plain([{"role": "user", "content": "Hi? "}, {"role": "assistant", "content": "Hello."}])
+    'Hi? Hello.'
+    >>> render_plain([{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}], "roles")
+    'User: Hi?\n\nAssistant: Hello.'
+    """
+    if plain_format == "roles":
+        return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+    *earlier, last = messages
+    return "\n".join(m["content"] for m in earlier) + last["content"]
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -57,8 +80,12 @@ class ItemEncoder:
     """
 
     def __init__(self, tokenizer, max_length: int, on_overflow: OnOverflow = "truncate", append_eos: bool = True,
-                 embedding_rows: int | None = None):
-        """embedding_rows: ids at or above it have no embedding in the model (default: the tokenizer's size)."""
+                 embedding_rows: int | None = None, plain_format: str = "concat"):
+        """embedding_rows: ids at or above it have no embedding in the model (default: the tokenizer's size).
+        plain_format: how a conversation is written for a tokenizer without a chat template (`render_plain`)."""
+        if plain_format not in PLAIN_FORMATS:
+            raise ValueError(f"plain chat format {plain_format!r}: one of {', '.join(PLAIN_FORMATS)}")
+        self.plain_format = plain_format
         if append_eos and tokenizer.eos_token is None:
             raise ValueError("append_eos needs a tokenizer with an eos_token")
         self.tokenizer = tokenizer
@@ -78,16 +105,11 @@ class ItemEncoder:
 
     # -- formatting -------------------------------------------------------------------------------------------
     def format_prompt_response(self, prompt: str, response: str) -> str:
-        if not self.has_chat_template:
-            return prompt + response
         return self.format_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
 
     def format_messages(self, messages: list[dict]) -> str:
         if not self.has_chat_template:
-            raise InvalidInput(
-                "this checkpoint has no chat template, so `messages` cannot be formatted; send `prompt` + `response`"
-                " or pre-formatted `text` instead"
-            )
+            return render_plain(messages, self.plain_format)
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         except Exception as error:  # jinja raises its own errors for conversations a template rejects
@@ -113,7 +135,7 @@ class ItemEncoder:
             return self._encode_text(item.text, add_special_tokens=not self.append_eos)
         if item.messages is not None:
             text = self.format_messages([m.model_dump() for m in item.messages])
-            return self._encode_text(text, add_special_tokens=False)
+            return self._encode_text(text, add_special_tokens=not self.has_chat_template)
         return self.encode_prompt_response(item.prompt or "", item.response)
 
     def encode_all(self, items: list[ScoreItem], response_lengths: bool = False) -> list[EncodedItem]:

@@ -79,6 +79,10 @@ def check_report_to(report_to: list[str]) -> None:
 
 
 class RMTrainConfig(_Settings):
+    plain_chat_format: Literal["concat", "roles"] = "concat"
+    """How conversations (messages rows, and prompt + response) are written for a base whose tokenizer has no chat
+    template (MiniLM, BERT, DeBERTa): concat (the turns' texts in order, the last right after the others) or roles
+    ("User: ...", blank lines between). Stored in the checkpoint, so the server writes them the same way."""
     base: str = "smollm2"
     """Base model: a local folder (causal LM or encoder), a hub id, or `smollm2` for the embedded SmolLM2-135M."""
     init_from: str | None = None

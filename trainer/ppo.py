@@ -434,12 +434,13 @@ def holdings(model: ActorCritic, reference, optimizer) -> str:
             f" AdamW over {optimised:,} parameters ({8 * optimised / 2**30:.2f} GiB of moments){lora}")
 
 
-def check_reward_server(client: RewardClient, target: RewardTarget) -> None:
-    """Before the policy loads: one scored item shows the server takes this run's requests (its model or
-    combination, the API key, TLS). A refusal ends the run in one line now, not after the first generation; a
-    server that is not up yet is waited for later, as in any outage."""
+def check_reward_server(client: RewardClient, target: RewardTarget, prompt: str | list[dict] = "Hello") -> None:
+    """Before the policy loads: one scored item of the shape this run sends (its first prompt, as `prompt` +
+    `response` or as `messages`) shows the server takes this run's requests (its model or combination, the item's
+    shape, the API key, TLS). A refusal ends the run in one line now, not after the first generation; a server that
+    is not up yet is waited for later, as in any outage."""
     try:
-        client.score([{"prompt": "Hello", "response": "Hello! How can I help?"}], target=target)
+        client.score(scoring_items([prompt], ["Hello! How can I help?"]), target=target)
     except RequestRejected as error:
         raise StartupError(f"the reward server at {client.urls[0]} refuses this run's requests ({error.status}"
                            f" {error.kind}): {error.message}") from None
@@ -461,7 +462,8 @@ def main(config: PPOConfig) -> dict:
     client = RewardClient(config.reward_url, timeout=config.reward_timeout, retry=RetryPolicy(config.reward_retries),
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
                           ca_file=config.reward_ca_file)
-    check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination))
+    prompts = load_prompts(config.prompts)
+    check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination), prompts[0])
     torch.manual_seed(config.seed)  # new weights (LoRA's A) start alike on every rank: FSDP broadcasts none
     tokenizer, model, reference, engine = build_models(config, device)
     blocker = plain_attention_blocker(model.policy.config, config.max_prompt_length + config.max_new_tokens)
@@ -483,7 +485,7 @@ def main(config: PPOConfig) -> dict:
                      else FixedKLController(config.beta))
     moments = RunningMoments()
     groups = config.samples_per_prompt
-    sampler = PromptSampler(load_prompts(config.prompts), config.batch_size // groups, config.seed, ranks)
+    sampler = PromptSampler(prompts, config.batch_size // groups, config.seed, ranks)
     counters, start = {"generated": 0, "dropped": 0, "skipped_updates": 0}, 0
     if config.resume:
         start, counters = load_latest_checkpoint(out, model, optimizer, kl_controller, moments)

@@ -25,7 +25,7 @@ from rewardserve.server.modeling import (context_size, describe_device, init_rew
                                          save_reward_model, sequence_scores, shares_prefixes, synchronize)
 from rewardserve.server.normalization import LengthFit, RewardStatistics, debias, fit_length
 from rewardserve.server.packing import packed_attention_on, packed_scores, supports_packing, to_device
-from rewardserve.server.tokenization import ItemEncoder, load_tokenizer, trained_max_length
+from rewardserve.server.tokenization import PLAIN_FORMAT_KEY, ItemEncoder, load_tokenizer, trained_max_length
 
 from .config import EvalConfig, RMTrainConfig
 from .data import (DataReport, EncodedPair, PairBatch, PreferencePair, collate_pairs, encode_pairs,
@@ -298,7 +298,8 @@ def main(config: RMTrainConfig) -> dict:
     else:
         model = init_reward_model_from_base(source).to(device)
     tokenizer.model_max_length = min(config.max_length, context_size(model))  # the server reads it back
-    encoder = ItemEncoder(tokenizer, tokenizer.model_max_length, append_eos=is_decoder_reward_model(model))
+    encoder = ItemEncoder(tokenizer, tokenizer.model_max_length, append_eos=is_decoder_reward_model(model),
+                          plain_format=config.plain_chat_format)
     data = prepare_data(config, encoder)
     print(f"data: {len(data.train)} training and {len(data.eval)} held-out pairs; {json.dumps(data.report)}", flush=True)
     if config.gradient_checkpointing:
@@ -390,7 +391,8 @@ def finish(config: RMTrainConfig, model, tokenizer, data: PreparedData, log: Jso
     model.to("cpu")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    save_reward_model(model, tokenizer, out, RewardStatistics(mean, std, source="checkpoint"), length_fit)
+    save_reward_model(model, tokenizer, out, RewardStatistics(mean, std, source="checkpoint"), length_fit,
+                      config.plain_chat_format)
     (out / "eval_report.json").write_text(json.dumps(report, indent=2))
     write_pairs(data.held_out_pairs, out / HELD_OUT_FILE)
     (out / TRAINED_PAIRS_FILE).write_text("".join(f"{fingerprint}\n" for fingerprint in data.trained_fingerprints))
@@ -434,7 +436,8 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     tokenizer = load_tokenizer(path)
     model = RewardModel.load(path, config.dtype, config.device,
                              max_length=config.max_length or trained_max_length(tokenizer))
-    encoder = ItemEncoder(tokenizer, model.max_length, append_eos=model.is_decoder, embedding_rows=model.embedding_rows)
+    encoder = ItemEncoder(tokenizer, model.max_length, append_eos=model.is_decoder, embedding_rows=model.embedding_rows,
+                          plain_format=getattr(model.network.config, PLAIN_FORMAT_KEY, None) or "concat")
     report_counts = DataReport()
     read = read_pairs(config.data, report_counts, config.max_pairs, config.seed)
     trained_on = count_trained_on(read, Path(path) / TRAINED_PAIRS_FILE)

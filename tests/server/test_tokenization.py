@@ -59,8 +59,23 @@ def test_encoder_models_keep_cls_and_sep(minilm_dir):
     full = encoder.encode(ScoreItem(prompt="a question here ", response="and its answer"))
     assert not encoder.has_chat_template
     assert full.input_ids[0] == tokenizer.cls_token_id and full.input_ids[-1] == tokenizer.sep_token_id
-    with pytest.raises(InvalidInput, match="no chat template"):
-        encoder.encode(ScoreItem(messages=[{"role": "user", "content": "x"}]))
+
+
+def test_conversations_are_written_plainly_without_a_chat_template(minilm_dir):
+    """A tokenizer without a chat template (BERT, MiniLM): a user and an assistant turn give exactly the ids of
+    prompt + response (concat, the default), [CLS] and [SEP] included; roles writes each turn as "Role: text"."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    turns = [{"role": "user", "content": "Is the sky blue? "}, {"role": "assistant", "content": "Yes, by day."}]
+    concat = ItemEncoder(tokenizer, max_length=64, append_eos=False)
+    as_messages = concat.encode(ScoreItem(messages=turns)).input_ids
+    assert as_messages == concat.encode(ScoreItem(prompt=turns[0]["content"], response=turns[1]["content"])).input_ids
+    assert as_messages[0] == tokenizer.cls_token_id and as_messages[-1] == tokenizer.sep_token_id
+    roles = ItemEncoder(tokenizer, max_length=64, append_eos=False, plain_format="roles")
+    assert roles.format_messages(turns) == "User: Is the sky blue? \n\nAssistant: Yes, by day."
+    assert roles.encode(ScoreItem(prompt="Is the sky blue? ", response="Yes, by day.")).input_ids == \
+        roles.encode(ScoreItem(messages=turns)).input_ids
+    with pytest.raises(ValueError, match="one of concat, roles"):
+        ItemEncoder(tokenizer, max_length=64, append_eos=False, plain_format="markdown")
 
 
 def whole(encoder: ItemEncoder, item: ScoreItem):

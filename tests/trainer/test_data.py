@@ -146,3 +146,21 @@ def test_a_pair_the_chat_template_cannot_take_is_skipped_with_its_reason(smol_to
     assert len(pairs) == 1 and report.used == 1
     [(reason, count)] = report.skipped.items()
     assert count == 1 and "role 'bot' is not one chat templates know" in reason
+
+
+def test_conversational_pairs_train_with_a_reward_model_that_has_no_chat_template(minilm_dir):
+    """TRL's conversational rows with MiniLM's tokenizer (no chat template): every pair is encoded (all of them were
+    skipped before), each side as its prompt + response would be."""
+    from transformers import AutoTokenizer
+
+    from rewardserve.server.schemas import ScoreItem
+    from rewardserve.trainer.data import encode_pairs
+
+    encoder = ItemEncoder(AutoTokenizer.from_pretrained(minilm_dir), max_length=64, append_eos=False)
+    user = [{"role": "user", "content": "Is fire hot? "}]
+    rows = [parse_row({"chosen": user + [{"role": "assistant", "content": f"Yes, {k}."}],
+                       "rejected": user + [{"role": "assistant", "content": f"No, {k}."}]}) for k in range(5)]
+    report = DataReport()
+    pairs = encode_pairs(rows, encoder, report)
+    assert len(pairs) == 5 and not report.skipped
+    assert pairs[0].chosen_ids == encoder.encode(ScoreItem(prompt="Is fire hot? ", response="Yes, 0.")).input_ids

@@ -207,3 +207,24 @@ def test_a_refused_item_drops_its_chunk_and_a_refused_run_ends_in_one_line(tmp_p
         scored = rollout_and_score(model, reference, engine, smol_tokenizer, prompts, ScriptedScorer(kind), pool,
                                    config, torch.device("cpu"))
     assert scored.dropped == 2 and len(scored.rollout.responses) == 2 and scored.scores.tolist() == [1.0, 1.0]
+
+
+def test_the_start_check_sends_the_item_shape_of_the_run():
+    """A run of `messages` prompts checks the server with a `messages` item before the policy loads, so a server
+    that cannot take them refuses in one line at start, not after the first generation."""
+    from rewardserve.trainer.client import RewardTarget
+    from rewardserve.trainer.ppo import check_reward_server
+
+    sent = []
+
+    class Recorder:
+        urls = ["http://127.0.0.1:9"]
+
+        def score(self, items, target=None):
+            sent.append(items)
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    check_reward_server(Recorder(), RewardTarget.from_names(None, None), conversation)
+    check_reward_server(Recorder(), RewardTarget.from_names(None, None), "Hi?")
+    assert sent[0] == [{"messages": conversation + [{"role": "assistant", "content": "Hello! How can I help?"}]}]
+    assert sent[1] == [{"prompt": "Hi?", "response": "Hello! How can I help?"}]
