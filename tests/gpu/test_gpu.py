@@ -369,3 +369,27 @@ def test_the_server_on_cuda_answers_http_and_grpc_as_the_core(tmp_path, tokenize
         assert info["forward_path"] in info.get("forwards", {})  # what it serves along is what ran
     finally:
         server.stop()
+
+
+def test_a_pinned_compiled_kernel_is_checked_and_warmed_at_start(tmp_path, cuda, record):
+    """--forward-path packed-flex with --max-batch-tokens: nothing is calibrated, so the start checks the kernel
+    against padded and warms its shape classes (main.warm_pinned); a failure would be a one-line start error."""
+    pytest.importorskip("pydantic_settings", reason="the server's configuration needs pydantic-settings")
+    from rewardserve.server.config import ServeConfig
+    from rewardserve.server.main import configure_forward
+
+    model = RewardModel.load(save_family(tmp_path, "llama"), dtype="bfloat16", device="cuda")
+    model.min_shared_prefix = 16
+    config = ServeConfig(model=[str(tmp_path)], forward_path="packed-flex", max_batch_tokens=16384)
+    began = time.perf_counter()
+    calibration = configure_forward(model, config)
+    record("pinned_warm_seconds", time.perf_counter() - began, forwards=dict(model.forwards_by_path))
+    assert calibration.how.startswith("pinned") and model.forwards_by_path.get("packed-flex", 0) >= 3
+
+
+def test_an_epochs_minibatch_indices_reach_the_gpu_in_one_pinned_copy(cuda):
+    from rewardserve.trainer.ppo import epoch_index_tensors
+
+    parts = epoch_index_tensors([[3, 0, 5], [1, 4], [2]], cuda)
+    assert [p.device.type for p in parts] == ["cuda"] * 3
+    assert [p.tolist() for p in parts] == [[3, 0, 5], [1, 4], [2]]

@@ -218,6 +218,7 @@ def test_a_flood_of_large_requests_is_answered_overloaded_and_others_keep_their_
                FLOOD_SECONDS + 30)
 
 
+@pytest.mark.slow  # 6 s; the HTTP flood stays in the default suite
 def test_a_stream_flood_keeps_its_messages_bounded_and_others_keep_their_latency(server):
     item = reward_pb2.ScoreItem(prompt="p " * 500, response="r " * 500)
     message = reward_pb2.ScoreRequest(items=[item] * 1000)

@@ -119,6 +119,7 @@ def test_grpc_auth(strict_server):
     assert len(stub.Score(good, metadata=(("x-api-key", KEY),), timeout=30).scores) == 1
 
 
+@pytest.mark.slow  # 10 s; the limiter's rules are unit-tested in tests/server/test_rate_limit.py
 def test_rate_limit_per_client_on_both_protocols(tiny_llama):
     server = ServerProcess(tiny_llama, "--rate-limit", "2")
     try:

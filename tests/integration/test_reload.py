@@ -168,6 +168,7 @@ def test_sighup_re_reads_the_same_path(server, checkpoints):
     assert after != before and after.split("@")[0] == before.split("@")[0]  # same weights, loaded anew
 
 
+@pytest.mark.slow  # 10 s of PPO; reloads under load stay in the default suite (32 clients, three reloads)
 def test_ppo_marks_the_step_the_reward_model_changed_and_loses_no_rollout(server, checkpoints, smol_tokenizer,
                                                                           tmp_path):
     import json

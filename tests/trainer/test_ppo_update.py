@@ -84,6 +84,7 @@ def test_the_ready_made_mask_gives_transformers_own_logits_on_left_padded_rows(t
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
+@pytest.mark.slow  # 10 s; test_sharding runs the same two-rank DDP step (beside FSDP's) in the default suite
 def test_two_ranks_with_different_rollout_counts_update_together(tmp_path, smol_tokenizer):
     """After a partial drop, rank 0 holds 4 rollouts and rank 1 two: both run as many minibatch steps (no hang),
     end with the same weights, and whiten with the statistics of the whole batch."""
