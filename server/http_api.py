@@ -214,19 +214,9 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers", []))
-        refusal = self._refuse_before_body(scope["path"], headers)
+        refusal = self._refuse_before_body(scope, dict(scope.get("headers", [])))
         if refusal is not None:
             return await self._reject(refusal, scope, receive, send, unread=True)
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit():
-            if int(declared) > self.max_body_bytes:
-                return await self._reject(self._too_large(), scope, receive, send, unread=True)
-            if scope.get("method") == "POST" and not scope["path"].startswith("/admin/"):
-                try:  # overloaded: a large body is refused from its declared length, before it is read
-                    self.service.refuse_before_parsing(int(declared))
-                except RewardServeError as error:
-                    return await self._reject(error, scope, receive, send, unread=True)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -240,38 +230,53 @@ class BodySizeLimit:
         body = b"".join(chunks)
         del chunks
         try:
-            if scope.get("method") == "POST" and not scope["path"].startswith("/admin/"):
-                try:
-                    self.service.refuse_before_parsing(len(body))
-                except RewardServeError as error:
-                    return await self._reject(error, scope, receive, send)
-            too_many = longest_json_array(body, self.service.max_items_per_request) if body[:1] in b"{[" and \
-                body else None
-            if too_many is not None:
-                key, count = too_many
-                return await self._reject(TooManyItems(
-                    f"`{key}` holds more than {count - 1} elements, over the limit of"
-                    f" {self.service.max_items_per_request} items a request (--max-items-per-request): split the"
-                    " request"), scope, receive, send)
+            refusal = self._refuse_before_parsing(scope, body)
+            if refusal is not None:
+                return await self._reject(refusal, scope, receive, send)
             await self._run_until_disconnect(scope, body, receive, send)
         finally:
             self.service.after_request(len(body))
 
-    def _refuse_before_body(self, path: str, headers: dict) -> RewardServeError | None:
+    def _refuse_before_body(self, scope, headers: dict) -> RewardServeError | None:
+        """From the headers alone: the key (the admin key on /admin/), a declared length over the limit, or, while
+        the server refuses for want of room, a large one."""
+        path = scope["path"]
         if path in OPEN_PATHS or path.startswith("/static"):
             return None
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         token = authorization.removeprefix("Bearer ").strip() or None
         try:
             if path.startswith("/admin/"):
-                if self.service.registry is None:
-                    return None  # still loading: the route answers 503 first
-                self.service.check_admin_key(token)
-            else:
-                self.service.check_api_key(token)
+                if self.service.registry is not None:  # still loading: the route answers 503 first
+                    self.service.check_admin_key(token)
+                return None
+            self.service.check_api_key(token)
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit():
+                if int(declared) > self.max_body_bytes:
+                    return self._too_large()
+                if scope.get("method") == "POST":
+                    self.service.refuse_before_parsing(int(declared))
         except RewardServeError as error:
             return error
         return None
+
+    def _refuse_before_parsing(self, scope, body: bytes) -> RewardServeError | None:
+        """From the body's bytes: while overloaded, a large one (a body sent without its length); a top-level array
+        longer than the item limit, counted without parsing."""
+        if scope.get("method") != "POST" or scope["path"].startswith("/admin/") or not body:
+            return None
+        try:
+            self.service.refuse_before_parsing(len(body))
+        except RewardServeError as error:
+            return error
+        too_many = longest_json_array(body, self.service.max_items_per_request) if body[:1] in (b"{", b"[") else None
+        if too_many is None:
+            return None
+        key, count = too_many
+        return TooManyItems(f"`{key}` holds more than {count - 1} elements, over the limit of"
+                            f" {self.service.max_items_per_request} items a request (--max-items-per-request): split"
+                            " the request")
 
     def _too_large(self) -> RewardServeError:
         return PayloadTooLarge(f"the request body is over the {self.max_body_bytes}-byte limit; split the request")
