@@ -84,7 +84,11 @@ class RMTrainConfig(_Settings):
     template (MiniLM, BERT, DeBERTa): concat (the turns' texts in order, the last right after the others) or roles
     ("User: ...", blank lines between). Stored in the checkpoint, so the server writes them the same way."""
     base: str = "smollm2"
-    """Base model: a local folder (causal LM or encoder), a hub id, or `smollm2` for the embedded SmolLM2-135M."""
+    """Base model: a local folder (causal LM or encoder), a hub id, or an embedded one: `smollm2` (SmolLM2-135M,
+    a decoder with a chat template) or `minilm` (all-MiniLM-L6-v2, a 22M encoder without one)."""
+    margin_from_scores: bool = False
+    """Rows with score_chosen and score_rejected (UltraFeedback's): their gap is the pair's margin (a `margin`
+    field wins). Off, they are not read, and the data line says so."""
     init_from: str | None = None
     """Start from this reward checkpoint (trunk and trained head) instead of --base with a fresh head: how a served
     reward model is refreshed on old plus new pairs."""

@@ -61,13 +61,17 @@ class DataReport:
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
     not_sampled: int = 0  # usable rows left out by a --max-pairs sample
+    notes: Counter = field(default_factory=Counter)  # what was read differently from the plain format, or not read
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
 
+    def note(self, what: str) -> None:
+        self.notes[what] += 1
+
     def summary(self) -> dict:
         return {"read": self.read, "used": self.used, "truncated": self.truncated, "skipped": dict(self.skipped),
-                "not_sampled": self.not_sampled}
+                "not_sampled": self.not_sampled, "notes": dict(self.notes)}
 
     def describe(self) -> str:
         """One line for the terminal: `40 rows read: 36 used, 4 skipped (3 missing chosen/rejected, 1 not JSON)`."""
@@ -77,7 +81,10 @@ class DataReport:
         if self.skipped:
             reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
             line += f", {sum(self.skipped.values())} skipped ({reasons})"
-        return line + (f"; {self.truncated} truncated" if self.truncated else "")
+        line += f"; {self.truncated} truncated" if self.truncated else ""
+        if self.notes:
+            line += "; " + "; ".join(f"{count} rows: {what}" for what, count in self.notes.most_common())
+        return line
 
 
 class BadRow(ValueError):
@@ -99,11 +106,30 @@ def _split_hh(dialogue: str) -> tuple[str, str]:
     return dialogue[:cut], dialogue[cut:]
 
 
-def parse_row(row: dict) -> PreferencePair:
-    """One JSON object -> a PreferencePair, or BadRow naming what is wrong."""
+ACCEPTED_SHAPES = ("{prompt, chosen, rejected} (text or messages), TRL's conversational {chosen: [...], rejected:"
+                   " [...]}, or hh-rlhf dialogues {chosen, rejected} (optional margin, p_chosen, score_chosen and"
+                   " score_rejected)")
+
+
+def _common_prefix_prompt(chosen: str, rejected: str) -> str:
+    """TRL's implicit prompt: the text chosen and rejected begin with, a space before the answers left to them."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if 0 < n < len(chosen) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n]
+
+
+def parse_row(row: dict, report: DataReport | None = None, margin_from_scores: bool = False) -> PreferencePair:
+    """One JSON object -> a PreferencePair, or BadRow naming what is wrong. `report` takes a note of what is read
+    differently from the plain format (an implicit prompt) and of fields recognised but unused."""
+    report = report or DataReport()
     if not isinstance(row, dict):
         raise BadRow(f"not a JSON object (a JSON {type(row).__name__})")
     if "chosen" not in row or "rejected" not in row:
+        if "conversations" in row or "messages" in row:
+            raise BadRow(f"one conversation (ShareGPT or chat), not a preference pair: send {ACCEPTED_SHAPES}")
         raise BadRow("missing chosen/rejected")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     if isinstance(chosen, list) and isinstance(rejected, list):
@@ -118,10 +144,18 @@ def parse_row(row: dict) -> PreferencePair:
             if any(turns and turns != as_turns for turns in (chosen_turns, rejected_turns)):
                 raise BadRow("a conversation's turns before its answer differ from `prompt`")
     elif prompt is None and isinstance(chosen, str) and isinstance(rejected, str):
-        prompt, chosen = _split_hh(chosen)
-        rejected_prompt, rejected = _split_hh(rejected)
-        if rejected_prompt != prompt:
-            raise BadRow("chosen and rejected dialogues have different prompts")
+        if HH_ASSISTANT in chosen or HH_ASSISTANT in rejected:
+            prompt, chosen = _split_hh(chosen)
+            rejected_prompt, rejected = _split_hh(rejected)
+            if rejected_prompt != prompt:
+                raise BadRow("chosen and rejected dialogues have different prompts")
+        else:  # TRL's implicit prompt: what both sides begin with
+            prompt = _common_prefix_prompt(chosen, rejected)
+            if not prompt:
+                raise BadRow("missing prompt (no field, no \\n\\nAssistant: turn, and chosen and rejected share no"
+                             " leading text)")
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+            report.note("prompt taken as the text chosen and rejected begin with (TRL's implicit prompt)")
     if not isinstance(chosen, str) or not isinstance(rejected, str) or not isinstance(prompt, (str, list)):
         raise BadRow("wrong field types")
     if not chosen.strip() or not rejected.strip():
@@ -131,12 +165,32 @@ def parse_row(row: dict) -> PreferencePair:
     margin, p_chosen = row.get("margin"), row.get("p_chosen")
     if p_chosen is not None and not 0.0 <= float(p_chosen) <= 1.0:
         raise BadRow("p_chosen outside [0, 1]")
+    margin = _margin_from_scores(row, margin, margin_from_scores, report)
+    if "label" in row:
+        report.note("`label` not read (a soft label goes under p_chosen, a margin under margin)")
     return PreferencePair(prompt, chosen, rejected, None if margin is None else float(margin),
                           None if p_chosen is None else float(p_chosen))
 
 
-def read_pairs(paths: list[str], report: DataReport, limit: int | None = None, seed: int = 0
-               ) -> list[PreferencePair]:
+def _margin_from_scores(row: dict, margin, use: bool, report: DataReport):
+    """UltraFeedback's score_chosen / score_rejected: their gap is the margin with --margin-from-scores (a
+    `margin` field wins), and otherwise said to be unused; rows whose scores contradict their order are counted."""
+    if "score_chosen" not in row or "score_rejected" not in row:
+        return margin
+    try:
+        gap = float(row["score_chosen"]) - float(row["score_rejected"])
+    except (TypeError, ValueError):
+        raise BadRow("score_chosen / score_rejected are not numbers") from None
+    if gap < 0:
+        report.note("score_chosen below score_rejected (the scores contradict the order)")
+    if not use:
+        report.note("score_chosen / score_rejected not read (--margin-from-scores makes their gap the margin)")
+        return margin
+    return gap if margin is None else margin
+
+
+def read_pairs(paths: list[str], report: DataReport, limit: int | None = None, seed: int = 0,
+               margin_from_scores: bool = False) -> list[PreferencePair]:
     """Every usable row of the files, in order; with `limit`, a seeded sample of `limit` of them drawn across all
     the files (in their order), never the first file's head. `report.read` counts every row."""
     pairs = []
@@ -147,7 +201,7 @@ def read_pairs(paths: list[str], report: DataReport, limit: int | None = None, s
                     continue
                 report.read += 1
                 try:
-                    pairs.append(parse_row(json.loads(line)))
+                    pairs.append(parse_row(json.loads(line), report, margin_from_scores))
                 except json.JSONDecodeError:
                     report.skip("not JSON")
                 except BadRow as error:

@@ -194,7 +194,7 @@ class PreparedData:
 
 def prepare_data(config: RMTrainConfig, encoder: ItemEncoder) -> PreparedData:
     train_report, eval_report = DataReport(), DataReport()
-    pairs = read_pairs(config.data, train_report, config.max_pairs, config.seed)
+    pairs = read_pairs(config.data, train_report, config.max_pairs, config.seed, config.margin_from_scores)
     if config.eval_data:
         train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, eval_report)
     else:
@@ -205,8 +205,13 @@ def prepare_data(config: RMTrainConfig, encoder: ItemEncoder) -> PreparedData:
     print(f"train: --data {train_report.describe()}", flush=True)
     if config.eval_data:
         print(f"train: --eval-data {eval_report.describe()}", flush=True)
-    if not train or not held_out:
-        raise SystemExit(f"no usable pairs to train or evaluate on: {train_report.summary()}")
+    if not train:
+        raise SystemExit(f"no usable pairs to train on: {train_report.describe()}")
+    if not held_out:
+        why = (f"--eval-data: {eval_report.describe()}" if config.eval_data else
+               f"the held-out split kept whole prompts and {len({prompt_key(p) for p in pairs})} prompts at"
+               f" --eval-fraction {config.eval_fraction} left it none of {len(pairs)} pairs")
+        raise SystemExit(f"no held-out pairs to evaluate on ({why}): raise --eval-fraction, or give --eval-data")
     return PreparedData(train, held_out, {"train_files": train_report.summary(), "eval_files": eval_report.summary()},
                         eval_pairs, sorted({pair_fingerprint(pair) for pair in train_pairs}))
 

@@ -58,7 +58,7 @@ def test_bad_rows_are_counted_not_dropped_silently(tmp_path):
     report = DataReport()
     assert len(read_pairs([str(path)], report)) == 1
     assert report.summary() == {"read": 3, "used": 0, "truncated": 0,
-                                "skipped": {"identical sides": 1, "not JSON": 1}, "not_sampled": 0}
+                                "skipped": {"identical sides": 1, "not JSON": 1}, "not_sampled": 0, "notes": {}}
 
 
 def test_split_is_the_documented_fixed_seed_shuffle():
@@ -164,3 +164,48 @@ def test_conversational_pairs_train_with_a_reward_model_that_has_no_chat_templat
     pairs = encode_pairs(rows, encoder, report)
     assert len(pairs) == 5 and not report.skipped
     assert pairs[0].chosen_ids == encoder.encode(ScoreItem(prompt="Is fire hot? ", response="Yes, 0.")).input_ids
+
+
+def test_an_implicit_prompt_is_the_text_both_sides_begin_with_and_the_report_says_so():
+    """TRL's implicit-prompt rows without an hh-style turn: the common beginning is the prompt (the space before
+    the answers stays with them), as TRL's extract_prompt does."""
+    report = DataReport()
+    pair = parse_row({"chosen": "Q: what is 2+2? A: 4", "rejected": "Q: what is 2+2? A: 5"}, report)
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Q: what is 2+2? A:", " 4", " 5")
+    assert report.notes == {"prompt taken as the text chosen and rejected begin with (TRL's implicit prompt)": 1}
+    with pytest.raises(BadRow, match="share no leading text"):
+        parse_row({"chosen": "yes", "rejected": "no"})
+
+
+def test_ultrafeedback_scores_are_a_margin_when_asked_and_said_unused_otherwise():
+    row = {"prompt": "Q", "chosen": "good", "rejected": "bad", "score_chosen": 8.0, "score_rejected": 5.5}
+    report = DataReport()
+    assert parse_row(row, report).margin is None
+    assert "score_chosen / score_rejected not read" in next(iter(report.notes))
+    assert parse_row(row, DataReport(), margin_from_scores=True).margin == 2.5
+    assert parse_row(row | {"margin": 1.0}, DataReport(), margin_from_scores=True).margin == 1.0  # a margin wins
+    swapped = DataReport()
+    parse_row(row | {"score_chosen": 1.0}, swapped, margin_from_scores=True)
+    assert swapped.notes == {"score_chosen below score_rejected (the scores contradict the order)": 1}
+    labelled = DataReport()
+    parse_row({"prompt": "Q", "chosen": "a", "rejected": "b", "label": 0.7}, labelled)
+    assert "`label` not read" in next(iter(labelled.notes)) and "notes" in labelled.summary()
+    assert "1 rows: `label` not read" in labelled.describe()
+
+
+def test_a_sharegpt_row_names_the_shapes_that_are_accepted():
+    with pytest.raises(BadRow, match="one conversation .*not a preference pair: send .*prompt, chosen, rejected"):
+        parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+
+
+def test_an_empty_held_out_side_names_its_cause_and_the_fix(tmp_path, smol_tokenizer):
+    """31 pairs over 9 prompts at --eval-fraction 0.02: whole prompts stay on one side, so none is held out."""
+    from rewardserve.trainer.config import RMTrainConfig
+    from rewardserve.trainer.rm_train import prepare_data
+
+    rows = [{"prompt": f"Q{k % 9}", "chosen": f"good {k}", "rejected": f"bad {k}"} for k in range(31)]
+    path = tmp_path / "small.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = RMTrainConfig(data=[str(path)], out=str(tmp_path / "rm"), eval_fraction=0.02)
+    with pytest.raises(SystemExit, match="9 prompts at --eval-fraction 0.02 left it none of 31 pairs.*--eval-data"):
+        prepare_data(config, ItemEncoder(smol_tokenizer, max_length=128))
