@@ -81,6 +81,19 @@ def brier_score(chosen: torch.Tensor, rejected: torch.Tensor, p_chosen: torch.Te
     return ((torch.sigmoid((chosen - rejected).double()) - p) ** 2).mean().item()
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% (z = 1.96) Wilson score interval of an accuracy measured over n pairs.
+
+    >>> [round(x, 4) for x in wilson_interval(0.8, 100)]
+    [0.7112, 0.8666]
+    """
+    if n == 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    spread = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return max(0.0, centre - spread), min(1.0, centre + spread)
+
+
 def reward_statistics(scores: torch.Tensor) -> tuple[float, float]:
     """Mean and (population) std of scores: what the server whitens with, so whitened rewards have mean 0, std 1."""
     scores = scores.double()

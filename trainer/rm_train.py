@@ -32,7 +32,7 @@ from .data import (DataReport, EncodedPair, PairBatch, PreferencePair, collate_p
                    length_bucketed_batches, pair_fingerprint, prompt_key, read_pairs, split_train_eval, write_pairs)
 from .preference import (bradley_terry_loss, brier_score, expected_calibration_error, label_log_likelihood,
                          length_only_accuracy, pairwise_accuracy, pairwise_wins, pearson, reward_statistics,
-                         winner_margin)
+                         wilson_interval, winner_margin)
 from .tracking import JsonlLog, format_table, plot_curves, start_wandb
 
 
@@ -116,9 +116,11 @@ def evaluation_report(pairs: list[EncodedPair], chosen: torch.Tensor, rejected: 
     rejected_lengths = [p.rejected_response_length for p in pairs]
     winner_lengths, loser_lengths = zip(*[(c, r) if p.p_chosen is None or p.p_chosen >= 0.5 else (r, c)
                                           for p, c, r in zip(pairs, chosen_lengths, rejected_lengths)])
-    return {
+    accuracy = pairwise_accuracy(chosen, rejected, labels)
+    report = {
         "pairs": len(pairs),
-        "accuracy": pairwise_accuracy(chosen, rejected, labels),
+        "accuracy": accuracy,
+        "accuracy_interval": list(wilson_interval(accuracy, len(pairs))),
         "mean_reward_gap": won.mean().item(),
         "ece": expected_calibration_error(chosen, rejected, labels),
         "label_log_likelihood": label_log_likelihood(chosen, rejected, labels),
@@ -127,6 +129,29 @@ def evaluation_report(pairs: list[EncodedPair], chosen: torch.Tensor, rejected: 
         "length_reward_correlation": pearson(chosen_lengths + rejected_lengths, chosen.tolist() + rejected.tolist()),
         "length_only_accuracy": length_only_accuracy(list(winner_lengths), list(loser_lengths)),
     } | length_bias_report(pairs, chosen.tolist(), rejected.tolist(), length_fit)
+    return report | {"context": report_context(report)}
+
+
+def report_context(report: dict) -> list[str]:
+    """What a reader should know before trusting the figures: an interval that holds a coin or the length-only
+    baseline, and a debiasing that turned the reward's length preference around (then its accuracy measures
+    length, not quality)."""
+    low, high = report["accuracy_interval"]
+    notes = []
+    if low <= 0.5 <= high:
+        notes.append(f"the 95% interval of the accuracy, [{low:.3f}, {high:.3f}] over {report['pairs']} pairs,"
+                     " includes 0.5: these pairs cannot tell this model from a coin")
+    if low <= report["length_only_accuracy"] <= high:
+        notes.append(f"that interval includes the length-only baseline ({report['length_only_accuracy']:.3f}): these"
+                     " pairs cannot tell this model from one that picks the longer response")
+    bias = report["length_bias"]
+    if bias["debiased"] is not None:
+        raw, debiased = bias["raw"]["agrees_with_length"], bias["debiased"]["agrees_with_length"]
+        if (raw - 0.5) * (debiased - 0.5) < 0:
+            notes.append(f"removing the training set's length slope turns the reward's length preference around"
+                         f" (prefers the longer response {raw:.3f} -> {debiased:.3f}): the debiased accuracy then"
+                         " measures length, not quality")
+    return notes
 
 
 def pair_labels(pairs: list[EncodedPair]) -> torch.Tensor | None:
@@ -160,7 +185,9 @@ def length_bias_report(pairs: list[EncodedPair], chosen: list[float], rejected: 
 
 
 def print_report(report: dict, title: str) -> None:
+    low, high = report["accuracy_interval"]
     rows = [("pairs", str(report["pairs"])), ("accuracy", f"{report['accuracy']:.3f}"),
+            ("accuracy, 95% interval", f"[{low:.3f}, {high:.3f}]"),
             ("length-only accuracy", f"{report['length_only_accuracy']:.3f}"),
             ("mean reward gap", f"{report['mean_reward_gap']:.3f}"), ("calibration error (ECE)", f"{report['ece']:.3f}"),
             ("label log-likelihood (nats)", f"{report['label_log_likelihood']:.3f}"),
@@ -170,12 +197,14 @@ def print_report(report: dict, title: str) -> None:
     rows.append(("prefers the longer response, raw", f"{bias['raw']['agrees_with_length']:.3f}"))
     if bias["debiased"] is not None:
         rows += [("prefers the longer response, debiased", f"{bias['debiased']['agrees_with_length']:.3f}"),
-                 ("accuracy, debiased", f"{bias['debiased']['accuracy']:.3f}"),
+                 ("accuracy, debiased (training's length slope removed)", f"{bias['debiased']['accuracy']:.3f}"),
                  ("score/token slope, raw -> debiased",
                   f"{bias['raw']['length_slope']:.4f} -> {bias['debiased']['length_slope']:.4f}")]
     rows += [(f"accuracy, margin {k}", f"{v['accuracy']:.3f} ({v['pairs']} pairs)")
              for k, v in report["accuracy_by_margin"].items()]
     print(format_table(rows, title), flush=True)
+    for note in report.get("context", []):
+        print(f"note: {note}", flush=True)
 
 
 # -- training -------------------------------------------------------------------------------------------------------

@@ -85,3 +85,25 @@ def test_a_margin_with_a_coin_flip_label_keeps_the_optimum_at_zero():
     assert d.grad.item() == pytest.approx(0.0, abs=1e-12)
     # a hard label is Llama 2's loss: -log sigmoid(d - m)
     assert bradley_terry_loss(t(2.0), t(0.0), margin=t(1.0), p_chosen=t(1.0)).item() == pytest.approx(0.313262, abs=1e-6)
+
+
+def test_the_wilson_interval_by_hand():
+    from rewardserve.trainer.preference import wilson_interval
+
+    # 80 of 100: centre (0.8 + 1.96^2/200) / (1 + 1.96^2/100) = 0.7889; half-width 0.0777
+    low, high = wilson_interval(0.8, 100)
+    assert (round(low, 4), round(high, 4)) == (0.7112, 0.8666)
+    assert wilson_interval(0.5, 0) == (0.0, 1.0)
+
+
+def test_the_report_says_when_its_accuracy_cannot_be_told_from_a_coin_or_length():
+    from rewardserve.trainer.rm_train import report_context
+
+    report = {"pairs": 20, "accuracy": 0.6, "accuracy_interval": [0.387, 0.781], "length_only_accuracy": 0.55,
+              "length_bias": {"raw": {"agrees_with_length": 0.378}, "debiased": {"agrees_with_length": 0.791}}}
+    notes = report_context(report)
+    assert len(notes) == 3 and "includes 0.5" in notes[0] and "length-only baseline (0.550)" in notes[1]
+    assert "0.378 -> 0.791" in notes[2] and "measures length" in notes[2]
+    clear = report | {"accuracy_interval": [0.81, 0.9], "length_bias": {"raw": {"agrees_with_length": 0.6},
+                                                                       "debiased": {"agrees_with_length": 0.55}}}
+    assert report_context(clear) == []
