@@ -118,7 +118,7 @@ def main(config: CompareConfig) -> dict:
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
                           ca_file=config.reward_ca_file)
     target = RewardTarget.from_names(config.reward_model, config.reward_combination)
-    check_reward_server(client, target)  # a refusal is one line now, not after both policies have answered
+    check_reward_server(client, target, prompts[0])  # a refusal is one line now, not after both policies answered
     asked = [prompt for prompt in prompts for _ in range(config.samples)]
     prompt_of = [i for i in range(len(prompts)) for _ in range(config.samples)]
     a, a_lengths = answer(policy_a, prompts, config, device)
@@ -135,7 +135,8 @@ def main(config: CompareConfig) -> dict:
                "samples_per_prompt": config.samples, "greedy": config.greedy,
                "reward": asdict(win_rate(by_reward, prompt_of, seed=config.seed)),
                "mean_reward": {"a": sum(a_rewards) / len(a), "b": sum(b_rewards) / len(b)},
-               "mean_length_tokens": {"a": sum(a_lengths) / len(a), "b": sum(b_lengths) / len(b)}}
+               "mean_length_tokens": {"a": sum(a_lengths) / len(a), "b": sum(b_lengths) / len(b)},
+               "identical_answers": sum(x == y for x, y in zip(a, b))}
     by_judge = judge_outcomes(judge, config, asked, a, b, device) if judge else None
     if by_judge is not None:
         summary["judge"] = asdict(win_rate(by_judge, prompt_of, seed=config.seed))
@@ -203,6 +204,7 @@ def print_summary(summary: dict) -> None:
             w = summary[name]
             rows.append((f"B's win rate, {name}", f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]"
                                                   f" ({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"))
+    rows.append(("identical answers (each a tie)", f"{summary['identical_answers']} of {summary['comparisons']}"))
     rows.append(("mean reward, A -> B", f"{summary['mean_reward']['a']:.3f} -> {summary['mean_reward']['b']:.3f}"))
     if "mean_relevance" in summary:
         rows.append(("mean relevance (cosine), A -> B",
@@ -211,3 +213,6 @@ def print_summary(summary: dict) -> None:
                  f"{summary['mean_length_tokens']['a']:.1f} -> {summary['mean_length_tokens']['b']:.1f}"))
     print(format_table(rows, f"{summary['b']} (B) against {summary['a']} (A), {summary['comparisons']} comparisons"
                              f" on {summary['prompts']} prompts"), flush=True)
+    if summary["identical_answers"]:
+        print(f"note: {summary['identical_answers']} comparisons are of identical answers (the policies sampled the"
+              " same text), counted as ties: they say nothing of which policy is better", flush=True)

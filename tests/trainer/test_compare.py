@@ -34,3 +34,14 @@ def test_a_prompt_s_samples_are_resampled_together():
     assert four.high - four.low == pytest.approx(one.high - one.low, abs=0.02)
     independent = win_rate([o for o in per_prompt for _ in range(4)], list(range(400)), seed=2)
     assert independent.high - independent.low < 0.7 * (four.high - four.low)
+
+
+def test_identical_answers_are_counted_apart_from_ties(capsys):
+    from rewardserve.trainer.compare import print_summary
+
+    rate = {"rate": 0.5, "low": 0.4, "high": 0.6, "wins": 1, "ties": 2, "losses": 1}
+    print_summary({"a": "A", "b": "B", "prompts": 4, "comparisons": 4, "reward": rate, "identical_answers": 2,
+                   "mean_reward": {"a": 0.0, "b": 0.0}, "mean_length_tokens": {"a": 3.0, "b": 3.0}})
+    printed = capsys.readouterr().out
+    assert "identical answers (each a tie)" in printed and "2 of 4" in printed
+    assert "note: 2 comparisons are of identical answers" in printed
