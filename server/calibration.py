@@ -109,6 +109,7 @@ def choose(paths: list[str], budgets: list[int], measure: Measure, seconds: floa
     measurements: list[Measurement] = []
     stopped: dict[str, str] = {}  # path -> why its larger budgets are not tried
     last: dict[str, Measurement] = {}  # path -> its last measured budget
+    overran = None  # the candidate during which the time limit passed, if one did
     for budget in sorted(budgets):
         for path in paths:
             if path in stopped:
@@ -126,7 +127,11 @@ def choose(paths: list[str], budgets: list[int], measure: Measure, seconds: floa
                                                                       f" {left:.1f} s left"))
                 continue
             try:
+                started = clock()
                 measured = measure(path, budget)
+                if clock() - began > seconds and overran is None:  # the limit is checked between candidates only
+                    overran = (f"{path} at {budget} tokens took {clock() - started:.1f} s and ended"
+                               f" {clock() - began - seconds:.1f} s past the {seconds:.0f} s limit")
             except OutOfMemory:
                 stopped[path] = f"out of memory at {budget}"
                 measurements.append(Measurement(path, budget, skipped="out of memory"))
@@ -147,7 +152,8 @@ def choose(paths: list[str], budgets: list[int], measure: Measure, seconds: floa
         return Calibration(paths[0], min(budgets), measurements, clock() - began,
                            "nothing could be measured: the first path at the smallest budget")
     best = max(eligible, key=lambda m: m.tokens_per_s)
-    return Calibration(best.path, best.budget, measurements, clock() - began, "measured")
+    how = "measured" if overran is None else f"measured; {overran}"
+    return Calibration(best.path, best.budget, measurements, clock() - began, how)
 
 
 # -- measuring a real model -----------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def test_calibration_chooses_measures_what_ran_and_never_recompiles_after_warm_u
     record("calibration", calibration.rows(), chosen=[calibration.path, calibration.budget], memory_cap=cap,
            seconds=calibration.seconds)
     measured = [m for m in calibration.measurements if m.tokens_per_s]
-    assert measured and calibration.how == "measured"
+    assert measured and calibration.how.startswith("measured")
     assert all(m.peak_bytes <= cap for m in measured if not m.skipped)
     flex = [m for m in measured if m.path == "packed-flex"]
     assert flex, "packed-flex was never measured: " + calibration.table()

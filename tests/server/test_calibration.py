@@ -137,3 +137,12 @@ def test_calibration_lengths_come_from_a_file_and_a_bad_one_is_refused_in_one_li
     lengths.write_text("40 sixty")
     with pytest.raises(StartupError, match="--calibration-lengths .*whitespace-separated token counts"):
         calibration.read_lengths(str(lengths))
+
+
+def test_a_candidate_that_runs_past_the_time_limit_is_named():
+    """The limit is checked between candidates: one that overruns it is measured, and the calibration says which
+    and by how much (a log line read 'would not finish in the -6.1 s left')."""
+    stand_in = StandIn(RATES, seconds=4.0)  # 4 s a 1000-token candidate: the second ends at 8 s of a 6 s limit
+    chosen = choose(["packed-sdpa", "padded"], [1000, 2000], stand_in.measure, 6.0, clock=stand_in.clock)
+    assert chosen.how == "measured; padded at 1000 tokens took 4.0 s and ended 2.0 s past the 6 s limit"
+    assert [m.skipped for m in chosen.measurements if m.budget == 2000] == ["the 6 s of calibration were spent"] * 2
