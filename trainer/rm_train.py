@@ -197,7 +197,7 @@ def print_report(report: dict, title: str) -> None:
     rows.append(("prefers the longer response, raw", f"{bias['raw']['agrees_with_length']:.3f}"))
     if bias["debiased"] is not None:
         rows += [("prefers the longer response, debiased", f"{bias['debiased']['agrees_with_length']:.3f}"),
-                 ("accuracy, debiased (training's length slope removed)", f"{bias['debiased']['accuracy']:.3f}"),
+                 ("accuracy, length slope removed", f"{bias['debiased']['accuracy']:.3f}"),
                  ("score/token slope, raw -> debiased",
                   f"{bias['raw']['length_slope']:.4f} -> {bias['debiased']['length_slope']:.4f}")]
     rows += [(f"accuracy, margin {k}", f"{v['accuracy']:.3f} ({v['pairs']} pairs)")
