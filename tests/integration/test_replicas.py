@@ -43,6 +43,7 @@ def test_the_async_client_keeps_a_dead_url_out_too(running_server):
     assert set(asyncio.run(run())) == {running_server.http_url}
 
 
+@pytest.mark.slow  # 7 s (a second server starts); the dead-URL tests above stay in the default suite
 def test_a_url_whose_server_comes_up_rejoins_the_rotation(running_server, tiny_llama, caplog):
     ports = (free_port(), free_port())
     late = f"http://127.0.0.1:{ports[0]}"
