@@ -118,7 +118,8 @@ def group_baselined_scores(scores: torch.Tensor, group_size: int, estimator: str
       baseline, since it does not depend on the sample it is subtracted from. Needs groups of 2 or more.
     - reinforce++: the score itself; its baseline is the batch-wide whitening of the token advantages.
 
-    A group whose scores are all equal gets zero advantages (never NaN): it teaches nothing.
+    Under grpo and rloo, a group whose scores are all equal gets exactly zero advantages (never NaN, never a
+    rounding step divided by eps): it teaches nothing. reinforce++ returns the scores as they are.
 
     >>> group_baselined_scores(torch.tensor([1., 2., 3., 6.]), 4, "rloo")
     tensor([-2.6667, -1.3333,  0.0000,  4.0000])
