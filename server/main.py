@@ -13,8 +13,10 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -360,6 +362,9 @@ def check_before_listening(config: ServeConfig) -> None:
             check_own_code(path, config.trust_remote_code, name)
 
 
+LOAD_THREAD = "rewardserve-load"
+
+
 def load_in_background(loop: asyncio.AbstractEventLoop, load) -> asyncio.Future:
     """Runs `load()` in a daemon thread: the ports answer meanwhile, and a SIGTERM while loading exits at once
     instead of waiting for the load to finish (an executor's threads are joined at exit)."""
@@ -377,7 +382,7 @@ def load_in_background(loop: asyncio.AbstractEventLoop, load) -> asyncio.Future:
         with contextlib.suppress(RuntimeError):  # the loop closed: the server stopped while this loaded
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=run, name="rewardserve-load", daemon=True).start()
+    threading.Thread(target=run, name=LOAD_THREAD, daemon=True).start()
     return future
 
 
@@ -438,3 +443,10 @@ def main(config: ServeConfig) -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print("rewardserve serve " + json.dumps(config.printable(), indent=2), flush=True)
     asyncio.run(serve(config))
+    if any(thread.name == LOAD_THREAD and thread.is_alive() for thread in threading.enumerate()):
+        # stopped while loading: the load thread may be inside torch's C++ (a judge rating its calibration set),
+        # and tearing the interpreter down under it aborts ("terminate called without an active exception")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

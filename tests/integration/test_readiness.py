@@ -108,3 +108,40 @@ def test_sighup_while_loading_is_a_warning_not_the_end(tiny_llama, tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+# `rewardserve serve` whose model load is busy in torch's C++ (as a judge rating its calibration set is) until the
+# gate file appears
+BUSY_SERVE = """
+import pathlib, sys, time, torch
+from rewardserve.server import main
+from rewardserve.trainer.cli import main as cli
+gate, load = pathlib.Path(sys.argv[1]), main.load_served_model
+def busy(*args, **kwargs):
+    a, deadline = torch.randn(512, 512), time.monotonic() + 120
+    while not gate.exists() and time.monotonic() < deadline:
+        a = (a @ a).tanh()
+    return load(*args, **kwargs)
+main.load_served_model = busy
+cli(["serve", *sys.argv[2:]])
+"""
+
+
+def test_sigterm_while_the_load_computes_exits_cleanly(tiny_llama, tmp_path):
+    """A daemon load thread inside torch's C++ when the interpreter is torn down aborted the process ("terminate
+    called without an active exception", exit 134), as SIGTERM during a judge's calibration set did."""
+    for attempt in range(2):  # the abort depended on where the thread was: twice, to see it
+        log_path = tmp_path / f"server-{attempt}.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-c", BUSY_SERVE, str(tmp_path / "never"), "--model",
+                                        str(tiny_llama), "--http-port", str(free_port()), "--grpc-port",
+                                        str(free_port())], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(process, log_path, "listening:")
+            time.sleep(0.5)
+            process.terminate()
+            assert process.wait(30) == 0, log_path.read_text()[-2000:]
+            assert "terminate called" not in log_path.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
