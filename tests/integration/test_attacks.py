@@ -34,8 +34,8 @@ KEY = "attack-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
 FIGURES: list[dict] = []
 FULL = os.environ.get("REWARDSERVE_ATTACK_SCALE") == "full"
-FLOOD_CLIENTS, FLOOD_SECONDS = (64, 20.0) if FULL else (16, 3.0)
-UNAUTHENTICATED_POSTS = 120 if FULL else 24
+FLOOD_CLIENTS, FLOOD_SECONDS = (64, 20.0) if FULL else (16, 2.0)
+UNAUTHENTICATED_POSTS = 120 if FULL else 16
 STREAM_MESSAGES = 2000 if FULL else 200
 
 

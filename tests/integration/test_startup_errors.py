@@ -60,6 +60,7 @@ def test_auto_falls_back_to_the_cpu_with_one_warning(caplog, monkeypatch):
         f"--device auto: torch {torch.__version__} sees no GPU (a CPU-only build of torch); running on the CPU") == 1
 
 
+@pytest.mark.slow  # 7 s (a model loads); the one-line refusals of flags stay in the default suite
 def test_transform_debias_without_a_length_fit_is_refused_in_one_line(tiny_llama):
     """Refused once the checkpoint's config is read (after its weights load): the last line says why, no traceback."""
     result, _ = run_cli("serve", "--model", str(tiny_llama), "--transform", "debias", "--http-port", "0",
