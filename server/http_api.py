@@ -41,10 +41,9 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
     app = FastAPIOffline(title="rewardserve", version="0.1.0", summary="Reward-model scoring over HTTP")
     app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes, service=service)
 
-    async def authorized(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> None:
-        # async: a plain function dependency would run on a thread of the pool for every request
-        token = authorization.removeprefix("Bearer ").strip() if authorization else None
-        service.check_api_key(token)
+    async def authorized(request: Request) -> None:
+        """The per-client rate limit; the key was checked from the headers before the body was read (BodySizeLimit).
+        async: a plain function dependency would run on a thread of the pool for every request."""
         service.admit(request.client.host if request.client else "unknown", "http")
 
     score_request = score_request_limited_to(service.max_items_per_request)
