@@ -34,11 +34,11 @@ def test_train_on_pandalm_then_serve_whitened_rewards(trained, shared_data):
     # The training responses, exactly as the trainer kept them (same split, same length filter).
     train_pairs, held_out = split_train_eval(read_pairs([str(data)], DataReport(), limit=120, seed=0), 0.1, seed=0,
                                             group_of=prompt_key)
-    # 53 of PandaLM's rows have an empty response; 11 of the 120 sampled are too long for 200 tokens
-    assert ("train: --data 914 rows read: 109 used, 741 left out by --max-pairs, 64 skipped (53 empty response, 11 too"
+    # 53 of PandaLM's rows have an empty response; 10 of the 120 sampled are too long for 200 tokens
+    assert ("train: --data 914 rows read: 110 used, 741 left out by --max-pairs, 63 skipped (53 empty response, 10 too"
             " long after truncation") in run.stdout
-    # PandaLM asks some instructions more than once: their pairs stay on one side, so 11 held out, not 12
-    assert read_pairs([str(out / "heldout.jsonl")], DataReport()) == held_out and len(held_out) == 11
+    # PandaLM asks some instructions more than once: their pairs stay on one side (whole prompts, 12 pairs)
+    assert read_pairs([str(out / "heldout.jsonl")], DataReport()) == held_out and len(held_out) == 12
     encoder = ItemEncoder(load_tokenizer(str(out)), max_length=200)
     items = [{"input_ids": ids} for p in encode_pairs(train_pairs, encoder, DataReport())
              for ids in (p.chosen_ids, p.rejected_ids)]
@@ -64,12 +64,12 @@ def test_eval_warns_about_pairs_the_checkpoint_trained_on(trained, shared_data, 
     out, _ = trained
     held_out = subprocess.run([*CLI, "eval", "--model", str(out), "--data", str(out / "heldout.jsonl")],
                               capture_output=True, text=True, timeout=600, check=True).stdout
-    assert "eval: --data 11 rows read:" in held_out and "training data" not in held_out
+    assert "eval: --data 12 rows read:" in held_out and "training data" not in held_out
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text((shared_data / "pandalm" / "pairs.jsonl").read_text() + '["not", "an", "object"]\n')
     trained_on = subprocess.run([*CLI, "eval", "--model", str(out), "--data", str(mixed), "--max-pairs", "120"],
                                 capture_output=True, text=True, timeout=600, check=True).stdout
-    assert "eval: warning: 109 of these 120 pairs were in this checkpoint's training data" in trained_on
+    assert "eval: warning: 108 of these 120 pairs were in this checkpoint's training data" in trained_on
     assert "915 rows read:" in trained_on and "741 left out by --max-pairs" in trained_on
     assert "1 not a JSON object (a JSON list)" in trained_on
 

@@ -127,6 +127,22 @@ def test_max_pairs_samples_across_every_file_and_the_report_adds_up(tmp_path):
                                  " 2 skipped (2 not a JSON object (a JSON list))")
 
 
+def test_a_max_pairs_sample_of_a_training_file_is_independent_of_the_held_out_split(tmp_path):
+    """Issue 45: `eval --max-pairs 40` on a 300-pair training file said 12 of 40 were trained pairs. The count was
+    right; the sample was not a fair one: drawn from random.Random(seed) like the split's shuffle, it picked the
+    pairs that the split had held out. 300 one-pair prompts, 10% held out: about 36 of 40 are trained pairs."""
+    data = tmp_path / "train.jsonl"
+    write_pairs([PreferencePair(f"prompt {i}", f"good {i}", f"bad {i}") for i in range(300)], data)
+    pairs = read_pairs([str(data)], DataReport())
+    trained, held_out = split_train_eval(pairs, 0.1, seed=0, group_of=lambda pair: pair.prompt)
+    assert (len(trained), len(held_out)) == (270, 30)
+    trained_fingerprints = {pair_fingerprint(pair) for pair in trained}
+    for seed in range(3):  # the same seed for both, as `train` and `eval` use by default
+        sample = read_pairs([str(data)], DataReport(), limit=40, seed=seed)
+        trained_in_sample = sum(pair_fingerprint(pair) in trained_fingerprints for pair in sample)
+        assert trained_in_sample >= 30, (seed, trained_in_sample)  # binomial(40, 0.9): below 30 once in 10^4
+
+
 def test_written_pairs_read_back_the_same(tmp_path):
     pairs = [PreferencePair("p", "a", "b", margin=2.0), PreferencePair([{"role": "user", "content": "q"}], "c", "d",
                                                                        p_chosen=0.75)]
