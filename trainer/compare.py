@@ -64,14 +64,14 @@ def win_rate(outcomes: list[float], prompt_of: list[int], resamples: int = 2000,
                    sum(o == 0.5 for o in outcomes), sum(o == 0.0 for o in outcomes))
 
 
-def answer(path: str, prompts: list, config: CompareConfig, device) -> tuple[list[str], list[int]]:
+def answer(path: str, prompts: list, config: CompareConfig, device, seed: int) -> tuple[list[str], list[int]]:
     """Each prompt's `samples` responses (greedy: one), prompt-major, cut at the policy's end-of-turn tokens; and
     their lengths in tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     repeated = [prompt for prompt in prompts for _ in range(config.samples)]
     return generate_responses(model, tokenizer, repeated, config.max_new_tokens,
                               None if config.greedy else config.temperature, config.batch_size, device,
@@ -121,8 +121,8 @@ def main(config: CompareConfig) -> dict:
     check_reward_server(client, target, prompts[0])  # a refusal is one line now, not after both policies answered
     asked = [prompt for prompt in prompts for _ in range(config.samples)]
     prompt_of = [i for i in range(len(prompts)) for _ in range(config.samples)]
-    a, a_lengths = answer(policy_a, prompts, config, device)
-    b, b_lengths = answer(policy_b, prompts, config, device)
+    a, a_lengths = answer(policy_a, prompts, config, device, config.seed)
+    b, b_lengths = answer(policy_b, prompts, config, device, config.seed + config.independent_samples)
     try:
         a_rewards, b_rewards = (reward_scores(client, target, asked, side) for side in (a, b))
     except RewardClientError as error:  # never a loss for either side: the comparison stops
@@ -215,4 +215,5 @@ def print_summary(summary: dict) -> None:
                              f" on {summary['prompts']} prompts"), flush=True)
     if summary["identical_answers"]:
         print(f"note: {summary['identical_answers']} comparisons are of identical answers (the policies sampled the"
-              " same text), counted as ties: they say nothing of which policy is better", flush=True)
+              " same text with the same random numbers), counted as ties: they say nothing of which policy is better;"
+              " --independent-samples samples B with its own seed", flush=True)

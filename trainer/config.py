@@ -469,6 +469,10 @@ class CompareConfig(_Settings):
     """Output folder: comparisons.jsonl, summary.json."""
     seed: int = 0
     """Seed of sampling and of the bootstrap."""
+    independent_samples: bool = False
+    """Sample B with --seed + 1. By default both policies draw the same random numbers (paired sampling: where two
+    policies agree they answer alike, so the win rate measures the policies, not the sampling noise); near-identical
+    policies then often give identical answers, which count as ties."""
     device: str = "auto"
     """auto, cpu or cuda:N."""
 

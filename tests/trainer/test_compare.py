@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from rewardserve.trainer.compare import outcome, win_rate
+from rewardserve.trainer.compare import answer, outcome, win_rate
+from rewardserve.trainer.config import CompareConfig
+
+from ..conftest import build_tiny_policy
 
 
 def test_outcomes_count_a_tie_as_half():
@@ -45,3 +49,20 @@ def test_identical_answers_are_counted_apart_from_ties(capsys):
     printed = capsys.readouterr().out
     assert "identical answers (each a tie)" in printed and "2 of 4" in printed
     assert "note: 2 comparisons are of identical answers" in printed
+
+
+def test_one_policy_answers_alike_with_the_paired_seed_and_apart_with_independent_samples(tmp_path, smol_tokenizer):
+    """Issue 45: A and B sampled with one seed give near-identical policies identical answers (paired sampling, the
+    default); --independent-samples samples B with the next seed."""
+    policy = build_tiny_policy(tmp_path / "policy", smol_tokenizer)
+    prompts = [f"Tell me about {word}." for word in ("cats", "rain", "tea", "maps")]
+
+    def answers(**flags):
+        config = CompareConfig(policy_a=str(policy), policy_b=str(policy), reward_url="http://127.0.0.1:1",
+                               max_new_tokens=8, samples=2, **flags)
+        a, _ = answer(str(policy), prompts, config, torch.device("cpu"), config.seed)
+        b, _ = answer(str(policy), prompts, config, torch.device("cpu"), config.seed + config.independent_samples)
+        return sum(x == y for x, y in zip(a, b))
+
+    assert answers() == 8
+    assert answers(independent_samples=True) < 4
