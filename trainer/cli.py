@@ -13,8 +13,11 @@ from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfi
 from rewardserve.server.config import ServeConfig
 from rewardserve.server.errors import StartupError
 
-from .config import (BenchConfig, CompareConfig, DemoConfig, EvalConfig, LabelConfig, PPOConfig, RMTrainConfig,
-                     ScoreConfig)
+from .bench.config import BenchConfig
+from .client.config import ScoreConfig
+from .config import CompareConfig, DemoConfig
+from .rl.config import PPOConfig
+from .rm.config import EvalConfig, LabelConfig, RMTrainConfig
 
 
 class Serve(ServeConfig):
@@ -47,7 +50,7 @@ class Train(RMTrainConfig):
     """Train a Bradley–Terry reward model on preference pairs; the output folder is a servable checkpoint."""
 
     def cli_cmd(self) -> None:
-        from .rm_train import main
+        from .rm.train import main
 
         main(self)
 
@@ -56,7 +59,7 @@ class Eval(EvalConfig):
     """Evaluate any reward checkpoint on preference pairs (accuracy, calibration, length bias)."""
 
     def cli_cmd(self) -> None:
-        from .rm_train import evaluate_checkpoint
+        from .rm.train import evaluate_checkpoint
 
         evaluate_checkpoint(self)
 
@@ -65,7 +68,7 @@ class PPO(PPOConfig):
     """Fine-tune a policy with PPO, every reward coming from a reward server by URL."""
 
     def cli_cmd(self) -> None:
-        from .ppo import main
+        from .rl.ppo import main
 
         main(self)
 
@@ -75,7 +78,7 @@ class Label(LabelConfig):
     orders, or a sentence encoder scoring each response's relevance to its question."""
 
     def cli_cmd(self) -> None:
-        from .labeling import main
+        from .rm.labeling import main
 
         main(self)
 

@@ -22,9 +22,9 @@ from rewardserve.server.modeling import resolve_device
 
 from .client import RewardClient, RewardClientError, RewardTarget
 from .config import CompareConfig
-from .labeling import generate_responses, judge_both_orders, load_constitution, prompt_text
-from .ppo import check_reward_server, load_prompts, policy_folder, scoring_items
-from .rollout import end_of_turn_ids
+from .prompts import end_of_turn_ids, generate_responses, load_prompts, prompt_text
+from .rl.ppo import check_reward_server, policy_folder, scoring_items
+from .rm.labeling import judge_both_orders, load_constitution
 from .tracking import format_table
 
 
@@ -101,7 +101,7 @@ def judge_outcomes(path: str, config: CompareConfig, prompts: list, a: list[str]
 def relevance_scores(spec: str, config: CompareConfig, prompts: list, a: list[str], b: list[str],
                      device) -> tuple[list[float], list[float]]:
     """Each side's cosine with its prompt under a sentence encoder: B wins where it is closer."""
-    from .relevance import RelevanceJudge
+    from .rm.relevance import RelevanceJudge
 
     judge, questions = RelevanceJudge(spec, device, config.batch_size), [prompt_text(p) for p in prompts]
     return judge.scores(questions, a).tolist(), judge.scores(questions, b).tolist()

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import httpx
 
-from .config import CompareConfig, DemoConfig, LabelConfig, PPOConfig, RMTrainConfig
+from .config import CompareConfig, DemoConfig
+from .rl.config import PPOConfig
+from .rm.config import LabelConfig, RMTrainConfig
 
 
 def main(config: DemoConfig) -> dict:
@@ -68,7 +70,7 @@ def run_stage(name: str, done_marker: Path, stage) -> float | None:
 def split_prompts(out: Path) -> None:
     """The built-in prompts, every fifth held out (each kind of prompt on both sides), the rest shuffled once so
     that labelling's first N and PPO's batches mix the kinds: OUT/prompts/{train,held_out}.jsonl."""
-    from .ppo import load_prompts
+    from .prompts import load_prompts
 
     prompts = load_prompts("builtin")
     held_out = [p for i, p in enumerate(prompts) if i % 5 == 4]
@@ -81,7 +83,7 @@ def split_prompts(out: Path) -> None:
 
 
 def label(config: DemoConfig, out: Path) -> None:
-    from .labeling import main as label_main
+    from .rm.labeling import main as label_main
 
     summary = label_main(label_config(config, out, out / "prefs.jsonl", config.policy, config.label_prompts,
                                       config.seed))
@@ -101,7 +103,7 @@ def label_judge(config: DemoConfig) -> str:
 
 
 def train(config: DemoConfig, out: Path) -> None:
-    from .rm_train import main as train_main
+    from .rm.train import main as train_main
 
     train_main(RMTrainConfig(base=config.base, data=[str(out / "prefs.jsonl")], out=str(out / "rm"),
                              epochs=config.rm_epochs, lr=config.rm_lr, batch_size=8, max_length=config.rm_max_length,
@@ -116,7 +118,7 @@ SERVER_FLAGS = ("--forward-path", "packed", "--max-batch-tokens", "16384")
 
 
 def ppo(config: DemoConfig, out: Path) -> None:
-    from .ppo import main as ppo_main
+    from .rl.ppo import main as ppo_main
 
     if config.refresh_every is not None:
         return ppo_with_refreshes(config, out)
@@ -155,7 +157,7 @@ def compare(config: DemoConfig, out: Path) -> None:
 def ppo_with_refreshes(config: DemoConfig, out: Path) -> None:
     """PPO in runs of --refresh-every steps against one server that never stops; between two runs the reward model
     is refreshed and hot-reloaded, and PPO resumes from its checkpoint."""
-    from .ppo import main as ppo_main
+    from .rl.ppo import main as ppo_main
 
     admin_key = secrets.token_urlsafe(16)
     reward_model, refreshes, done = out / "rm", [], 0
@@ -176,8 +178,8 @@ def ppo_with_refreshes(config: DemoConfig, out: Path) -> None:
 def refresh(config: DemoConfig, out: Path, reward_model: Path, url: str, admin_key: str, number: int,
             after_step: int) -> tuple[Path, dict]:
     """label (the current policy's completions) -> train --init-from the served model on old + new pairs -> reload."""
-    from .labeling import main as label_main
-    from .rm_train import main as train_main
+    from .rm.labeling import main as label_main
+    from .rm.train import main as train_main
 
     folder = out / f"refresh-{number}"
     print(f"== refresh {number}, after PPO step {after_step}: label the policy's completions, train on old + new"

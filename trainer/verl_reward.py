@@ -1,20 +1,9 @@
-"""verl's custom reward function, in a file verl can load by path.
+"""The old path of verl's reward function, kept for one release (CHANGELOG.md): verl configurations that point
+`custom_reward_function.path` at this file keep working. The function now lives in
+trainer/integrations/verl_reward.py; point verl there:
 
-verl imports `custom_reward_function.path` with `importlib.util.spec_from_file_location`, as a module outside any
-package, where relative imports fail; this file therefore imports absolutely. Its path on your machine (an
-editable install keeps it in the source tree, not under site-packages):
-
-    python -c "import rewardserve.trainer.verl_reward as m; print(m.__file__)"
-
-    custom_reward_function:
-      path: <that path>
-      name: compute_score
-    # and in the workers' environment: REWARDSERVE_REWARD_URL=http://<server>:8000
-
-`compute_score(data_source, solution_str, ground_truth, extra_info)` scores `solution_str` as the answer to
-`extra_info["prompt"]`, on the server's default model (REWARDSERVE_REWARD_MODEL or REWARDSERVE_REWARD_COMBINATION
-pick another; REWARDSERVE_REWARD_API_KEY is sent when set).
+    python -c "import rewardserve.trainer.integrations.verl_reward as m; print(m.__file__)"
 """
-from rewardserve.trainer.integrations import compute_score
+from rewardserve.trainer.integrations.verl_reward import compute_score
 
 __all__ = ["compute_score"]

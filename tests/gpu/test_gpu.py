@@ -208,8 +208,8 @@ def causal_lm(folder, tokenizer_dir, init: float = 0.5, **shape):
 def test_the_cuda_graph_decode_equals_eager_over_prompt_widths(tmp_path, tokenizer_dir, cuda, record):
     from transformers import AutoModelForCausalLM
 
-    from rewardserve.trainer.generation import RolloutEngine, Sampling
-    from rewardserve.trainer.rollout import encode_prompt, pad_left
+    from rewardserve.trainer.rl.generation import RolloutEngine, Sampling
+    from rewardserve.trainer.prompts import encode_prompt, pad_left
 
     folder, tokenizer = causal_lm(tmp_path, tokenizer_dir)
     policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(cuda).eval()
@@ -234,8 +234,8 @@ def test_a_bf16_checkpoint_trains_fp32_master_weights_on_cuda(tmp_path, tokenize
     pytest.importorskip("pydantic_settings", reason="the trainer's configuration needs pydantic-settings")
     from transformers import AutoModelForCausalLM
 
-    from rewardserve.trainer.config import PPOConfig
-    from rewardserve.trainer.ppo import build_models
+    from rewardserve.trainer.rl.config import PPOConfig
+    from rewardserve.trainer.rl.ppo import build_models
 
     folder, _ = causal_lm(tmp_path, tokenizer_dir)
     AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(folder)
@@ -255,10 +255,10 @@ def test_fsdp_at_world_size_one_computes_bf16_with_log_probs_near_fp32(tmp_path,
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from rewardserve.trainer.distributed import group_backend
-    from rewardserve.trainer.ppo_math import gather_logprobs
-    from rewardserve.trainer.rollout import ActorCritic
-    from rewardserve.trainer.sharding import shard
+    from rewardserve.trainer.rl.distributed import group_backend
+    from rewardserve.trainer.rl.estimators import gather_logprobs
+    from rewardserve.trainer.rl.rollout import ActorCritic
+    from rewardserve.trainer.rl.sharding import shard
 
     folder, _ = causal_lm(tmp_path, tokenizer_dir, init=0.02, hidden=576, layers=30, heads=9, kv_heads=3,
                           intermediate=1536)  # SmolLM2-135M's shape
@@ -286,8 +286,8 @@ def test_lora_on_cuda_trains_the_adapters_and_its_reference_is_the_base(tmp_path
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from rewardserve.trainer.lora import AdaptersOff, attach_adapters
-    from rewardserve.trainer.rollout import ActorCritic
+    from rewardserve.trainer.rl.lora import AdaptersOff, attach_adapters
+    from rewardserve.trainer.rl.rollout import ActorCritic
 
     folder, _ = causal_lm(tmp_path, tokenizer_dir)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(cuda)
@@ -388,7 +388,7 @@ def test_a_pinned_compiled_kernel_is_checked_and_warmed_at_start(tmp_path, cuda,
 
 
 def test_an_epochs_minibatch_indices_reach_the_gpu_in_one_pinned_copy(cuda):
-    from rewardserve.trainer.ppo import epoch_index_tensors
+    from rewardserve.trainer.rl.ppo import epoch_index_tensors
 
     parts = epoch_index_tensors([[3, 0, 5], [1, 4], [2]], cuda)
     assert [p.device.type for p in parts] == ["cuda"] * 3

@@ -12,15 +12,14 @@ is PPO's default, and its value loss is a second objective on the same weights).
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 
 import pytest
 import torch
 
 from rewardserve.trainer.client import RewardClient
-from rewardserve.trainer.ppo import scoring_items
-from rewardserve.trainer.rollout import encode_prompt
+from rewardserve.trainer.rl.ppo import scoring_items
+from rewardserve.trainer.prompts import encode_prompt
 
 from ..conftest import CLI, ServerProcess, build_checkpoint, tiny_config
 

@@ -68,7 +68,7 @@ def test_a_policy_against_itself_ties_every_greedy_comparison(running_server, po
     assert "B's win rate, relevance" in run.stdout
 
 
-@pytest.mark.slow  # 17 s; the client's retry of a 503 is checked in tests/trainer/test_client.py
+@pytest.mark.slow  # 17 s; the client's retry of a 503 is checked in tests/trainer/client/test_reward_client.py
 def test_a_server_that_refuses_at_first_is_retried_not_counted_as_a_loss(tiny_llama, policies, tmp_path):
     """The server's ports answer 503 (loading) until the test opens its gate: compare's requests are retried."""
     http_port, gate, log_path = free_port(), tmp_path / "gate", tmp_path / "server.log"

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from ..conftest import CLI, build_tiny_policy
-from ..trainer.test_rm_train import tiny_base  # noqa: F401  (fixture)
+from ..trainer.rm.test_train import tiny_base  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 from rewardserve.trainer import integrations
-from rewardserve.trainer.integrations import RewardServerFunction
+from rewardserve.trainer.integrations import RewardServerFunction, verl_reward
 
 
 def test_trl_reward_function_standard_and_conversational(running_server):
@@ -21,28 +21,30 @@ def test_trl_reward_function_standard_and_conversational(running_server):
 
 def test_verl_compute_score(running_server, monkeypatch):
     monkeypatch.setenv("REWARDSERVE_REWARD_URL", running_server.http_url)
-    monkeypatch.setattr(integrations, "_verl_client", None)
+    monkeypatch.setattr(verl_reward, "_verl_client", None)
     score = integrations.compute_score("gsm8k", "Hello!", "ignored", extra_info={"prompt": "Hi"})
     direct = httpx.post(f"{running_server.http_url}/score",
                         json={"items": [{"prompt": "Hi", "response": "Hello!"}]}).json()["rewards"][0]
     assert score == pytest.approx(direct, abs=1e-5)
 
 
-def test_verl_loads_our_reward_file_by_path(running_server, monkeypatch):
+@pytest.mark.parametrize("module_name", ["rewardserve.trainer.integrations.verl_reward",
+                                         "rewardserve.trainer.verl_reward"])  # the old path, kept for one release
+def test_verl_loads_our_reward_file_by_path(running_server, monkeypatch, module_name):
     """Exactly as verl's get_custom_reward_fn does: the path printed by the README's one-liner, loaded with
     spec_from_file_location as "custom_module", executed outside any package, its function called."""
     import importlib.util
     import subprocess
     import sys
 
-    path = subprocess.run([sys.executable, "-c", "import rewardserve.trainer.verl_reward as m; print(m.__file__)"],
+    path = subprocess.run([sys.executable, "-c", f"import {module_name} as m; print(m.__file__)"],
                           capture_output=True, text=True, check=True).stdout.strip()
     spec = importlib.util.spec_from_file_location("custom_module", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "custom_module", module)
     spec.loader.exec_module(module)
     monkeypatch.setenv("REWARDSERVE_REWARD_URL", running_server.http_url)
-    monkeypatch.setattr(integrations, "_verl_client", None)
+    monkeypatch.setattr(verl_reward, "_verl_client", None)
     score = getattr(module, "compute_score")("gsm8k", "Hello!", "ignored", extra_info={"prompt": "Hi"})
     direct = httpx.post(f"{running_server.http_url}/score",
                         json={"items": [{"prompt": "Hi", "response": "Hello!"}]}).json()["rewards"][0]
@@ -50,10 +52,12 @@ def test_verl_loads_our_reward_file_by_path(running_server, monkeypatch):
 
 
 def test_the_package_module_cannot_be_loaded_by_path():
-    """Why the file above exists: the package module's relative imports fail the way verl reports them."""
+    """Why the file above exists: the package's other modules import relatively, and fail the way verl reports it."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("custom_module", integrations.__file__)
+    from rewardserve.trainer.integrations import trl
+
+    spec = importlib.util.spec_from_file_location("custom_module", trl.__file__)
     with pytest.raises(ImportError, match="relative import"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from rewardserve.server.normalization import fit_length
-from rewardserve.trainer.config import EvalConfig, RMTrainConfig
-from rewardserve.trainer.rm_train import evaluate_checkpoint, main as train
+from rewardserve.trainer.rm.config import EvalConfig, RMTrainConfig
+from rewardserve.trainer.rm.train import evaluate_checkpoint, main as train
 from tests.conftest import ServerProcess, build_tiny_policy
 
 WORDS = "the a river stone light quiet over under green small city road".split()

@@ -163,7 +163,7 @@ def server_requests(server) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith('rewardserve_requests_total{outcome="ok",'))
 
 
-@pytest.mark.slow  # 9 s; two ranks updating together are checked by tests/trainer/test_ppo_update.py
+@pytest.mark.slow  # 9 s; two ranks updating together are checked by tests/trainer/rl/test_ppo_update.py
 def test_torchrun_two_ranks_on_the_cpu(setup, tmp_path):
     """Data parallel under torchrun (gloo): each rank rolls out its own prompts and calls the server itself."""
     import sys
@@ -184,7 +184,7 @@ def test_torchrun_two_ranks_on_the_cpu(setup, tmp_path):
         assert record["gold/reward_mean"] == pytest.approx(record["reward_mean"], abs=1e-5)
 
 
-@pytest.mark.slow  # 28 s (two torchrun launches); the FSDP step itself is checked by tests/trainer/test_sharding.py
+@pytest.mark.slow  # 28 s (two torchrun launches); the FSDP step itself is checked by tests/trainer/rl/test_sharding.py
 def test_an_fsdp_run_resumed_from_its_sharded_checkpoint_makes_the_same_next_step(setup, tmp_path):
     """Two CPU ranks under --sharding fsdp: 3 steps straight, against 2 steps, then --resume to 3 from the sharded
     checkpoint (torch.distributed.checkpoint); step 3 is the same. Each rank says what it holds."""

@@ -5,7 +5,6 @@ The load is held still, deterministically, by a checkpoint whose config.json is 
 until the test writes the configuration into it."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time

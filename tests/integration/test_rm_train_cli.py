@@ -8,10 +8,10 @@ import httpx
 import pytest
 
 from rewardserve.server.tokenization import ItemEncoder, load_tokenizer
-from rewardserve.trainer.data import DataReport, encode_pairs, prompt_key, read_pairs, split_train_eval
+from rewardserve.trainer.rm.data import DataReport, encode_pairs, prompt_key, read_pairs, split_train_eval
 
 from ..conftest import CLI, ServerProcess
-from ..trainer.test_rm_train import tiny_base  # noqa: F401  (fixture)
+from ..trainer.rm.test_train import tiny_base  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_ppo_with_a_policy_folder_that_is_not_there_is_one_line(running_server, 
 
 
 def test_off_switches_take_none_as_the_help_says():
-    from rewardserve.trainer.config import PPOConfig
+    from rewardserve.trainer.rl.config import PPOConfig
 
     for word in ("none", "None", "null"):
         config = PPOConfig(reward_url="http://x:1", reward_clip=word, missing_eos_penalty=word)

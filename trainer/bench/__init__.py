@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rewardserve.server.modeling import resolve_device
 
-from ..config import BenchConfig
+from .config import BenchConfig
 from . import ppo as ppo_part, serve as serve_part, train as train_part
 from .common import Budget, environment, measure_peak, workload_g, workload_w, write_json
 from .models import real_models, shape_models

@@ -17,8 +17,8 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from rewardserve.server.embedded import resolve_model_path
 
-from ..generation import RolloutEngine, Sampling
-from ..rollout import encode_prompt, pad_left
+from ..rl.generation import RolloutEngine, Sampling
+from ..prompts import encode_prompt, pad_left
 from ..tracking import format_table
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain gradient descent briefly.",

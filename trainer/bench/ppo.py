@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import PPOConfig
-from ..ppo import main as run_ppo
+from ..rl.config import PPOConfig
+from ..rl.ppo import main as run_ppo
 from .common import ServerProcess
 from .models import BenchModels
 

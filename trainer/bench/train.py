@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..config import EvalConfig, RMTrainConfig
-from ..rm_train import evaluate_checkpoint, main as train_ours
+from ..rm.config import EvalConfig, RMTrainConfig
+from ..rm.train import evaluate_checkpoint, main as train_ours
 from .models import BenchModels
 
 RECIPE = dict(epochs=1, batch_size=16, lr=1e-5)
