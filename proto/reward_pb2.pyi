@@ -15,20 +15,22 @@ class Message(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ScoreItem(_message.Message):
-    __slots__ = ("prompt", "response", "messages", "text", "input_ids", "safety")
+    __slots__ = ("prompt", "response", "messages", "text", "input_ids", "safety", "reference")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAFETY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     response: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     text: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     safety: bool
-    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., text: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., safety: _Optional[bool] = ...) -> None: ...
+    reference: str
+    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., text: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., safety: _Optional[bool] = ..., reference: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("items", "transform", "request_id", "model", "models", "combination")
@@ -79,23 +81,33 @@ class Transform(_message.Message):
     def __init__(self, name: _Optional[str] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., beta: _Optional[float] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ...) -> None: ...
 
 class Combination(_message.Message):
-    __slots__ = ("name", "kind", "models", "weights", "threshold", "conservative_lambda")
+    __slots__ = ("name", "kind", "models", "weights", "threshold", "conservative_lambda", "otherwise")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CONSERVATIVE_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    OTHERWISE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     models: _containers.RepeatedScalarFieldContainer[str]
     weights: _containers.RepeatedScalarFieldContainer[float]
     threshold: float
     conservative_lambda: float
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ..., conservative_lambda: _Optional[float] = ...) -> None: ...
+    otherwise: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ..., conservative_lambda: _Optional[float] = ..., otherwise: _Optional[float] = ...) -> None: ...
+
+class Check(_message.Message):
+    __slots__ = ("verdict", "answer")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    verdict: str
+    answer: str
+    def __init__(self, verdict: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class ComponentScores(_message.Message):
-    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version", "name", "outputs")
+    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version", "name", "outputs", "checks")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +122,7 @@ class ComponentScores(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     truncated: _containers.RepeatedScalarFieldContainer[bool]
@@ -117,7 +130,8 @@ class ComponentScores(_message.Message):
     model_version: str
     name: str
     outputs: _containers.MessageMap[str, Values]
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., name: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Values]] = ...) -> None: ...
+    checks: _containers.RepeatedCompositeFieldContainer[Check]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., name: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Values]] = ..., checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ...) -> None: ...
 
 class Values(_message.Message):
     __slots__ = ("values",)
@@ -126,7 +140,7 @@ class Values(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model", "scores", "rewards", "truncated", "transform", "model_version", "components", "combination", "chosen", "std", "outputs")
+    __slots__ = ("model", "scores", "rewards", "truncated", "transform", "model_version", "components", "combination", "chosen", "std", "outputs", "checks")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +159,7 @@ class ScoreResponse(_message.Message):
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     scores: _containers.RepeatedScalarFieldContainer[float]
     rewards: _containers.RepeatedScalarFieldContainer[float]
@@ -156,7 +171,8 @@ class ScoreResponse(_message.Message):
     chosen: _containers.RepeatedScalarFieldContainer[str]
     std: _containers.RepeatedScalarFieldContainer[float]
     outputs: _containers.MessageMap[str, Values]
-    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentScores, _Mapping]]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ..., outputs: _Optional[_Mapping[str, Values]] = ...) -> None: ...
+    checks: _containers.RepeatedCompositeFieldContainer[Check]
+    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentScores, _Mapping]]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ..., outputs: _Optional[_Mapping[str, Values]] = ..., checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "type", "message")
@@ -183,7 +199,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration", "kind", "outputs", "objective", "code_files", "forwards", "plain_chat_format")
+    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration", "kind", "outputs", "objective", "code_files", "forwards", "plain_chat_format", "verifier")
     class CodeFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +239,7 @@ class ModelInfo(_message.Message):
     CODE_FILES_FIELD_NUMBER: _ClassVar[int]
     FORWARDS_FIELD_NUMBER: _ClassVar[int]
     PLAIN_CHAT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     version: str
@@ -248,7 +265,8 @@ class ModelInfo(_message.Message):
     code_files: _containers.ScalarMap[str, str]
     forwards: _containers.ScalarMap[str, int]
     plain_chat_format: str
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., kind: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., objective: _Optional[str] = ..., code_files: _Optional[_Mapping[str, str]] = ..., forwards: _Optional[_Mapping[str, int]] = ..., plain_chat_format: _Optional[str] = ...) -> None: ...
+    verifier: str
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., kind: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., objective: _Optional[str] = ..., code_files: _Optional[_Mapping[str, str]] = ..., forwards: _Optional[_Mapping[str, int]] = ..., plain_chat_format: _Optional[str] = ..., verifier: _Optional[str] = ...) -> None: ...
 
 class CalibrationCandidate(_message.Message):
     __slots__ = ("path", "budget", "tokens_per_s", "peak_bytes", "seconds", "skipped", "compile_seconds")

@@ -3,6 +3,7 @@
     --combination "safe=llama2 helpful=HELPFUL safety=SAFETY [threshold=0.15]"
     --combination "mix=sum 0.7*helpful 0.3*safety"
     --combination "ens=ensemble rm1 rm2 rm3 [lambda=0.5]"
+    --combination "gated=gate rm by=fmt [else=-1]"
 
 - llama2, the rule Llama 2 trained its policy with (Touvron et al., 2023, section 3.2.2): the chosen raw score is
   the safety model's when the item is flagged safety-relevant or sigmoid(s_safety) < threshold, else the helpfulness
@@ -12,6 +13,11 @@
 - ensemble: the mean and standard deviation (population, over the k models) of the whitened scores; the reward is
   the mean, or the conservative `mean - lambda * std` when lambda is given, which discounts items the models
   disagree on (uncertainty-weighted optimisation against overoptimisation, Coste et al., 2023).
+- gate: the model's whitened score where the gate (a verifier, typically a format check) passes (its score above
+  0.5), else `else` (default -1: a standard deviation below the mean reward, so failing the format never pays).
+
+A verifier's statistics are mean 0 and std 1 (server/verifiers.py): its 0/1 verdict enters every combination as it
+is, so `sum 1*correct 0.1*rm` is one point per right answer plus a tenth of the reward model's whitened score.
 
 Every combination works on whitened scores, so each of its models needs statistics: checked at start.
 Pure functions; the service feeds them each model's raw scores.
@@ -26,7 +32,7 @@ from typing import Literal
 from .errors import StartupError
 from .normalization import RewardStatistics, whiten
 
-CombinationKind = Literal["llama2", "sum", "ensemble"]
+CombinationKind = Literal["llama2", "sum", "ensemble", "gate"]
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -38,6 +44,7 @@ class Combination:
     weights: tuple[float, ...] = ()  # sum: one per model
     threshold: float = 0.15  # llama2: sigmoid(s_safety) below it switches to the safety score
     conservative_lambda: float | None = None  # ensemble: reward = mean - lambda * std when set
+    otherwise: float = -1.0  # gate: the reward where the gate fails
 
     @classmethod
     def parse(cls, spec: str) -> "Combination":
@@ -46,7 +53,7 @@ class Combination:
         name, words = name.strip(), body.split()
         if not equals or not NAME.match(name) or not words:
             raise ValueError(f"combination {spec!r}: write NAME=KIND ARGS, e.g. \"safe=llama2 helpful=h safety=s\","
-                             " \"mix=sum 0.7*h 0.3*s\" or \"ens=ensemble a b c lambda=0.5\"")
+                             " \"mix=sum 0.7*h 0.3*s\", \"ens=ensemble a b c lambda=0.5\" or \"gated=gate rm by=fmt\"")
         kind, args = words[0], words[1:]
         options = dict(a.split("=", 1) for a in args if "=" in a)
         plain = [a for a in args if "=" not in a]
@@ -71,7 +78,11 @@ class Combination:
                 if lam is not None and lam < 0:
                     raise ValueError(f"lambda weighs a penalty, so it is at least 0; got {lam}")
                 return cls(name, "ensemble", tuple(plain), conservative_lambda=lam)
-            raise ValueError(f"unknown kind {kind!r}; the kinds are llama2, sum and ensemble")
+            if kind == "gate":
+                if set(options) - {"by", "else"} or "by" not in options or len(plain) != 1:
+                    raise ValueError("gate takes one MODEL, by=VERIFIER and an optional else=-1")
+                return cls(name, "gate", (plain[0], options["by"]), otherwise=finite(options.get("else", "-1"), "else"))
+            raise ValueError(f"unknown kind {kind!r}; the kinds are llama2, sum, ensemble and gate")
         except ValueError as error:
             raise ValueError(f"combination {spec!r}: {error}") from None
 
@@ -93,7 +104,8 @@ class Combination:
         return {"name": self.name, "kind": self.kind, "models": list(self.models),
                 "weights": list(self.weights) if self.kind == "sum" else None,
                 "threshold": self.threshold if self.kind == "llama2" else None,
-                "conservative_lambda": self.conservative_lambda if self.kind == "ensemble" else None}
+                "conservative_lambda": self.conservative_lambda if self.kind == "ensemble" else None,
+                "otherwise": self.otherwise if self.kind == "gate" else None}
 
 
 def finite(text: str, what: str) -> float:
@@ -146,6 +158,11 @@ def combine(combination: Combination, raw: dict[str, list[float]], statistics: d
         scores = [raw[model][i] for i, model in enumerate(chosen)]
         rewards = [whiten(s, statistics[m].mean, statistics[m].std) for s, m in zip(scores, chosen)]
         return Combined(scores, rewards, chosen=chosen)
+    if combination.kind == "gate":
+        model, gate = combination.models
+        passes = [g > 0.5 for g in raw[gate]]
+        rewards = [w if ok else combination.otherwise for w, ok in zip(whitened(model), passes)]
+        return Combined(list(raw[model]), rewards)
     columns = [whitened(m) for m in combination.models]
     if combination.kind == "sum":
         total = weighted_sum(columns, combination.weights)

@@ -10,6 +10,7 @@ from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .combinations import Combination, Objective
+from .verifiers import VerifierSpec, default_workers
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -59,6 +60,19 @@ class ServeConfig(BaseSettings):
     """The judge's rating mean for whitening, instead of a calibration set; give with --judge-reward-std."""
     judge_reward_std: float | None = Field(None, gt=0)
     """The judge's rating std for whitening; give with --judge-reward-mean."""
+    verifier: list[str] = []
+    """An answer checker served as a model, NAME=KIND[:OPTION], repeatable: `correct=math` (the final answer, the
+    last \\boxed{} or a final-answer line, against the item's `reference`, by mathematical equivalence; `math:lenient`
+    also takes the last line), `same=exact` (normalised exact match), `fmt=regex:PATTERN` (a format reward, no
+    reference), `own=python:MODULE:FUNCTION` (your checker; needs --trust-verifier-code). Scores are 1 or 0, not
+    whitened; it sits beside --model checkpoints, in combinations too. The environment variable takes a JSON list."""
+    verifier_timeout: float = Field(5.0, gt=0)
+    """Seconds one answer check may take; past it the check answers `timeout` (score 0) and its worker is replaced."""
+    verifier_workers: int = Field(default_factory=default_workers, gt=0)
+    """Worker processes running the checks (default: half the cores, at most 8)."""
+    trust_verifier_code: bool = False
+    """Run the checkers of --verifier NAME=python:MODULE:FUNCTION: they are your code, imported in the server's
+    worker processes."""
     combination: list[str] = []
     """A named combination of the models, repeatable: "safe=llama2 helpful=H safety=S [threshold=0.15]",
     "mix=sum 0.7*H 0.3*S" or "ens=ensemble A B C [lambda=0.5]" (README: when to use which)."""
@@ -193,8 +207,13 @@ class ServeConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _pairs_come_together(self) -> "ServeConfig":
-        if not self.model and not self.judge:
-            raise ValueError("give at least one --model (or --judge)")
+        if not self.model and not self.judge and not self.verifier:
+            raise ValueError("give at least one --model (or --judge, or --verifier)")
+        verifiers = self.verifier_specs()  # parses each: a bad spec stops the start here
+        own = [v.name for v in verifiers if v.kind == "python"]
+        if own and not self.trust_verifier_code:
+            raise ValueError(f"--verifier {', '.join(own)} runs your own Python code in the server: pass"
+                             " --trust-verifier-code to allow it")
         if (self.judge_reward_mean is None) != (self.judge_reward_std is None):
             raise ValueError("give --judge-reward-mean and --judge-reward-std together")
         if len(self.judge) > 1 and (self.judge_reward_mean is not None or self.judge_calibration_set):
@@ -205,7 +224,7 @@ class ServeConfig(BaseSettings):
                            ("--judge-calibration-set", self.judge_calibration_set)]:
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{flag} {path} is not a file")
-        names = [name for name, _ in self.model_specs()]
+        names = [name for name, _ in self.model_specs()] + [v.name for v in verifiers]
         if len(set(names)) != len(names):
             raise ValueError(f"two models are named alike ({', '.join(names)}); name each one: --model NAME=DIR")
         combinations = [c.name for c in self.combinations()]  # parses each, so a bad spec stops the start here
@@ -215,7 +234,7 @@ class ServeConfig(BaseSettings):
         if self.default_reward is not None and self.default_reward not in names + combinations:
             raise ValueError(f"--default-reward {self.default_reward!r} is neither a model nor a combination"
                              f" ({', '.join(names + combinations)})")
-        if self.reward_mean is not None and len(names) > 1:
+        if self.reward_mean is not None and len(self.model_specs()) > 1:
             raise ValueError("--reward-mean and --reward-std set one model's statistics; with several models, store"
                              " them in each checkpoint's config.json (`reward_statistics`)")
         if (self.reward_mean is None) != (self.reward_std is None):
@@ -257,6 +276,15 @@ class ServeConfig(BaseSettings):
         """(name, path) of each model, the judges after the reward models, in the order given; the first is the
         default."""
         return [parse_model_spec(spec) for spec in self.model + self.judge]
+
+    def verifier_specs(self) -> list[VerifierSpec]:
+        specs = []
+        for spec in self.verifier:
+            try:
+                specs.append(VerifierSpec.parse(spec))
+            except ValueError as error:
+                raise ValueError(str(error)) from None
+        return specs
 
     def judge_names(self) -> set[str]:
         return {parse_model_spec(spec)[0] for spec in self.judge}

@@ -19,7 +19,7 @@ from rewardserve.proto import reward_pb2
 from .admission import count_protobuf_field
 from .errors import (Internal, InvalidInput, Overloaded, RewardServeError, TooManyItems, Unauthorized,
                      describe_validation_errors)
-from .schemas import ModelInfo, ReloadRequest, ScoreRequest, ScoreResponse, ServerInfo, TransformOut
+from .schemas import CheckOut, ModelInfo, ReloadRequest, ScoreRequest, ScoreResponse, ServerInfo, TransformOut
 from .service import ScoringService
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def request_from_proto(message: reward_pb2.ScoreRequest) -> ScoreRequest:
     """Builds the same pydantic request HTTP builds, so the same rules (and messages) apply."""
     items = []
     for item in message.items:
-        fields = {name: getattr(item, name) for name in ("prompt", "response", "text", "safety") if item.HasField(name)}
+        fields = {name: getattr(item, name) for name in ("prompt", "response", "text", "safety", "reference")
+                  if item.HasField(name)}
         if item.messages:
             fields["messages"] = [{"role": m.role, "content": m.content} for m in item.messages]
         if item.input_ids:
@@ -74,11 +75,12 @@ def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
         chosen=response.chosen or [],
         std=response.std or [],
         outputs=outputs_to_proto(response.outputs),
+        checks=checks_to_proto(response.checks),
     )
     message.components.extend(
         reward_pb2.ComponentScores(name=name, scores=part.scores, rewards=part.rewards, truncated=part.truncated,
                                    transform=transform_to_proto(part.transform), model_version=part.model_version,
-                                   outputs=outputs_to_proto(part.outputs))
+                                   outputs=outputs_to_proto(part.outputs), checks=checks_to_proto(part.checks))
         for name, part in (response.components or {}).items())
     if response.combination is not None:
         message.combination.CopyFrom(reward_pb2.Combination(
@@ -88,6 +90,10 @@ def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
 
 def outputs_to_proto(outputs: dict[str, list[float]] | None) -> dict[str, reward_pb2.Values]:
     return {name: reward_pb2.Values(values=values) for name, values in (outputs or {}).items()}
+
+
+def checks_to_proto(checks: list[CheckOut] | None) -> list[reward_pb2.Check]:
+    return [reward_pb2.Check(**check.model_dump(exclude_none=True)) for check in checks or []]
 
 
 def model_info_to_proto(info: ModelInfo) -> reward_pb2.ModelInfo:

@@ -57,10 +57,15 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
 
     @app.post("/get_reward", response_model=OpenRLHFRewardResponse, dependencies=[Depends(authorized)])
     async def get_reward(body: OpenRLHFRewardRequest, request: Request) -> OpenRLHFRewardResponse:
-        """OpenRLHF's remote reward model: each `query` is a whole templated text, scored as given."""
-        result = await service.score(ScoreRequest(items=[ScoreItem(text=q) for q in body.query], model=body.model,
-                                                  combination=body.combination), protocol="http",
-                                     client=client_of(request))
+        """OpenRLHF's remote reward model: each `query` is a whole templated text, scored as given; each of its
+        `labels` (the dataset's answer) is that item's `reference`, for a verifier."""
+        labels = body.labels if body.labels is not None else [None] * len(body.query)
+        if len(labels) != len(body.query):
+            raise InvalidInput(f"`labels` has {len(labels)} entries for {len(body.query)} queries: give one per query")
+        items = [ScoreItem(text=q, reference=None if label is None else str(label))
+                 for q, label in zip(body.query, labels)]
+        result = await service.score(ScoreRequest(items=items, model=body.model, combination=body.combination),
+                                     protocol="http", client=client_of(request))
         return OpenRLHFRewardResponse(rewards=result.rewards, scores=result.scores)
 
     @app.post("/admin/reload", response_model=ReloadResponse)

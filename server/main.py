@@ -44,6 +44,7 @@ from .schemas import CalibrationOut, ModelInfo, ScoreItem
 from .service import ScoringService
 from .simulated_forward import SimulatedForward
 from .tokenization import PLAIN_FORMAT_KEY, ItemEncoder, load_tokenizer, trained_max_length
+from .verifiers import CheckerPool, checker_version
 
 log = logging.getLogger("rewardserve")
 
@@ -189,6 +190,50 @@ def serve_model(model: RewardModel, encoder: ItemEncoder, statistics: RewardStat
                        str(path), output_names)
 
 
+VERIFIER_STATISTICS = RewardStatistics(0.0, 1.0, source="a verifier's 0/1 verdict, not whitened")
+
+
+def load_served_verifiers(config: ServeConfig) -> list[ServedModel]:
+    """The answer checkers (server/verifiers.py), one worker pool for all of them. Their rewards are not whitened:
+    a 0/1 verdict's mean is the policy's accuracy, which training moves, so fixed statistics would move its zero;
+    GRPO and RLOO centre each group themselves; and unwhitened, a combination's weights read as points per right
+    answer. Their statistics (mean 0, std 1) let combinations take them as they are."""
+    specs = config.verifier_specs()
+    if not specs:
+        return []
+    own = [spec for spec in specs if spec.kind == "python"]
+    for spec in own:
+        log.warning("--trust-verifier-code: verifier %s runs %s, your own code, in the server's worker processes",
+                    spec.name, spec.option)
+    pool = CheckerPool(specs, config.verifier_workers, config.verifier_timeout)
+    began = time.perf_counter()
+    try:
+        pool.start()
+    except RuntimeError as error:
+        pool.close()
+        raise StartupError(f"--verifier: {error}") from None
+    log.info("verifiers %s ready: %d worker processes, %.1f s per check at most (started in %.1f s)",
+             ", ".join(spec.name for spec in specs), config.verifier_workers, config.verifier_timeout,
+             time.perf_counter() - began)
+    raw = RewardTransform("raw")
+    served = []
+    for spec in specs:
+        try:
+            version = checker_version(spec)
+        except ValueError as error:
+            pool.close()
+            raise StartupError(str(error)) from None
+        info = ModelInfo(model=spec.name, path="", version=version, architecture=f"verifier:{spec.kind}", dtype="none",
+                         device=f"cpu ({config.verifier_workers} worker processes)", max_length=0,
+                         on_overflow="error", chat_template=False, default_transform=raw.describe(),
+                         statistics=asdict(VERIFIER_STATISTICS), max_items_per_request=config.max_items_per_request,
+                         max_batch_tokens=0, forward_path="", kind="verifier", verifier=spec.describe(),
+                         outputs=["correct", "answer_found", "timed_out"])
+        served.append(ServedModel(spec.name, None, None, VERIFIER_STATISTICS, None, raw, info, version, "",
+                                  verifier=spec, checker=pool))
+    return served
+
+
 def configure_forward(model: RewardModel, config: ServeConfig) -> Calibration:
     """Sets the model's forward path and batch budget: as --forward-path and --max-batch-tokens pin them, or the
     fastest the calibration measured where either is auto (server/calibration.py)."""
@@ -295,7 +340,7 @@ def attach_models(service: ScoringService, config: ServeConfig, models: list[Ser
 
 async def reload_all_from_their_paths(service: ScoringService) -> None:
     """SIGHUP: every model re-reads its own checkpoint folder (a refresh written in place)."""
-    for name in service.registry.names:
+    for name in [model.name for model in service.registry.models() if not model.verifier]:
         try:
             await service.reloader.reload(name, wait=True)  # after a reload that is running, not instead of it
         except RewardServeError as error:
@@ -323,7 +368,8 @@ async def serve(config: ServeConfig) -> None:
     log.info("listening: %s; /ready answers 503 until the models are loaded and warm", endpoints)
     try:
         loading = load_in_background(loop, lambda: [load_served_model(name, path, config)
-                                                    for name, path in config.model_specs()])
+                                                    for name, path in config.model_specs()]
+                                     + load_served_verifiers(config))
         await asyncio.wait([loading, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():
             log.info("stopped while loading the models")
@@ -436,6 +482,8 @@ async def shutdown(service: ScoringService, http, http_task, grpc_server, health
         await grpc_server.stop(grace=5)
     await http_task
     service.close()
+    for pool in {id(model.checker): model.checker for model in service.registry.models() if model.checker}.values():
+        pool.close()
     log.info("stopped after draining for %.2f s", time.perf_counter() - drain_started)
 
 

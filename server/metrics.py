@@ -42,6 +42,13 @@ FALLBACKS = Counter("rewardserve_kernel_fallbacks_total",
                     ["model", "forward"])
 RELOADS = Counter("rewardserve_reloads_total", "Reloads asked for, by model and outcome", ["model", "outcome"])
 
+VERIFIER_CHECKS = Counter("rewardserve_verifier_checks_total",
+                          "Answer checks by verifier and verdict (correct, wrong, no_answer, timeout, error)",
+                          ["verifier", "verdict"])
+VERIFIER_CHECK_SECONDS = Histogram("rewardserve_verifier_check_seconds",
+                                   "One answer check in a worker process, by verifier (a timeout counts its limit)",
+                                   ["verifier"], buckets=LATENCY_BUCKETS)
+
 INFLIGHT_CHARACTERS = Gauge("rewardserve_inflight_characters",
                             "Characters of requests admitted and not yet answered (--max-inflight-characters)")
 QUEUE_DEPTH = Gauge("rewardserve_queue_depth", "Items waiting for a batch")

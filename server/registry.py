@@ -1,7 +1,8 @@
 """The models a server holds, its combinations, and what a request asks of them.
 
 A `ServedModel` is everything one model needs to answer: the engine the batcher runs, the encoder of its tokenizer,
-its statistics, length fit and default transform, its description and version. The registry maps names to them.
+its statistics, length fit and default transform, its description and version; a verifier (server/verifiers.py) has
+its checker pool instead of an engine and an encoder. The registry maps names to them.
 A request reads the registry once, when it starts, and holds on to what it found: a reload that swaps a model in
 meanwhile changes what later requests get, never a request in flight.
 """
@@ -29,6 +30,8 @@ class ServedModel:
     version: str
     path: str
     output_names: tuple[str, ...] = ()  # several outputs: each item's result is [reward, *outputs]
+    verifier: Any = None  # a VerifierSpec: an answer checker, run by `checker` (a CheckerPool) instead of `engine`
+    checker: Any = None
 
     def live_info(self) -> ModelInfo:
         """Its /info, with the path it serves along now (a kernel that failed has been replaced) and the forwards

@@ -73,7 +73,9 @@ class Reloader:
         wait: queue behind a running reload instead of refusing (SIGHUP). The reload runs in a task of its own that
         holds the lock to its end: a caller that is cancelled (its client went away) stops waiting, not reloading.
         """
-        self.registry.get(name)  # an unknown model is refused before anything else
+        if self.registry.get(name).verifier:  # an unknown model is refused before anything else
+            raise InvalidInput(f"{name!r} is a verifier: it has no checkpoint to reload (its checks change with the"
+                               " server's flags)")
         target = None if path is None else self.allowed_path(path)
         if self._lock.locked() and not wait:
             raise Conflict("a reload is already running; retry when it has finished")

@@ -65,6 +65,8 @@ class ScoreItem(BaseModel):
     input_ids: list[int] | None = None
     safety: bool | None = Field(None, description="flags the item safety-relevant, for a llama2 combination: its"
                                                    " safety model's score is used whatever it is")
+    reference: Text | None = Field(None, description="the right answer, for a verifier (`math`, `exact`) to check"
+                                                     " the response against; reward models ignore it")
 
     @model_validator(mode="after")
     def _exactly_one_form(self) -> "ScoreItem":
@@ -147,11 +149,19 @@ class TransformOut(BaseModel):
 
 class CombinationOut(BaseModel):
     name: str
-    kind: Literal["llama2", "sum", "ensemble"]
+    kind: Literal["llama2", "sum", "ensemble", "gate"]
     models: list[str]
     weights: list[float] | None = None
     threshold: float | None = None
     conservative_lambda: float | None = None
+    otherwise: float | None = Field(None, description="gate: the reward where the gate's check fails")
+
+
+class CheckOut(BaseModel):
+    """A verifier's reading of one item."""
+
+    verdict: Literal["correct", "wrong", "no_answer", "timeout"] | str
+    answer: str | None = Field(None, description="the answer as the checker read it (math: the parsed final answer)")
 
 
 class ComponentScores(BaseModel):
@@ -163,8 +173,10 @@ class ComponentScores(BaseModel):
     transform: TransformOut
     model_version: str
     outputs: dict[str, list[float]] | None = None
+    checks: list[CheckOut] | None = None
 
 
+CHECKS_DESCRIPTION = "a verifier: each item's verdict and the answer it read"
 OUTPUTS_DESCRIPTION = ("a model of several outputs (a num_labels > 1 head, a judge): each named output, one value per"
                        " item; `scores` is the reward made of them as /info's `objective` says")
 
@@ -189,6 +201,7 @@ class ScoreResponse(BaseModel):
     chosen: list[str] | None = Field(None, description="llama2: the model whose score each item got")
     std: list[float] | None = Field(None, description="ensemble: the std of the models' whitened scores")
     outputs: dict[str, list[float]] | None = Field(None, description=OUTPUTS_DESCRIPTION)
+    checks: list[CheckOut] | None = Field(None, description=CHECKS_DESCRIPTION)
 
 
 class CalibrationCandidateOut(BaseModel):
@@ -235,8 +248,11 @@ class ModelInfo(BaseModel):
                                                             " computed over that prefix once; None: sharing is off")
     shared_prefix: str = Field("", description="why sharing is on or off for this model")
     length_fit: LengthFitOut | None = None
-    kind: Literal["reward_model", "judge"] = Field("reward_model", description="a reward model, or a causal LM"
-                                                                             " served as a judge (its expected rating)")
+    kind: Literal["reward_model", "judge", "verifier"] = Field(
+        "reward_model", description="a reward model, a causal LM served as a judge (its expected rating), or an"
+                                    " answer checker (a verifier)")
+    verifier: str | None = Field(None, description="a verifier: its kind and option (math, exact, regex:PATTERN,"
+                                                   " python:MODULE:FUNCTION)")
     outputs: list[str] = Field([], description="the names of its outputs, where it has several")
     objective: str | None = Field(None, description="how the reward is made of the outputs: one of them, or a"
                                                     " weighted sum")

@@ -1,9 +1,9 @@
 """The protocol-independent scoring core. HTTP and gRPC both call `ScoringService.score`; neither sees a model.
 
 score(request): check the limits that depend on configuration -> find the model(s) the request names -> tokenize
-with each model's tokenizer in a thread pool -> submit to the one batcher, each model's items to its engine ->
-await one future per item -> apply each model's transform, and the combination if one was named -> assemble the
-response.
+with each model's tokenizer in a thread pool -> submit to the one batcher, each model's items to its engine (a
+verifier's to its checker pool) -> await one future per item -> apply each model's transform, and the combination
+if one was named -> assemble the response.
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ from .normalization import RewardTransform
 from .rate_limit import RateLimiter
 from .registry import ModelRegistry, ServedModel, Target
 from .reloading import Reloader
-from .schemas import (CombinationOut, ComponentScores, ReloadRequest, ReloadResponse, ScoreRequest, ScoreResponse,
-                      ServerInfo, TransformChoice, TransformOut)
+from .schemas import (CheckOut, CombinationOut, ComponentScores, ReloadRequest, ReloadResponse, ScoreItem, ScoreRequest,
+                      ScoreResponse, ServerInfo, TransformChoice, TransformOut)
 from .tokenization import WHOLE_TEXT_CHARS, EncodedItem
+from .verifiers import Check, CheckFailed
 
 log = logging.getLogger(__name__)
 
@@ -197,23 +198,33 @@ class ScoringService:
             raise InvalidInput(f"combination {target.name!r} whitens each model's score itself; leave out `transform`")
         transforms = [self.transform_for(model, "whiten" if target.combination else request.transform)
                       for model in target.models]
+        forwarded = [(model, transform) for model, transform in zip(target.models, transforms) if not model.verifier]
+        checked = [model for model in target.models if model.verifier]
+        answers = [checked_answers(request.items, model) for model in checked]  # 422 before any work
         pool = self._quick_pool if characters <= QUICK_CHARACTERS else self._tokenizer_pool
         encoded = await asyncio.gather(*(self._tokenize(model, request, transform.needs_lengths, pool)
-                                         for model, transform in zip(target.models, transforms)))
-        futures = self.batcher.submit_group([([item.input_ids for item in items], model.engine)
-                                             for model, items in zip(target.models, encoded)])
-        scores = await self._scores_of(futures)
+                                         for model, transform in forwarded))
+        forward_futures = self.batcher.submit_group([([item.input_ids for item in items], model.engine)
+                                                     for (model, _), items in zip(forwarded, encoded)])
+        request_key = object()  # the checker pool takes one check of each waiting request in turn
+        check_futures = [model.checker.check(model.verifier, pairs, request_key)
+                         for model, pairs in zip(checked, answers)]
+        results = await self._scores_of(forward_futures + check_futures)
         metrics.TRUNCATED.inc(sum(item.truncated for items in encoded for item in items))
         for model in target.models:
             metrics.MODEL_ITEMS.labels(model.name, model.version, protocol).inc(len(request.items))
-        components = [self._component(items, list(s), transform, model)
-                      for model, items, s, transform in zip(target.models, encoded, scores, transforms)]
+        parts = {model.name: (items, scores) for (model, _), items, scores in zip(forwarded, encoded, results)}
+        parts |= {model.name: checks for model, checks in zip(checked, results[len(forwarded):])}
+        components = [self._checked(parts[model.name], transform, model) if model.verifier else
+                      self._component(*parts[model.name], transform, model)
+                      for model, transform in zip(target.models, transforms)]
         return self._response(target, request, components)
 
     @staticmethod
-    async def _scores_of(futures: list[list[asyncio.Future]]) -> list[list[float]]:
-        """Each model's scores, once every item's future is done; the first item that failed fails the request,
-        named by its index. Whatever is still queued is cancelled if the request fails or its client goes."""
+    async def _scores_of(futures: list[list[asyncio.Future]]) -> list[list]:
+        """Each model's scores (a verifier's `Check`s), once every item's future is done; the first item that failed
+        fails the request, named by its index. Whatever is still queued is cancelled if the request fails or its
+        client goes."""
         flat = [future for model_futures in futures for future in model_futures]
         try:
             await asyncio.wait(flat, return_when=asyncio.FIRST_EXCEPTION)
@@ -223,6 +234,9 @@ class ScoringService:
                 index, error = failed[0]
                 if isinstance(error, UnscorableItem):
                     raise UnscorableItem(f"items[{index % len(futures[0])}]: {error.message}") from None
+                if isinstance(error, CheckFailed):  # the checker raised on this item: its error, not the server's
+                    raise UnscorableItem(f"items[{index % len(futures[0])}]: the answer checker failed on it:"
+                                         f" {error}") from None
                 raise error
         finally:
             for future in flat:
@@ -245,19 +259,32 @@ class ScoringService:
                                outputs=outputs)
 
     @staticmethod
+    def _checked(checks: list[Check], transform: RewardTransform, model: ServedModel) -> ComponentScores:
+        """A verifier's part: the checks' scores, and what each check found."""
+        for check in checks:
+            metrics.VERIFIER_CHECKS.labels(model.name, check.verdict).inc()
+        scores = [check.score for check in checks]
+        outputs = {"correct": [float(c.verdict == "correct") for c in checks],
+                   "answer_found": [float(c.verdict in ("correct", "wrong")) for c in checks],
+                   "timed_out": [float(c.verdict == "timeout") for c in checks]}
+        return ComponentScores(scores=scores, rewards=transform.apply(scores), truncated=[False] * len(checks),
+                               transform=TransformOut(**transform.describe()), model_version=model.version,
+                               outputs=outputs, checks=[CheckOut(verdict=c.verdict, answer=c.answer) for c in checks])
+
+    @staticmethod
     def _response(target: Target, request: ScoreRequest, components: list[ComponentScores]) -> ScoreResponse:
         first = components[0]
         if target.kind == "model":
             return ScoreResponse(model=target.name, scores=first.scores, rewards=first.rewards,
                                  truncated=first.truncated, transform=first.transform, model_version=first.model_version,
-                                 outputs=first.outputs)
+                                 outputs=first.outputs, checks=first.checks)
         by_name = {model.name: part for model, part in zip(target.models, components)}
         versions = ",".join(f"{name}={part.model_version}" for name, part in by_name.items())
         truncated = [any(flags) for flags in zip(*(part.truncated for part in components))]
         if target.kind == "models":
             return ScoreResponse(model=target.name, scores=first.scores, rewards=first.rewards, truncated=truncated,
                                  transform=first.transform, model_version=versions, components=by_name,
-                                 outputs=first.outputs)
+                                 outputs=first.outputs, checks=first.checks)
         combination = target.combination
         combined = combine(combination, {name: part.scores for name, part in by_name.items()},
                            {model.name: model.statistics for model in target.models},
@@ -314,6 +341,28 @@ def request_characters(request: ScoreRequest) -> int:
     total = 0
     for item in request.items:
         total += read(item.prompt) + read(item.response) + read(item.text) + len(item.input_ids or ())
+        total += len(item.reference or "")
         if item.messages:
             total += sum(read(message.content) for message in item.messages)
     return total
+
+
+def checked_answers(items: list[ScoreItem], model: ServedModel) -> list[tuple[str, str | None]]:
+    """(the text a verifier checks, the item's reference) of each item: the response, the last (assistant) message,
+    or the whole text; an item it cannot check is a 422 that names it and says what to send."""
+    spec, pairs = model.verifier, []
+    for index, item in enumerate(items):
+        where = f"items[{index}]: verifier {model.name!r} ({spec.describe()})"
+        if item.input_ids is not None:
+            raise InvalidInput(f"{where} reads text: send `prompt` + `response`, `messages` or `text`, not"
+                               " `input_ids`")
+        if item.messages is not None and item.messages[-1].role != "assistant":
+            raise InvalidInput(f"{where} checks the last message, the answer, and this one is a"
+                               f" {item.messages[-1].role} message: end `messages` with the assistant's turn")
+        if spec.needs_reference and item.reference is None:
+            raise InvalidInput(f"{where} checks the answer against the item's `reference`, and this item has none:"
+                               " send `reference` (the right answer)")
+        text = item.response if item.response is not None else \
+            item.messages[-1].content if item.messages is not None else item.text
+        pairs.append((text, item.reference))
+    return pairs

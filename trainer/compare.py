@@ -22,7 +22,7 @@ from rewardserve.server.modeling import resolve_device
 
 from .client import RewardClient, RewardClientError, RewardTarget
 from .config import CompareConfig
-from .prompts import end_of_turn_ids, generate_responses, load_prompts, prompt_text
+from .prompts import end_of_turn_ids, generate_responses, load_prompts, load_references, prompt_text
 from .rl.ppo import check_reward_server, policy_folder, scoring_items
 from .rm.labeling import judge_both_orders, load_constitution
 from .tracking import format_table
@@ -79,12 +79,18 @@ def answer(path: str, prompts: list, config: CompareConfig, device, seed: int) -
 
 
 def reward_scores(client: RewardClient, target: RewardTarget, prompts: list, responses: list[str],
-                  chunk: int = 64) -> list[float]:
-    rewards = []
+                  answers: dict[str, str] | None = None, chunk: int = 64) -> tuple[list[float], list[bool] | None]:
+    """The server's reward of each response; and where a verifier checked them (the target itself, or a model of
+    its combination), whether each answer is correct."""
+    rewards, correct = [], []
     for start in range(0, len(responses), chunk):
-        items = scoring_items(prompts[start:start + chunk], responses[start:start + chunk])
-        rewards += client.score(items, target=target).rewards
-    return rewards
+        items = scoring_items(prompts[start:start + chunk], responses[start:start + chunk], answers)
+        result = client.score(items, target=target)
+        rewards += result.rewards
+        checks = result.checks or next((part["checks"] for part in (result.components or {}).values()
+                                        if part.get("checks")), None)
+        correct = None if checks is None or correct is None else correct + [c["verdict"] == "correct" for c in checks]
+    return rewards, correct
 
 
 def judge_outcomes(path: str, config: CompareConfig, prompts: list, a: list[str], b: list[str],
@@ -118,13 +124,15 @@ def main(config: CompareConfig) -> dict:
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
                           ca_file=config.reward_ca_file)
     target = RewardTarget.from_names(config.reward_model, config.reward_combination)
-    check_reward_server(client, target, prompts[0])  # a refusal is one line now, not after both policies answered
+    answers = load_references(config.prompts)
+    check_reward_server(client, target, prompts[0], answers)  # a refusal is one line now, not after both answered
     asked = [prompt for prompt in prompts for _ in range(config.samples)]
     prompt_of = [i for i in range(len(prompts)) for _ in range(config.samples)]
     a, a_lengths = answer(policy_a, prompts, config, device, config.seed)
     b, b_lengths = answer(policy_b, prompts, config, device, config.seed + config.independent_samples)
     try:
-        a_rewards, b_rewards = (reward_scores(client, target, asked, side) for side in (a, b))
+        (a_rewards, a_correct), (b_rewards, b_correct) = (reward_scores(client, target, asked, side, answers)
+                                                          for side in (a, b))
     except RewardClientError as error:  # never a loss for either side: the comparison stops
         raise SystemExit(f"rewardserve compare: the reward server did not score every response ({error});"
                          " nothing was counted") from None
@@ -137,6 +145,9 @@ def main(config: CompareConfig) -> dict:
                "mean_reward": {"a": sum(a_rewards) / len(a), "b": sum(b_rewards) / len(b)},
                "mean_length_tokens": {"a": sum(a_lengths) / len(a), "b": sum(b_lengths) / len(b)},
                "identical_answers": sum(x == y for x, y in zip(a, b))}
+    if a_correct is not None and b_correct is not None:  # a verifier's share of right answers, each side's
+        summary["verifier_accuracy"] = {side: asdict(win_rate([float(c) for c in correct], prompt_of, seed=config.seed))
+                                        for side, correct in (("a", a_correct), ("b", b_correct))}
     by_judge = judge_outcomes(judge, config, asked, a, b, device) if judge else None
     if by_judge is not None:
         summary["judge"] = asdict(win_rate(by_judge, prompt_of, seed=config.seed))
@@ -204,6 +215,10 @@ def print_summary(summary: dict) -> None:
             w = summary[name]
             rows.append((f"B's win rate, {name}", f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]"
                                                   f" ({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"))
+    for side in ("a", "b"):
+        if "verifier_accuracy" in summary:
+            w = summary["verifier_accuracy"][side]
+            rows.append((f"right answers (verifier), {side.upper()}", f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]"))
     rows.append(("identical answers (each a tie)", f"{summary['identical_answers']} of {summary['comparisons']}"))
     rows.append(("mean reward, A -> B", f"{summary['mean_reward']['a']:.3f} -> {summary['mean_reward']['b']:.3f}"))
     if "mean_relevance" in summary:

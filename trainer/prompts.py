@@ -13,15 +13,45 @@ import torch
 from torch import nn
 
 
+BUILTIN_SETS = {"builtin": "prompts.jsonl", "builtin:arithmetic": "arithmetic-train.jsonl",
+                "builtin:arithmetic-heldout": "arithmetic-heldout.jsonl"}
+
+
+def prompt_rows(spec: str) -> list[dict]:
+    """The rows of a JSON Lines file, or of one of the project's sets (`builtin`: open questions;
+    `builtin:arithmetic` and `builtin:arithmetic-heldout`: checkable sums, with references)."""
+    if spec in BUILTIN_SETS:
+        text = (resources.files("rewardserve.trainer") / "assets" / BUILTIN_SETS[spec]).read_text()
+    elif spec.startswith("builtin"):
+        raise SystemExit(f"--prompts {spec}: the project's sets are {', '.join(BUILTIN_SETS)}")
+    else:
+        text = Path(spec).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def load_prompts(spec: str) -> list:
-    """Prompts from a JSON Lines file ({"prompt"} or {"messages"}), or the project's built-in set."""
-    text = (resources.files("rewardserve.trainer") / "assets" / "prompts.jsonl").read_text() if spec == "builtin" \
-        else Path(spec).read_text()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    prompts = [row.get("messages") or row.get("prompt") for row in rows]
+    """Prompts ({"prompt"} or {"messages"} rows), from a file or one of the project's sets."""
+    prompts = [row.get("messages") or row.get("prompt") for row in prompt_rows(spec)]
     if not prompts or any(not p for p in prompts):
         raise SystemExit(f"{spec}: every line needs a non-empty `prompt` or `messages`")
     return prompts
+
+
+def prompt_key(prompt: str | list[dict]) -> str:
+    return json.dumps(prompt)
+
+
+def load_references(spec: str) -> dict[str, str]:
+    """Each prompt's `reference`, the right answer a verifier checks against, by `prompt_key`; {} when no row has
+    one. A prompt given twice with two references is refused (its reward would depend on which row was drawn)."""
+    references: dict[str, str] = {}
+    for row in prompt_rows(spec):
+        if row.get("reference") is None:
+            continue
+        key, reference = prompt_key(row.get("messages") or row.get("prompt")), str(row["reference"])
+        if references.setdefault(key, reference) != reference:
+            raise SystemExit(f"{spec}: one prompt has two references ({references[key]!r} and {reference!r})")
+    return references
 
 
 def prompt_text(prompt: str | list[dict]) -> str:

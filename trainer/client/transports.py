@@ -170,10 +170,12 @@ def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
         combination = {"name": c.name, "kind": c.kind, "models": list(c.models),
                        "weights": list(c.weights) if c.kind == "sum" else None,
                        "threshold": c.threshold if c.HasField("threshold") else None,
-                       "conservative_lambda": c.conservative_lambda if c.HasField("conservative_lambda") else None}
+                       "conservative_lambda": c.conservative_lambda if c.HasField("conservative_lambda") else None,
+                       "otherwise": c.otherwise if c.HasField("otherwise") else None}
     components = {part.name: {"scores": list(part.scores), "rewards": list(part.rewards),
                               "truncated": list(part.truncated), "transform": _transform_from_proto(part.transform),
-                              "model_version": part.model_version, "outputs": _outputs_from_proto(part.outputs)}
+                              "model_version": part.model_version, "outputs": _outputs_from_proto(part.outputs),
+                              "checks": _checks_from_proto(part.checks)}
                   for part in message.components}
     return {
         "model": message.model,
@@ -187,11 +189,16 @@ def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
         "chosen": list(message.chosen) or None,
         "std": list(message.std) or None,
         "outputs": _outputs_from_proto(message.outputs),
+        "checks": _checks_from_proto(message.checks),
     }
 
 
 def _outputs_from_proto(outputs) -> dict[str, list[float]] | None:
     return {name: list(values.values) for name, values in outputs.items()} or None
+
+
+def _checks_from_proto(checks) -> list[dict] | None:
+    return [{"verdict": c.verdict, "answer": c.answer if c.HasField("answer") else None} for c in checks] or None
 
 
 def _grpc_failure(error: grpc.RpcError, target: str) -> Exception:

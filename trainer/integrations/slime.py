@@ -24,4 +24,7 @@ async def slime_reward(args, sample, **kwargs) -> float:
     prompt = sample.prompt
     item = ({"text": prompt + sample.response} if isinstance(prompt, str)
             else {"messages": prompt + [{"role": "assistant", "content": sample.response}]})
+    label = getattr(sample, "label", None)  # the dataset's answer, for a verifier
+    if label is not None:
+        item["reference"] = str(label)
     return (await _slime_clients[key].score([item], target=target_from_environment())).rewards[0]

@@ -12,7 +12,8 @@ editable install keeps it in the source tree, not under site-packages):
     # and in the workers' environment: REWARDSERVE_REWARD_URL=http://<server>:8000
 
 `compute_score(data_source, solution_str, ground_truth, extra_info)` scores `solution_str` as the answer to
-`extra_info["prompt"]`, on the server's default model (REWARDSERVE_REWARD_MODEL or REWARDSERVE_REWARD_COMBINATION
+`extra_info["prompt"]`, with `ground_truth` as the item's `reference` (what a verifier checks against), on the
+server's default model (REWARDSERVE_REWARD_MODEL or REWARDSERVE_REWARD_COMBINATION
 pick another; REWARDSERVE_REWARD_API_KEY is sent when set).
 """
 from __future__ import annotations
@@ -35,4 +36,5 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> f
             raise RuntimeError("set REWARDSERVE_REWARD_URL to the reward server's URL for verl's reward function")
         _verl_client = RewardClient(url, api_key=os.environ.get("REWARDSERVE_REWARD_API_KEY"))
     prompt = (extra_info or {}).get("prompt", "")
-    return _verl_client.score([as_item(prompt, solution_str)], target=target_from_environment()).rewards[0]
+    item = as_item(prompt, solution_str) | ({} if ground_truth is None else {"reference": str(ground_truth)})
+    return _verl_client.score([item], target=target_from_environment()).rewards[0]

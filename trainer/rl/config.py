@@ -42,7 +42,9 @@ class PPOConfig(CommandSettings):
     reference: str | None = None
     """Frozen reference policy for the KL penalty; default: a frozen copy of the starting policy."""
     prompts: str = "builtin"
-    """JSON Lines of {"prompt": str} or {"messages": [...]}; `builtin` for the project's own prompt set."""
+    """JSON Lines of {"prompt": str} or {"messages": [...]}, each with an optional `reference` (the right answer, sent
+    with its responses for a verifier); `builtin` for the project's own prompt set, `builtin:arithmetic` for its
+    checkable sums."""
     steps: int = Field(100, gt=0)
     """PPO steps (one rollout batch and its update each)."""
     out: str = "runs/ppo"

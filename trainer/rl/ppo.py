@@ -33,7 +33,7 @@ from rewardserve.server.packing import plain_attention_blocker
 from ..client import (RequestRejected, RetryPolicy, RewardClient, RewardTarget, RewardUnavailable,
                      UntrustedServer)
 from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot_gold
-from ..prompts import end_of_turn_ids, load_prompts
+from ..prompts import end_of_turn_ids, load_prompts, load_references, prompt_key
 from .config import PPOConfig
 from .distributed import Ranks, setup_ranks, teardown
 from .estimators import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
@@ -67,13 +67,17 @@ class PromptSampler:
         return self.prompts[order[offset]]
 
 
-def scoring_items(prompts: list, responses: list[str]) -> list[dict]:
+def scoring_items(prompts: list, responses: list[str], references: dict[str, str] | None = None) -> list[dict]:
+    """The server's items: prompt + response, or the conversation with the response as its last turn; with the
+    prompt's `reference` (the right answer, for a verifier) where the prompt set gives one."""
     items = []
     for prompt, response in zip(prompts, responses):
         if isinstance(prompt, str):
-            items.append({"prompt": prompt, "response": response})
+            item = {"prompt": prompt, "response": response}
         else:
-            items.append({"messages": prompt + [{"role": "assistant", "content": response}]})
+            item = {"messages": prompt + [{"role": "assistant", "content": response}]}
+        reference = (references or {}).get(prompt_key(prompt))
+        items.append(item if reference is None else item | {"reference": reference})
     return items
 
 
@@ -94,9 +98,11 @@ class ScoredRollout:
 
 
 def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompts: list, client: RewardClient,
-                      pool: ThreadPoolExecutor, config: PPOConfig, device) -> ScoredRollout:
+                      pool: ThreadPoolExecutor, config: PPOConfig, device, answers: dict[str, str] | None = None
+                      ) -> ScoredRollout:
     """Phases 2 and 3: the whole batch is sampled in one generation (or in --generation-batch-size chunks), and its
-    responses are scored on the server while the log-probs and values are read here."""
+    responses are scored on the server while the log-probs and values are read here. `answers`: each prompt's
+    reference answer, sent with its responses (for a verifier)."""
     sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p)
     target = RewardTarget.from_names(config.reward_model, config.reward_combination)
     timings = {"generate": 0.0, "logprobs": 0.0, "score_wait": 0.0}
@@ -109,7 +115,7 @@ def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompt
         rollout, stats = generate_rollout(
             model, reference, engine, tokenizer, prompts[start:start + chunk], sampling, config.max_prompt_length,
             device, config.forward_batch_tokens,
-            on_sampled=lambda p, texts: futures.append(pool.submit(client.score, scoring_items(p, texts),
+            on_sampled=lambda p, texts: futures.append(pool.submit(client.score, scoring_items(p, texts, answers),
                                                                     target=target)),
             min_shared_prefix=config.min_shared_prefix)
         timings["generate"] += stats.seconds
@@ -423,13 +429,14 @@ def holdings(model: ActorCritic, reference, optimizer) -> str:
             f" AdamW over {optimised:,} parameters ({8 * optimised / 2**30:.2f} GiB of moments){lora}")
 
 
-def check_reward_server(client: RewardClient, target: RewardTarget, prompt: str | list[dict] = "Hello") -> None:
+def check_reward_server(client: RewardClient, target: RewardTarget, prompt: str | list[dict] = "Hello",
+                        references: dict[str, str] | None = None) -> None:
     """Before the policy loads: one scored item of the shape this run sends (its first prompt, as `prompt` +
     `response` or as `messages`) shows the server takes this run's requests (its model or combination, the item's
     shape, the API key, TLS). A refusal ends the run in one line now, not after the first generation; a server that
     is not up yet is waited for later, as in any outage."""
     try:
-        client.score(scoring_items([prompt], ["Hello! How can I help?"]), target=target)
+        client.score(scoring_items([prompt], ["Hello! How can I help?"], references), target=target)
     except RequestRejected as error:
         raise StartupError(f"the reward server at {client.urls[0]} refuses this run's requests ({error.status}"
                            f" {error.kind}): {error.message}") from None
@@ -451,8 +458,9 @@ def main(config: PPOConfig) -> dict:
     client = RewardClient(config.reward_url, timeout=config.reward_timeout, retry=RetryPolicy(config.reward_retries),
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
                           ca_file=config.reward_ca_file)
-    prompts = load_prompts(config.prompts)
-    check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination), prompts[0])
+    prompts, answers = load_prompts(config.prompts), load_references(config.prompts)
+    check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination), prompts[0],
+                        answers)
     torch.manual_seed(config.seed)  # new weights (LoRA's A) start alike on every rank: FSDP broadcasts none
     tokenizer, model, reference, engine = build_models(config, device)
     blocker = plain_attention_blocker(model.policy.config, config.max_prompt_length + config.max_new_tokens)
@@ -504,7 +512,7 @@ def main(config: PPOConfig) -> dict:
             model.eval()
             with gathered(model, reference):  # FSDP: whole layers for the rollout phase, one all-gather each
                 scored = rollout_and_score(model, reference, engine, tokenizer, prompts, client, pool, config,
-                                           device)  # 2, 3
+                                           device, answers)  # 2, 3
             counters["generated"] += ranks.total(scored.generated)
             counters["dropped"] += ranks.total(scored.dropped)
             check_dropped(counters, config)
