@@ -49,6 +49,7 @@ from .verifiers import CheckerPool, checker_version
 log = logging.getLogger("rewardserve")
 
 SECONDS_FOR_CONNECTIONS_TO_CLOSE = 3
+GRPC_DRAIN_GRACE_SECONDS = 5  # calls in flight on gRPC finish within this after SIGTERM (docker/k8s sizes its grace on it)
 
 
 class _UvicornWithoutSignals(uvicorn.Server):
@@ -479,7 +480,7 @@ async def shutdown(service: ScoringService, http, http_task, grpc_server, health
     await service.batcher.drain_and_stop()
     http.should_exit = True
     if grpc_server is not None:
-        await grpc_server.stop(grace=5)
+        await grpc_server.stop(grace=GRPC_DRAIN_GRACE_SECONDS)
     await http_task
     service.close()
     for pool in {id(model.checker): model.checker for model in service.registry.models() if model.checker}.values():
