@@ -43,6 +43,9 @@ KINDS = ("math", "exact", "regex", "python")
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 NEEDS_REFERENCE = {"math", "exact"}
 ANSWER_CHARS = 4096  # what a math check reads: from the last \boxed, else the response's tail (the answer is last)
+PLAIN_NUMBER = re.compile(r"^\s*-?\d+(?:\.\d+)?\s*$")
+# a sum, difference or product left to compute: `8 + 11`, `3 \times 4` (fractions and powers are final forms)
+UNEVALUATED = re.compile(r"\d\s*(?:[-+*×·]|\\times|\\cdot)\s*\(?-?\d")
 FINAL_ANSWER = re.compile(r"(?:final answer|answer)\s*(?:is|:)?\s*[:=]?\s*(.+)$", re.IGNORECASE)
 
 
@@ -140,6 +143,10 @@ def check_math(response: str, reference: str, lenient: bool = False) -> Check:
         return Check("no_answer", 0.0)
     gold = parse_math(reference)
     answer = str(found[-1])
+    if PLAIN_NUMBER.match(reference) and UNEVALUATED.search(answer.rsplit("=", 1)[-1]):
+        # math-verify evaluates `8 + 11` to 19: a policy echoing the question would be right every time (a GRPO run
+        # on the arithmetic task learned exactly that), so a number is answered with a number
+        return Check("wrong", 0.0, answer)
     return Check("correct", 1.0, answer) if gold and verify(gold, found) else Check("wrong", 0.0, answer)
 
 

@@ -149,9 +149,9 @@ def _server(docs: list[dict]) -> dict:
     return containers(docs, "Deployment")[0][1]
 
 
-def test_the_multinode_trainer_runs_the_readme_s_several_nodes_command():
+def test_the_multinode_trainer_runs_the_rl_guide_s_several_nodes_command():
     (_, trainer), = containers(render("overlays/multinode-trainer"), "Job")
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "rl.md").read_text()
     block = re.search(r"# several nodes.*?\n(torchrun .+?)\n```", readme, re.S).group(1)
     readme_argv = shlex.split(block.replace("\\\n", " "))
     assert trainer["command"] == readme_argv

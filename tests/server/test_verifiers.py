@@ -57,6 +57,10 @@ MATH_CASES = [
     ("\\boxed{e}", "e", "correct"),
     ("\\boxed{\\sin(\\pi/2)}", "1", "correct"),
     ("\\boxed{\\text{yes}}", "yes", "correct"),
+    ("Answer: 8 + 11", "19", "wrong"),  # a number is answered with a number, not the question's sum echoed
+    ("\\boxed{3 \\times 4}", "12", "wrong"),
+    ("\\boxed{26 - 22}", "4", "wrong"),
+    ("Answer: 26 - 22 = 4", "4", "correct"),  # ... while a worked line ending in the number is an answer
 ]
 
 
