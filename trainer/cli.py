@@ -106,7 +106,7 @@ class Bench(BenchConfig):
     """Measure serving, reward-model training and PPO on this machine (tables and JSON)."""
 
     def cli_cmd(self) -> None:
-        from .bench import main
+        from .bench.run import main
 
         main(self)
 
