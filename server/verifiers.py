@@ -322,7 +322,7 @@ class CheckerPool:
                 outcome = ("ok", Check("timeout", 0.0)) if elapsed >= self.timeout else \
                     ("error", "the checker's process died while checking this item")
             metrics.VERIFIER_CHECK_SECONDS.labels(job.spec.name).observe(elapsed)
-            if outcome[0] == "error":  # the verdicts are counted where they are answered; a failure here
+            if outcome[0] == "error":  # a failed check; the service counts every verdict it answers
                 metrics.VERIFIER_CHECKS.labels(job.spec.name, "error").inc()
             job.loop.call_soon_threadsafe(_settle, job.future, outcome)
             if gone:
