@@ -206,6 +206,10 @@ def load_served_verifiers(config: ServeConfig) -> list[ServedModel]:
     for spec in own:
         log.warning("--trust-verifier-code: verifier %s runs %s, your own code, in the server's worker processes",
                     spec.name, spec.option)
+    try:
+        versions = [checker_version(spec) for spec in specs]
+    except ValueError as error:
+        raise StartupError(str(error)) from None
     pool = CheckerPool(specs, config.verifier_workers, config.verifier_timeout)
     began = time.perf_counter()
     try:
@@ -218,12 +222,7 @@ def load_served_verifiers(config: ServeConfig) -> list[ServedModel]:
              time.perf_counter() - began)
     raw = RewardTransform("raw")
     served = []
-    for spec in specs:
-        try:
-            version = checker_version(spec)
-        except ValueError as error:
-            pool.close()
-            raise StartupError(str(error)) from None
+    for spec, version in zip(specs, versions):
         info = ModelInfo(model=spec.name, path="", version=version, architecture=f"verifier:{spec.kind}", dtype="none",
                          device=f"cpu ({config.verifier_workers} worker processes)", max_length=0,
                          on_overflow="error", chat_template=False, default_transform=raw.describe(),
@@ -334,7 +333,8 @@ def attach_models(service: ScoringService, config: ServeConfig, models: list[Ser
                         lambda current, path: check_room(config, current, path), config.allow_reload_from)
     for model in models:
         metrics.MODEL_INFO.labels(model.name, model.version).set(1)
-    service.batcher.max_batch_tokens = max(model.info.max_batch_tokens for model in models)  # the planning window
+    budgets = [model.info.max_batch_tokens for model in models if not model.verifier]  # a verifier plans no batch
+    service.batcher.max_batch_tokens = max(budgets, default=service.batcher.max_batch_tokens)  # the planning window
     service.batcher.start()
     service.start_serving(registry, reloader)
 

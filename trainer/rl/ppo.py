@@ -76,7 +76,7 @@ def scoring_items(prompts: list, responses: list[str], references: dict[str, str
             item = {"prompt": prompt, "response": response}
         else:
             item = {"messages": prompt + [{"role": "assistant", "content": response}]}
-        reference = (references or {}).get(prompt_key(prompt))
+        reference = references.get(prompt_key(prompt)) if references else None
         items.append(item if reference is None else item | {"reference": reference})
     return items
 
