@@ -15,7 +15,7 @@ class Message(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ScoreItem(_message.Message):
-    __slots__ = ("prompt", "response", "messages", "text", "input_ids", "safety", "reference")
+    __slots__ = ("prompt", "response", "messages", "text", "input_ids", "safety", "reference", "steps")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class ScoreItem(_message.Message):
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAFETY_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     response: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
@@ -30,7 +31,8 @@ class ScoreItem(_message.Message):
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     safety: bool
     reference: str
-    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., text: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., safety: _Optional[bool] = ..., reference: _Optional[str] = ...) -> None: ...
+    steps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., text: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., safety: _Optional[bool] = ..., reference: _Optional[str] = ..., steps: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("items", "transform", "request_id", "model", "models", "combination")
@@ -107,7 +109,7 @@ class Check(_message.Message):
     def __init__(self, verdict: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class ComponentScores(_message.Message):
-    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version", "name", "outputs", "checks")
+    __slots__ = ("scores", "rewards", "truncated", "transform", "model_version", "name", "outputs", "checks", "step_scores")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +125,7 @@ class ComponentScores(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     CHECKS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SCORES_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     truncated: _containers.RepeatedScalarFieldContainer[bool]
@@ -131,7 +134,8 @@ class ComponentScores(_message.Message):
     name: str
     outputs: _containers.MessageMap[str, Values]
     checks: _containers.RepeatedCompositeFieldContainer[Check]
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., name: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Values]] = ..., checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ...) -> None: ...
+    step_scores: _containers.RepeatedCompositeFieldContainer[Values]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., name: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Values]] = ..., checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ..., step_scores: _Optional[_Iterable[_Union[Values, _Mapping]]] = ...) -> None: ...
 
 class Values(_message.Message):
     __slots__ = ("values",)
@@ -140,7 +144,7 @@ class Values(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model", "scores", "rewards", "truncated", "transform", "model_version", "components", "combination", "chosen", "std", "outputs", "checks")
+    __slots__ = ("model", "scores", "rewards", "truncated", "transform", "model_version", "components", "combination", "chosen", "std", "outputs", "checks", "step_scores")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +164,7 @@ class ScoreResponse(_message.Message):
     STD_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     CHECKS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SCORES_FIELD_NUMBER: _ClassVar[int]
     model: str
     scores: _containers.RepeatedScalarFieldContainer[float]
     rewards: _containers.RepeatedScalarFieldContainer[float]
@@ -172,7 +177,8 @@ class ScoreResponse(_message.Message):
     std: _containers.RepeatedScalarFieldContainer[float]
     outputs: _containers.MessageMap[str, Values]
     checks: _containers.RepeatedCompositeFieldContainer[Check]
-    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentScores, _Mapping]]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ..., outputs: _Optional[_Mapping[str, Values]] = ..., checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ...) -> None: ...
+    step_scores: _containers.RepeatedCompositeFieldContainer[Values]
+    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., rewards: _Optional[_Iterable[float]] = ..., truncated: _Optional[_Iterable[bool]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., model_version: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentScores, _Mapping]]] = ..., combination: _Optional[_Union[Combination, _Mapping]] = ..., chosen: _Optional[_Iterable[str]] = ..., std: _Optional[_Iterable[float]] = ..., outputs: _Optional[_Mapping[str, Values]] = ..., checks: _Optional[_Iterable[_Union[Check, _Mapping]]] = ..., step_scores: _Optional[_Iterable[_Union[Values, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "type", "message")
@@ -199,7 +205,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration", "kind", "outputs", "objective", "code_files", "forwards", "plain_chat_format", "verifier")
+    __slots__ = ("model", "path", "version", "architecture", "dtype", "device", "max_length", "on_overflow", "chat_template", "default_transform", "statistics", "max_items_per_request", "max_batch_tokens", "forward", "length_fit", "min_shared_prefix", "shared_prefix", "forward_path", "calibration", "kind", "outputs", "objective", "code_files", "forwards", "plain_chat_format", "verifier", "steps")
     class CodeFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +246,7 @@ class ModelInfo(_message.Message):
     FORWARDS_FIELD_NUMBER: _ClassVar[int]
     PLAIN_CHAT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     VERIFIER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     version: str
@@ -266,7 +273,24 @@ class ModelInfo(_message.Message):
     forwards: _containers.ScalarMap[str, int]
     plain_chat_format: str
     verifier: str
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., kind: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., objective: _Optional[str] = ..., code_files: _Optional[_Mapping[str, str]] = ..., forwards: _Optional[_Mapping[str, int]] = ..., plain_chat_format: _Optional[str] = ..., verifier: _Optional[str] = ...) -> None: ...
+    steps: Steps
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_length: _Optional[int] = ..., on_overflow: _Optional[str] = ..., chat_template: _Optional[bool] = ..., default_transform: _Optional[_Union[Transform, _Mapping]] = ..., statistics: _Optional[_Union[RewardStatistics, _Mapping]] = ..., max_items_per_request: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., forward: _Optional[str] = ..., length_fit: _Optional[_Union[LengthFit, _Mapping]] = ..., min_shared_prefix: _Optional[int] = ..., shared_prefix: _Optional[str] = ..., forward_path: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., kind: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., objective: _Optional[str] = ..., code_files: _Optional[_Mapping[str, str]] = ..., forwards: _Optional[_Mapping[str, int]] = ..., plain_chat_format: _Optional[str] = ..., verifier: _Optional[str] = ..., steps: _Optional[_Union[Steps, _Mapping]] = ...) -> None: ...
+
+class Steps(_message.Message):
+    __slots__ = ("head", "read", "aggregate", "separator", "tag", "max_steps")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    SEPARATOR_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    head: str
+    read: str
+    aggregate: str
+    separator: str
+    tag: str
+    max_steps: int
+    def __init__(self, head: _Optional[str] = ..., read: _Optional[str] = ..., aggregate: _Optional[str] = ..., separator: _Optional[str] = ..., tag: _Optional[str] = ..., max_steps: _Optional[int] = ...) -> None: ...
 
 class CalibrationCandidate(_message.Message):
     __slots__ = ("path", "budget", "tokens_per_s", "peak_bytes", "seconds", "skipped", "compile_seconds")

@@ -10,6 +10,7 @@ from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .combinations import Combination, Objective
+from .process_rewards import StepFormat
 from .verifiers import VerifierSpec, default_workers
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -60,6 +61,22 @@ class ServeConfig(BaseSettings):
     """The judge's rating mean for whitening, instead of a calibration set; give with --judge-reward-std."""
     judge_reward_std: float | None = Field(None, gt=0)
     """The judge's rating std for whitening; give with --judge-reward-mean."""
+    prm: Annotated[list[str], NoDecode] = []
+    """A process reward model, scoring every step of a solution: a token-classification checkpoint (TRL's
+    PRMTrainer's, `rewardserve train --objective prm`), or a causal LM read at --step-tag through --step-token-ids.
+    NAME=DIR names it. Items give `steps`, or a response split at --step-separator; answers carry `step_scores`
+    and the reward is their --step-aggregate. It sits beside --model checkpoints, in combinations too."""
+    step_separator: str = "\n"
+    """What separates a solution's steps (PRMTrainer's default, a newline); `\n` and `\t` are read as escapes."""
+    step_tag: str | None = None
+    """A causal-LM process reward model: the text after each step where its score is read (Math-Shepherd: " ки")."""
+    step_token_ids: Annotated[list[int] | None, NoDecode, BeforeValidator(_split_ints)] = None
+    """A causal-LM process reward model: GOOD,BAD token ids; a step's score is P(GOOD) against P(BAD) at its tag."""
+    step_aggregate: Literal["min", "last", "mean", "product"] = "min"
+    """How a process reward model's step scores make an item's reward: min (default: a solution is as sound as its
+    weakest step, whatever its number of steps), last, mean, or product (which falls with every extra step)."""
+    max_steps: int = Field(128, gt=0)
+    """Steps in one item at most (422 beyond)."""
     verifier: list[str] = []
     """An answer checker served as a model, NAME=KIND[:OPTION], repeatable: `correct=math` (the final answer, the
     last \\boxed{} or a final-answer line, against the item's `reference`, by mathematical equivalence; `math:lenient`
@@ -180,7 +197,12 @@ class ServeConfig(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level."""
 
-    @field_validator("model", "judge", mode="before")
+    @field_validator("step_separator", mode="before")
+    @classmethod
+    def _escapes(cls, value):
+        return value.replace("\\n", "\n").replace("\\t", "\t") if isinstance(value, str) else value
+
+    @field_validator("model", "judge", "prm", mode="before")
     @classmethod
     def _split_models(cls, value):
         if isinstance(value, str):
@@ -207,8 +229,18 @@ class ServeConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _pairs_come_together(self) -> "ServeConfig":
-        if not self.model and not self.judge and not self.verifier:
-            raise ValueError("give at least one --model (or --judge, or --verifier)")
+        if not self.model and not self.judge and not self.verifier and not self.prm:
+            raise ValueError("give at least one --model (or --judge, --prm, or --verifier)")
+        if not self.step_separator:
+            raise ValueError("--step-separator is empty; give the text between steps (default: a newline)")
+        if (self.step_tag is None) != (self.step_token_ids is None):
+            raise ValueError("give --step-tag and --step-token-ids together: a causal-LM process reward model is"
+                             " read at the tag, through the two ids")
+        if self.step_token_ids is not None and (len(self.step_token_ids) != 2
+                                                or len(set(self.step_token_ids)) != 2):
+            raise ValueError(f"--step-token-ids {self.step_token_ids}: give two different ids, GOOD,BAD")
+        if self.step_tag is not None and not self.prm:
+            raise ValueError("--step-tag and --step-token-ids read a process reward model: serve one with --prm")
         verifiers = self.verifier_specs()  # parses each: a bad spec stops the start here
         own = [v.name for v in verifiers if v.kind == "python"]
         if own and not self.trust_verifier_code:
@@ -273,9 +305,9 @@ class ServeConfig(BaseSettings):
         return Objective(weights=weights)
 
     def model_specs(self) -> list[tuple[str, str]]:
-        """(name, path) of each model, the judges after the reward models, in the order given; the first is the
-        default."""
-        return [parse_model_spec(spec) for spec in self.model + self.judge]
+        """(name, path) of each model, the judges then the process reward models after the reward models, in the
+        order given; the first is the default."""
+        return [parse_model_spec(spec) for spec in self.model + self.judge + self.prm]
 
     def verifier_specs(self) -> list[VerifierSpec]:
         specs = []
@@ -288,6 +320,12 @@ class ServeConfig(BaseSettings):
 
     def judge_names(self) -> set[str]:
         return {parse_model_spec(spec)[0] for spec in self.judge}
+
+    def prm_names(self) -> set[str]:
+        return {parse_model_spec(spec)[0] for spec in self.prm}
+
+    def step_format(self) -> StepFormat:
+        return StepFormat(self.step_separator, self.step_tag, self.max_steps)
 
     def combinations(self) -> list[Combination]:
         return [Combination.parse(spec) for spec in self.combination]

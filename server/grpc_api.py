@@ -42,6 +42,8 @@ def request_from_proto(message: reward_pb2.ScoreRequest) -> ScoreRequest:
             fields["messages"] = [{"role": m.role, "content": m.content} for m in item.messages]
         if item.input_ids:
             fields["input_ids"] = list(item.input_ids)
+        if item.steps:
+            fields["steps"] = list(item.steps)
         items.append(fields)
     target = {name: getattr(message, name) for name in ("model", "combination") if message.HasField(name)}
     if message.models:
@@ -76,11 +78,13 @@ def response_to_proto(response: ScoreResponse) -> reward_pb2.ScoreResponse:
         std=response.std or [],
         outputs=outputs_to_proto(response.outputs),
         checks=checks_to_proto(response.checks),
+        step_scores=values_to_proto(response.step_scores),
     )
     message.components.extend(
         reward_pb2.ComponentScores(name=name, scores=part.scores, rewards=part.rewards, truncated=part.truncated,
                                    transform=transform_to_proto(part.transform), model_version=part.model_version,
-                                   outputs=outputs_to_proto(part.outputs), checks=checks_to_proto(part.checks))
+                                   outputs=outputs_to_proto(part.outputs), checks=checks_to_proto(part.checks),
+                                   step_scores=values_to_proto(part.step_scores))
         for name, part in (response.components or {}).items())
     if response.combination is not None:
         message.combination.CopyFrom(reward_pb2.Combination(
@@ -92,12 +96,16 @@ def outputs_to_proto(outputs: dict[str, list[float]] | None) -> dict[str, reward
     return {name: reward_pb2.Values(values=values) for name, values in (outputs or {}).items()}
 
 
+def values_to_proto(rows: list[list[float]] | None) -> list[reward_pb2.Values]:
+    return [reward_pb2.Values(values=row) for row in rows or []]
+
+
 def checks_to_proto(checks: list[CheckOut] | None) -> list[reward_pb2.Check]:
     return [reward_pb2.Check(**check.model_dump(exclude_none=True)) for check in checks or []]
 
 
 def model_info_to_proto(info: ModelInfo) -> reward_pb2.ModelInfo:
-    fields = info.model_dump(exclude={"default_transform", "statistics", "length_fit", "calibration"},
+    fields = info.model_dump(exclude={"default_transform", "statistics", "length_fit", "calibration", "steps"},
                              exclude_none=True)
     message = reward_pb2.ModelInfo(**fields, default_transform=transform_to_proto(info.default_transform))
     if info.calibration is not None:
@@ -110,6 +118,8 @@ def model_info_to_proto(info: ModelInfo) -> reward_pb2.ModelInfo:
         message.statistics.CopyFrom(reward_pb2.RewardStatistics(**info.statistics.model_dump()))
     if info.length_fit is not None:
         message.length_fit.CopyFrom(reward_pb2.LengthFit(**info.length_fit.model_dump()))
+    if info.steps is not None:
+        message.steps.CopyFrom(reward_pb2.Steps(**info.steps.model_dump(exclude_none=True)))
     return message
 
 

@@ -171,12 +171,12 @@ class JudgeModel(RewardModel):
     def is_decoder(self) -> bool:
         return True
 
-    def packed_outputs(self, batch: PackedBatch) -> torch.Tensor:
+    def packed_outputs(self, batch: PackedBatch, sequences=None) -> torch.Tensor:
         hidden = packed_hidden_states(self.network, batch)  # (N, H)
         rows = batch.token_index(batch.lengths[:, None] - self.answer_back)  # (B, A): through a shared prefix
         return self._rate(hidden[rows])
 
-    def padded_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def padded_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sequences=None) -> torch.Tensor:
         mask = decoder_attention_mask(self.network.config, attention_mask)
         hidden = self.network.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
         columns = (last_token_index(attention_mask)[:, None] + 1 - self.answer_back).clamp(min=0)  # (B, A)

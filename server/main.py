@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -38,9 +39,10 @@ from .modeling import (FORWARD_PATHS, RewardModel, check_local_checkpoint, check
                        free_memory, is_local, local_checkpoint, resolve_device, resolve_dtype, weights_bytes)
 from .normalization import RewardStatistics, RewardTransform
 from .packing import strict_kernels
+from .process_rewards import ProcessRewardModel, StepEncoder
 from .registry import ModelRegistry, ServedModel
 from .reloading import Reloader
-from .schemas import CalibrationOut, ModelInfo, ScoreItem
+from .schemas import CalibrationOut, ModelInfo, ScoreItem, StepsOut
 from .service import ScoringService
 from .simulated_forward import SimulatedForward
 from .tokenization import PLAIN_FORMAT_KEY, ItemEncoder, load_tokenizer, trained_max_length
@@ -68,6 +70,8 @@ def load_served_model(name: str, path: str, config: ServeConfig) -> ServedModel:
     judge: `load_served_judge`)."""
     if name in config.judge_names():
         return load_served_judge(name, path, config)
+    if name in config.prm_names():
+        return load_served_prm(name, path, config)
     resolve_device(config.device)  # a device that is not there is the first thing to say
     folder = str(local_checkpoint(path, name))
     tokenizer = load_tokenizer(folder, config.trust_remote_code)
@@ -103,6 +107,30 @@ def load_served_judge(name: str, path: str, config: ServeConfig) -> ServedModel:
     elif config.judge_calibration_set:
         statistics = judge_statistics(model, encoder, config.judge_calibration_set)
     return serve_model(model, encoder, statistics, path, config, kind="judge")
+
+
+PRM_STATISTICS = RewardStatistics(0.0, 1.0, source="a process reward model's aggregate step probability, not whitened")
+
+
+def load_served_prm(name: str, path: str, config: ServeConfig) -> ServedModel:
+    """A process reward model (server/process_rewards.py): the reward is its step scores' --step-aggregate, a
+    probability, entering combinations as it is (statistics mean 0, std 1) unless --reward-mean/std say otherwise."""
+    resolve_device(config.device)
+    folder = str(local_checkpoint(path, name))
+    tokenizer = load_tokenizer(folder, config.trust_remote_code)
+    model = ProcessRewardModel.load_prm(folder, tuple(config.step_token_ids) if config.step_token_ids else None,
+                                        config.dtype, config.device, config.max_length or trained_max_length(tokenizer),
+                                        config.min_shared_prefix, config.trust_remote_code)
+    model.name = name
+    step_format = config.step_format()
+    encoder = StepEncoder(tokenizer, model.max_length, step_format, config.on_overflow, model.embedding_rows)
+    served = serve_model(model, encoder, PRM_STATISTICS, path, config, kind="process_reward_model")
+    steps = StepsOut(head=model.describe_head(), read=step_format.where_read(encoder),
+                     aggregate=config.step_aggregate, **step_format.describe())
+    log.info("process reward model %s: %s, read %s; reward = the %s of its step scores", name, steps.head,
+             steps.read, config.step_aggregate)
+    return dataclasses.replace(served, info=served.info.model_copy(update={"steps": steps}),
+                               step_aggregate=config.step_aggregate)
 
 
 def judge_statistics(model: JudgeModel, encoder: JudgeEncoder, path: str) -> RewardStatistics:
@@ -316,7 +344,7 @@ def build_service(config: ServeConfig) -> ScoringService:
         api_key=config.api_key.get_secret_value() if config.api_key else None,
         tokenizer_threads=config.tokenizer_threads, rate_limit=config.rate_limit,
         admin_key=config.admin_key.get_secret_value() if config.admin_key else None,
-        max_inflight_characters=config.max_inflight_characters,
+        max_inflight_characters=config.max_inflight_characters, step_separator=config.step_separator,
     )
 
 

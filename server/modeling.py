@@ -611,12 +611,12 @@ class RewardModel:
             if self.plans_packed:
                 packed = to_device(pack(sequences, pin_memory=pinned, min_shared_prefix=self.min_shared_prefix,
                                         kernel=planned.removeprefix("packed-")), self.device)
-                outputs, computed = self.packed_outputs(packed), packed.computed_tokens
+                outputs, computed = self.packed_outputs(packed, sequences), packed.computed_tokens
                 ran = "packed-" + "+".join(sorted(packed.documents.ran))  # counted as the layers called them
             else:
                 input_ids, attention_mask = pad_right(sequences, self.pad_token_id, pin_memory=pinned)
                 outputs = self.padded_outputs(input_ids.to(self.device, non_blocking=pinned),
-                                              attention_mask.to(self.device, non_blocking=pinned))
+                                              attention_mask.to(self.device, non_blocking=pinned), sequences)
                 computed, ran = input_ids.numel(), "padded"
             scores = self.read_out(outputs)
         except torch.OutOfMemoryError as error:
@@ -655,11 +655,13 @@ class RewardModel:
                         self.name, planned, ran, now)
             self.forward_path = now
 
-    def packed_outputs(self, batch: PackedBatch) -> torch.Tensor:
-        """(B, K) fp32 from a packed batch already on the device."""
+    def packed_outputs(self, batch: PackedBatch, sequences: list[list[int]] | None = None) -> torch.Tensor:
+        """(B, K) fp32 from a packed batch already on the device. sequences: the batch's ids, for a model that
+        reads several positions of each (a process reward model, at its steps' ends)."""
         return packed_outputs(self.network, batch)
 
-    def padded_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def padded_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       sequences: list[list[int]] | None = None) -> torch.Tensor:
         """(B, K) fp32 from right-padded rows on the device: our pooling and head, or the checkpoint's own forward."""
         if self.output_field is None:
             return sequence_outputs(self.network, input_ids, attention_mask)
@@ -704,6 +706,7 @@ class PendingScores:
     computed_tokens: int = 0  # what the forward ran: padding included, a shared prefix once
     path: str = ""  # the path that ran, from the kernels the layers called (packed-sdpa, packed-flex, padded, ...)
     fell_back: bool = False  # the path's kernel failed and another ran
+    split: list[int] | None = None  # a process reward model: each item's count of the flat scores (its steps)
 
 
 def checkpoint_hash(path: str | os.PathLike, config=None) -> str:

@@ -93,6 +93,11 @@ class PackedBatch:
         per-token outputs (a policy's log-probs, values) through this."""
         return _token_index(self.prefix_start[:, None], self.prefix_length[:, None], self.own_start[:, None], offsets)
 
+    def flat_token_index(self, owners: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Where token `offsets[s]` of sequence `owners[s]` lies in the row: (S,), (S,) -> (S,). A process reward
+        model reads each step's end through this, any number of them per sequence."""
+        return _token_index(self.prefix_start[owners], self.prefix_length[owners], self.own_start[owners], offsets)
+
 
 def _token_index(prefix_start, prefix_length, own_start, offsets):
     return torch.where(offsets < prefix_length, prefix_start + offsets, own_start + offsets - prefix_length)

@@ -32,6 +32,7 @@ class ServedModel:
     output_names: tuple[str, ...] = ()  # several outputs: each item's result is [reward, *outputs]
     verifier: Any = None  # a VerifierSpec: an answer checker, run by `checker` (a CheckerPool) instead of `engine`
     checker: Any = None
+    step_aggregate: str | None = None  # a process reward model: how its step scores make an item's score (min, ...)
 
     def live_info(self) -> ModelInfo:
         """Its /info, with the path it serves along now (a kernel that failed has been replaced) and the forwards

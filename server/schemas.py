@@ -50,7 +50,8 @@ class ScoreItem(BaseModel):
     """One thing to score, given in exactly one of four forms.
 
     - `prompt` + `response`: joined with the checkpoint's chat template (user turn, assistant turn) when it has
-      one, else concatenated.
+      one, else concatenated. `prompt` + `steps` is the same item with the response given as its steps: a process
+      reward model scores each one; any other model scores the steps joined by the server's --step-separator.
     - `messages`: a whole chat, scored after the template is applied; it should end with the assistant turn.
     - `text`: already formatted; scored exactly as given (no template, no extra BOS).
     - `input_ids`: already tokenized; scored exactly as given.
@@ -63,6 +64,9 @@ class ScoreItem(BaseModel):
     messages: list[Message] | None = None
     text: Text | None = None
     input_ids: list[int] | None = None
+    steps: list[Text] | None = Field(None, description="the response as its steps, for a process reward model (each"
+                                                       " step scored); other models read them joined by the"
+                                                       " server's step separator")
     safety: bool | None = Field(None, description="flags the item safety-relevant, for a llama2 combination: its"
                                                    " safety model's score is used whatever it is")
     reference: Text | None = Field(None, description="the right answer, for a verifier (`math`, `exact`) to check"
@@ -70,12 +74,16 @@ class ScoreItem(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one_form(self) -> "ScoreItem":
-        if self.prompt is not None and self.response is None:
-            raise ValueError("`prompt` needs a `response` to score; send both, or send `text` instead")
+        if self.steps is not None and self.response is not None:
+            raise ValueError("give the response once: as `response` or as its `steps`, not both")
+        if self.steps is not None and not self.steps:
+            raise ValueError("`steps` is empty; send at least one step")
+        if self.prompt is not None and self.response is None and self.steps is None:
+            raise ValueError("`prompt` needs a `response` (or its `steps`) to score; send both, or send `text` instead")
         forms = [
             name
             for name, given in [
-                ("prompt/response", self.response is not None),
+                ("prompt/response", self.response is not None or self.steps is not None),
                 ("messages", self.messages is not None),
                 ("text", self.text is not None),
                 ("input_ids", self.input_ids is not None),
@@ -83,7 +91,8 @@ class ScoreItem(BaseModel):
             if given
         ]
         if not forms:
-            raise ValueError("an item needs one of: `prompt` + `response`, `messages`, `text` or `input_ids`")
+            raise ValueError("an item needs one of: `prompt` + `response` (or `steps`), `messages`, `text` or"
+                             " `input_ids`")
         if len(forms) > 1:
             raise ValueError(f"an item takes exactly one form, got {' and '.join(forms)}")
         if self.messages is not None and not self.messages:
@@ -174,8 +183,11 @@ class ComponentScores(BaseModel):
     model_version: str
     outputs: dict[str, list[float]] | None = None
     checks: list[CheckOut] | None = None
+    step_scores: list[list[float]] | None = None
 
 
+STEP_SCORES_DESCRIPTION = ("a process reward model: each item's step scores (the probability that each step is"
+                           " right), in the order of its steps; `scores` is their aggregate (/info's `steps`)")
 CHECKS_DESCRIPTION = "a verifier: each item's verdict and the answer it read"
 OUTPUTS_DESCRIPTION = ("a model of several outputs (a num_labels > 1 head, a judge): each named output, one value per"
                        " item; `scores` is the reward made of them as /info's `objective` says")
@@ -202,6 +214,7 @@ class ScoreResponse(BaseModel):
     std: list[float] | None = Field(None, description="ensemble: the std of the models' whitened scores")
     outputs: dict[str, list[float]] | None = Field(None, description=OUTPUTS_DESCRIPTION)
     checks: list[CheckOut] | None = Field(None, description=CHECKS_DESCRIPTION)
+    step_scores: list[list[float]] | None = Field(None, description=STEP_SCORES_DESCRIPTION)
 
 
 class CalibrationCandidateOut(BaseModel):
@@ -219,6 +232,15 @@ class CalibrationOut(BaseModel):
     how: str = Field(description="`measured`, or why nothing was (pinned by flags)")
     seconds: float
     candidates: list[CalibrationCandidateOut]
+
+
+class StepsOut(BaseModel):
+    head: str = Field(description="token classification (P(label 1)) or step tag (P(GOOD) against P(BAD))")
+    read: str = Field(description="where each step's score is read")
+    aggregate: Literal["min", "last", "mean", "product"]
+    separator: str
+    tag: str | None = None
+    max_steps: int
 
 
 class ModelInfo(BaseModel):
@@ -248,9 +270,11 @@ class ModelInfo(BaseModel):
                                                             " computed over that prefix once; None: sharing is off")
     shared_prefix: str = Field("", description="why sharing is on or off for this model")
     length_fit: LengthFitOut | None = None
-    kind: Literal["reward_model", "judge", "verifier"] = Field(
-        "reward_model", description="a reward model, a causal LM served as a judge (its expected rating), or an"
-                                    " answer checker (a verifier)")
+    kind: Literal["reward_model", "judge", "verifier", "process_reward_model"] = Field(
+        "reward_model", description="a reward model, a causal LM served as a judge (its expected rating), an"
+                                    " answer checker (a verifier), or a process reward model (a score per step)")
+    steps: StepsOut | None = Field(None, description="a process reward model: its head, where it reads each step,"
+                                                     " the step aggregate and the most steps an item may have")
     verifier: str | None = Field(None, description="a verifier: its kind and option (math, exact, regex:PATTERN,"
                                                    " python:MODULE:FUNCTION)")
     outputs: list[str] = Field([], description="the names of its outputs, where it has several")

@@ -23,6 +23,7 @@ from .admission import MemoryTrimmer, TokenizingBudget
 from .errors import (Forbidden, Internal, InvalidInput, NotReady, Overloaded, RateLimited, RewardServeError,
                      TooManyItems, TransformUnavailable, Unauthorized, UnscorableItem)
 from .normalization import RewardTransform
+from .process_rewards import aggregate_steps
 from .rate_limit import RateLimiter
 from .registry import ModelRegistry, ServedModel, Target
 from .reloading import Reloader
@@ -47,13 +48,17 @@ class ScoringService:
         reloader: Reloader | None = None,
         admin_key: str | None = None,
         max_inflight_characters: int = 16_000_000,
+        step_separator: str = "\n",
     ):
+        """step_separator: what joins an item's `steps` into the response that models other than a process reward
+        model (and verifiers) read."""
         self.registry = registry
         self.reloader = reloader
         self._admin_key = admin_key.encode() if admin_key else None
         self.batcher = batcher
         self.beta = beta
         self.max_items_per_request = max_items_per_request
+        self.step_separator = step_separator
         self._api_key = api_key.encode() if api_key else None
         self._tokenizer_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="rewardserve-tokenize")
         # small requests tokenize on a thread of their own, never queued behind a large request's tokenizing
@@ -198,6 +203,7 @@ class ScoringService:
             raise InvalidInput(f"combination {target.name!r} whitens each model's score itself; leave out `transform`")
         transforms = [self.transform_for(model, "whiten" if target.combination else request.transform)
                       for model in target.models]
+        request = with_steps_joined(request, self.step_separator)
         forwarded = [(model, transform) for model, transform in zip(target.models, transforms) if not model.verifier]
         checked = [model for model in target.models if model.verifier]
         answers = [checked_answers(request.items, model) for model in checked]  # 422 before any work
@@ -247,16 +253,18 @@ class ScoringService:
     def _component(items: list[EncodedItem], results: list, transform: RewardTransform,
                    model: ServedModel) -> ComponentScores:
         """results: a score per item, or for a model of several outputs [reward, *outputs] per item."""
-        outputs = None
+        outputs, step_scores = None, None
         scores = results
-        if model.output_names:
+        if model.step_aggregate:
+            scores, step_scores = [aggregate_steps(steps, model.step_aggregate) for steps in results], results
+        elif model.output_names:
             scores = [row[0] for row in results]
             outputs = {name: [row[1 + k] for row in results] for k, name in enumerate(model.output_names)}
         lengths = [item.response_length for item in items] if transform.needs_lengths else None
         return ComponentScores(scores=scores, rewards=transform.apply(scores, lengths),
                                truncated=[item.truncated for item in items],
                                transform=TransformOut(**transform.describe()), model_version=model.version,
-                               outputs=outputs)
+                               outputs=outputs, step_scores=step_scores)
 
     @staticmethod
     def _checked(checks: list[Check], transform: RewardTransform, model: ServedModel) -> ComponentScores:
@@ -277,14 +285,14 @@ class ScoringService:
         if target.kind == "model":
             return ScoreResponse(model=target.name, scores=first.scores, rewards=first.rewards,
                                  truncated=first.truncated, transform=first.transform, model_version=first.model_version,
-                                 outputs=first.outputs, checks=first.checks)
+                                 outputs=first.outputs, checks=first.checks, step_scores=first.step_scores)
         by_name = {model.name: part for model, part in zip(target.models, components)}
         versions = ",".join(f"{name}={part.model_version}" for name, part in by_name.items())
         truncated = [any(flags) for flags in zip(*(part.truncated for part in components))]
         if target.kind == "models":
             return ScoreResponse(model=target.name, scores=first.scores, rewards=first.rewards, truncated=truncated,
                                  transform=first.transform, model_version=versions, components=by_name,
-                                 outputs=first.outputs, checks=first.checks)
+                                 outputs=first.outputs, checks=first.checks, step_scores=first.step_scores)
         combination = target.combination
         combined = combine(combination, {name: part.scores for name, part in by_name.items()},
                            {model.name: model.statistics for model in target.models},
@@ -345,6 +353,16 @@ def request_characters(request: ScoreRequest) -> int:
         if item.messages:
             total += sum(read(message.content) for message in item.messages)
     return total
+
+
+def with_steps_joined(request: ScoreRequest, separator: str) -> ScoreRequest:
+    """Items given as `steps` also carry them joined into a `response`: what reward models, judges and verifiers
+    read (a process reward model reads the steps themselves)."""
+    if not any(item.steps is not None for item in request.items):
+        return request
+    items = [item.model_copy(update={"response": separator.join(item.steps)}) if item.steps is not None else item
+             for item in request.items]
+    return request.model_copy(update={"items": items})
 
 
 def checked_answers(items: list[ScoreItem], model: ServedModel) -> list[tuple[str, str | None]]:

@@ -149,7 +149,7 @@ def test_an_out_of_memory_batch_frees_the_failed_attempt_before_its_halves_run(l
         activations.append(weakref.ref(hidden))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
-    def padded_outputs(input_ids, attention_mask):
+    def padded_outputs(input_ids, attention_mask, sequences=None):
         if input_ids.shape[0] > 1:
             deep_forward(input_ids, attention_mask)
         alive_at_retry.append(any(ref() is not None for ref in activations))

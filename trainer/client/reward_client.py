@@ -52,13 +52,14 @@ class ScoreResult:
     replica: str = ""  # the URL that answered (a load-balanced URL names its pool, not the replica behind it)
     outputs: dict[str, list[float]] | None = None  # a model of several outputs (a judge): name -> one per item
     checks: list[dict] | None = None  # a verifier: {verdict, answer} per item
+    step_scores: list[list[float]] | None = None  # a process reward model: each item's step scores
 
     @classmethod
     def from_response(cls, body: dict) -> "ScoreResult":
         return cls(body["scores"], body["rewards"], body["truncated"], body["transform"], body["model"],
                    body.get("model_version", ""), body.get("components"), body.get("combination"),
                    body.get("chosen"), body.get("std"), body.get("replica", ""), body.get("outputs"),
-                   body.get("checks"))
+                   body.get("checks"), body.get("step_scores"))
 
 
 @dataclass(frozen=True)

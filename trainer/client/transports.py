@@ -175,7 +175,8 @@ def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
     components = {part.name: {"scores": list(part.scores), "rewards": list(part.rewards),
                               "truncated": list(part.truncated), "transform": _transform_from_proto(part.transform),
                               "model_version": part.model_version, "outputs": _outputs_from_proto(part.outputs),
-                              "checks": _checks_from_proto(part.checks)}
+                              "checks": _checks_from_proto(part.checks),
+                              "step_scores": _rows_from_proto(part.step_scores)}
                   for part in message.components}
     return {
         "model": message.model,
@@ -190,11 +191,16 @@ def response_from_proto(message: reward_pb2.ScoreResponse) -> dict:
         "std": list(message.std) or None,
         "outputs": _outputs_from_proto(message.outputs),
         "checks": _checks_from_proto(message.checks),
+        "step_scores": _rows_from_proto(message.step_scores),
     }
 
 
 def _outputs_from_proto(outputs) -> dict[str, list[float]] | None:
     return {name: list(values.values) for name, values in outputs.items()} or None
+
+
+def _rows_from_proto(rows) -> list[list[float]] | None:
+    return [list(row.values) for row in rows] or None
 
 
 def _checks_from_proto(checks) -> list[dict] | None:
