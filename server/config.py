@@ -10,7 +10,7 @@ from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .combinations import Combination, Objective
-from .process_rewards import StepFormat
+from .steps import StepFormat, unescape
 from .verifiers import VerifierSpec, default_workers
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -200,7 +200,7 @@ class ServeConfig(BaseSettings):
     @field_validator("step_separator", mode="before")
     @classmethod
     def _escapes(cls, value):
-        return value.replace("\\n", "\n").replace("\\t", "\t") if isinstance(value, str) else value
+        return unescape(value) if isinstance(value, str) else value
 
     @field_validator("model", "judge", "prm", mode="before")
     @classmethod

@@ -39,7 +39,7 @@ from .modeling import (FORWARD_PATHS, RewardModel, check_local_checkpoint, check
                        free_memory, is_local, local_checkpoint, resolve_device, resolve_dtype, weights_bytes)
 from .normalization import RewardStatistics, RewardTransform
 from .packing import strict_kernels
-from .process_rewards import ProcessRewardModel, StepEncoder
+from .process_rewards import STEP_SEPARATOR_KEY, ProcessRewardModel, StepEncoder
 from .registry import ModelRegistry, ServedModel
 from .reloading import Reloader
 from .schemas import CalibrationOut, ModelInfo, ScoreItem, StepsOut
@@ -115,6 +115,9 @@ PRM_STATISTICS = RewardStatistics(0.0, 1.0, source="a process reward model's agg
 def load_served_prm(name: str, path: str, config: ServeConfig) -> ServedModel:
     """A process reward model (server/process_rewards.py): the reward is its step scores' --step-aggregate, a
     probability, entering combinations as it is (statistics mean 0, std 1) unless --reward-mean/std say otherwise."""
+    if config.stand_in_forward_us:
+        raise StartupError("--stand-in-forward-us replaces a reward model's forward by one that scores 0; a process"
+                           " reward model's answers are step scores: leave out --prm in benchmark mode")
     resolve_device(config.device)
     folder = str(local_checkpoint(path, name))
     tokenizer = load_tokenizer(folder, config.trust_remote_code)
@@ -123,6 +126,11 @@ def load_served_prm(name: str, path: str, config: ServeConfig) -> ServedModel:
                                         config.min_shared_prefix, config.trust_remote_code)
     model.name = name
     step_format = config.step_format()
+    trained_with = getattr(model.network.config, STEP_SEPARATOR_KEY, None)
+    if trained_with is not None and trained_with != step_format.separator:
+        log.warning("process reward model %s was trained with the step separator %r and is served with %r: its steps"
+                    " are read where training never labelled them; start it with --step-separator %r", name,
+                    trained_with, step_format.separator, trained_with)
     encoder = StepEncoder(tokenizer, model.max_length, step_format, config.on_overflow, model.embedding_rows)
     served = serve_model(model, encoder, PRM_STATISTICS, path, config, kind="process_reward_model")
     steps = StepsOut(head=model.describe_head(), read=step_format.where_read(encoder),

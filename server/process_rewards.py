@@ -23,7 +23,6 @@ states at the step ends on the device: one host synchronisation per batch, as fo
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,95 +34,13 @@ from .modeling import (RewardModel, check_own_code, decoder_attention_mask, desc
                        keep_head_in_fp32, quiet_transformers, resolve_device, resolve_dtype, unchanged_while_loading)
 from .packing import PackedBatch, packed_hidden_states, plain_attention_blocker
 from .schemas import ScoreItem
+from .steps import StepFormat, steps_of
 from .tokenization import WHOLE_TEXT_CHARS, EncodedItem, ItemEncoder
 
 log = logging.getLogger(__name__)
 
-StepAggregate = Literal["min", "last", "mean", "product"]
-STEP_AGGREGATES = ("min", "last", "mean", "product")
 HeadKind = Literal["token-classification", "step-tag"]
-
-
-def aggregate_steps(scores: list[float], how: StepAggregate) -> float:
-    """One reward from a solution's step scores (probabilities that each step is right).
-
-    min (the default): a solution is as sound as its weakest step, and the reward does not fall with the number of
-    steps as a product does (which penalises long solutions for being long); `last` reads the final step alone,
-    `mean` averages, `product` is the probability that every step is right if the steps were independent.
-
-    >>> aggregate_steps([0.9, 0.5, 0.8], "min"), aggregate_steps([0.9, 0.5, 0.8], "last")
-    (0.5, 0.8)
-    >>> round(aggregate_steps([0.9, 0.5, 0.8], "product"), 4), round(aggregate_steps([0.9, 0.5, 0.8], "mean"), 4)
-    (0.36, 0.7333)
-    """
-    if not scores:
-        raise ValueError("no step scores to aggregate")
-    if how == "min":
-        return min(scores)
-    if how == "last":
-        return scores[-1]
-    if how == "mean":
-        return sum(scores) / len(scores)
-    if how == "product":
-        return math.prod(scores)
-    raise ValueError(f"step aggregate {how!r}: one of {', '.join(STEP_AGGREGATES)}")
-
-
-@dataclass(frozen=True)
-class StepFormat:
-    """How a solution's steps are written around the ids a PRM reads: the separator that ends (token
-    classification) or joins (step tag) the steps, the tag that ends each step of a step-tag model, and the most
-    steps an item may have."""
-
-    separator: str = "\n"
-    tag: str | None = None
-    max_steps: int = 128
-
-    def __post_init__(self):
-        if not self.separator:
-            raise ValueError("the step separator is empty; give the text that separates steps, e.g. a newline")
-
-    def where_read(self, encoder: "StepEncoder") -> str:
-        if self.tag is not None:
-            return f"at the step tag {self.tag!r}, steps joined by {self.separator!r}"
-        if encoder.marker_ids:
-            return f"at the separator {self.separator!r} after each step"
-        return f"at each step's last token (the tokenizer drops the separator {self.separator!r})"
-
-    @property
-    def marker(self) -> str:
-        """The text after each step whose last token is read."""
-        return self.tag if self.tag is not None else self.separator
-
-    def split(self, response: str) -> list[str]:
-        """A response's steps: its pieces between separators, blank ones (an empty line) left out.
-
-        >>> StepFormat().split("a = 1\\n\\nb = 2\\n")
-        ['a = 1', 'b = 2']
-        """
-        return [piece for piece in response.split(self.separator) if piece.strip()]
-
-    def check(self, steps: list[str]) -> list[str]:
-        """The steps as given, or a 422 that names the step to fix."""
-        if not steps:
-            raise InvalidInput("no steps to score: send `steps` (a list of strings) or a `response` with steps"
-                               f" separated by {self.separator!r}")
-        if len(steps) > self.max_steps:
-            raise InvalidInput(f"{len(steps)} steps, over the limit of {self.max_steps} (--max-steps): send fewer"
-                               " steps, or merge some")
-        for index, step in enumerate(steps):
-            if not step.strip():
-                raise InvalidInput(f"steps[{index}] is empty; every step needs some text")
-            if self.separator in step:
-                raise InvalidInput(f"steps[{index}] holds the step separator {self.separator!r}, which would make it"
-                                   " two steps; split it, or start the server with another --step-separator")
-            if self.tag is not None and self.tag in step:
-                raise InvalidInput(f"steps[{index}] holds the step tag {self.tag!r}, where the model reads a score;"
-                                   " leave it out of the step")
-        return steps
-
-    def describe(self) -> dict:
-        return {"separator": self.separator, "tag": self.tag, "max_steps": self.max_steps}
+STEP_SEPARATOR_KEY = "reward_step_separator"  # config.json: the separator `rewardserve train --objective prm` used
 
 
 class StepIds(list):
@@ -140,24 +57,6 @@ class StepIds(list):
 
 def step_ends_of(sequence: list[int]) -> tuple[int, ...]:
     return getattr(sequence, "step_ends", None) or (len(sequence) - 1,)
-
-
-def steps_of(item: ScoreItem, step_format: StepFormat) -> tuple[str, list[str]]:
-    """The prompt and the steps of an item: `prompt` + `steps`, `prompt` + `response` split at the separator, or a
-    user turn and an assistant turn whose content is split."""
-    if item.steps is not None:
-        return item.prompt or "", step_format.check(list(item.steps))
-    if item.response is not None:
-        return item.prompt or "", step_format.check(step_format.split(item.response))
-    if item.messages is not None:
-        roles = [m.role for m in item.messages]
-        if roles == ["user", "assistant"]:
-            return item.messages[0].content, step_format.check(step_format.split(item.messages[1].content))
-        raise InvalidInput(f"a process reward model scores the steps of one answer: send `messages` as a user turn"
-                           f" and an assistant turn (got {', '.join(roles)}), or `prompt` + `steps`")
-    raise InvalidInput("a process reward model reads steps: send `prompt` + `steps` (or `prompt` + `response` with"
-                       " steps separated by the server's --step-separator); `text` and `input_ids` do not say where"
-                       " the steps end")
 
 
 class StepEncoder(ItemEncoder):
@@ -222,15 +121,14 @@ class StepEncoder(ItemEncoder):
 def step_index(sequences: list[list[int]], pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Which sequence each step belongs to and where it ends in it: two (S,) tensors, built on the host (pinned on
     a GPU machine, so their copy is asynchronous)."""
-    owners = [i for i, sequence in enumerate(sequences) for _ in step_ends_of(sequence)]
-    ends = [end for sequence in sequences for end in step_ends_of(sequence)]
-    return (torch.tensor(owners, dtype=torch.long).pin_memory() if pin_memory else torch.tensor(owners),
-            torch.tensor(ends, dtype=torch.long).pin_memory() if pin_memory else torch.tensor(ends))
+    owners = torch.tensor([i for i, sequence in enumerate(sequences) for _ in step_ends_of(sequence)], dtype=torch.long)
+    ends = torch.tensor([end for sequence in sequences for end in step_ends_of(sequence)], dtype=torch.long)
+    return (owners.pin_memory(), ends.pin_memory()) if pin_memory else (owners, ends)
 
 
 def step_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(S, L) head logits -> (S,) P(right): label 1 of two (label 0 is "wrong", as PRMTrainer's labels are), the
-    sigmoid of one, or for a step-tag head (GOOD, BAD) ordered so, column 0 (flipped by the caller)."""
+    """(S, L) logits -> (S,) P(right): column 1 of two (PRMTrainer's label 1 is "right"; a step-tag head's rows
+    are ordered BAD, GOOD to match), or the sigmoid of one."""
     if logits.shape[-1] == 1:
         return torch.sigmoid(logits[:, 0])
     return torch.softmax(logits, dim=-1)[:, 1]
@@ -333,18 +231,15 @@ class ProcessRewardModel(RewardModel):
         return cuts
 
     def packed_outputs(self, batch: PackedBatch, sequences: list[list[int]] | None = None) -> torch.Tensor:
-        hidden = packed_hidden_states(self.network, batch, decoder=self.is_decoder)  # (N, H)
-        owners, ends = self._step_index(sequences)
-        return self.step_scores(hidden[batch.flat_token_index(owners, ends)])
+        return self.step_scores(packed_step_states(self.network, batch, *self._step_index(sequences),
+                                                   decoder=self.is_decoder))
 
     def padded_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        sequences: list[list[int]] | None = None) -> torch.Tensor:
-        mask = decoder_attention_mask(self.network.config, attention_mask) if self.is_decoder else attention_mask
-        hidden = self.network.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
         if sequences is None:  # a batch of whole rows: read at each row's last token
             sequences = [[0] * int(n) for n in attention_mask.sum(-1).tolist()]
-        owners, ends = self._step_index(sequences)
-        return self.step_scores(hidden[owners, ends])
+        return self.step_scores(padded_step_states(self.network, input_ids, attention_mask,
+                                                   *self._step_index(sequences), decoder=self.is_decoder))
 
     def _step_index(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pinned = self.device.type == "cuda"
@@ -370,6 +265,19 @@ class ProcessRewardModel(RewardModel):
             return f"step tag, P(token {self.step_token_ids[0]}) against P(token {self.step_token_ids[1]})"
         labels = self.network.config.num_labels
         return "token classification, " + ("P(label 1) of 2" if labels == 2 else "sigmoid of its one label")
+
+
+def packed_step_states(network: nn.Module, batch: PackedBatch, owners: torch.Tensor, ends: torch.Tensor,
+                       decoder: bool) -> torch.Tensor:
+    """(S, H): the trunk's last hidden state at each step end of a packed batch (serving and training)."""
+    return packed_hidden_states(network, batch, decoder)[batch.flat_token_index(owners, ends)]
+
+
+def padded_step_states(network: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       owners: torch.Tensor, ends: torch.Tensor, decoder: bool) -> torch.Tensor:
+    """(S, H) the same from right-padded rows, for architectures that do not pack."""
+    mask = decoder_attention_mask(network.config, attention_mask) if decoder else attention_mask
+    return network.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state[owners, ends]
 
 
 def head_module(network: nn.Module) -> nn.Module:

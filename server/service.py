@@ -23,7 +23,7 @@ from .admission import MemoryTrimmer, TokenizingBudget
 from .errors import (Forbidden, Internal, InvalidInput, NotReady, Overloaded, RateLimited, RewardServeError,
                      TooManyItems, TransformUnavailable, Unauthorized, UnscorableItem)
 from .normalization import RewardTransform
-from .process_rewards import aggregate_steps
+from .steps import aggregate_steps
 from .rate_limit import RateLimiter
 from .registry import ModelRegistry, ServedModel, Target
 from .reloading import Reloader
@@ -349,7 +349,7 @@ def request_characters(request: ScoreRequest) -> int:
     total = 0
     for item in request.items:
         total += read(item.prompt) + read(item.response) + read(item.text) + len(item.input_ids or ())
-        total += len(item.reference or "")
+        total += len(item.reference or "") + sum(map(len, item.steps or ()))
         if item.messages:
             total += sum(read(message.content) for message in item.messages)
     return total

@@ -235,6 +235,17 @@ def build_token_counting_reward_model(out: Path, tokenizer, token_id: int, seed:
     return out
 
 
+def build_learning_setup(root: Path, tokenizer, prompt: str) -> tuple[Path, Path, Path]:
+    """PPO's learning setting: a tiny policy, a reward model that prefers the token that policy samples most often,
+    and a one-prompt prompts file; returns (policy, reward model, prompts)."""
+    policy = build_tiny_policy(root / "policy", tokenizer)
+    token = most_frequent_sampled_token(policy, tokenizer, prompt)
+    reward_model = build_token_counting_reward_model(root / "rm", tokenizer, token)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": prompt}) + "\n")
+    return policy, reward_model, prompts
+
+
 def most_frequent_sampled_token(policy_dir: Path, tokenizer, prompt: str, samples: int = 16) -> int:
     """The token the policy samples most often after `prompt` (EOS and pad aside): a preference it can learn."""
     from transformers import AutoModelForCausalLM

@@ -13,7 +13,7 @@ from rewardserve.server.config import ServeConfig
 from rewardserve.trainer.bench.config import BenchConfig
 from rewardserve.trainer.cli import RewardServeCommand
 from rewardserve.trainer.client.config import ScoreConfig
-from rewardserve.trainer.config import CompareConfig, DemoConfig
+from rewardserve.trainer.config import BestOfNConfig, CompareConfig, DemoConfig
 from rewardserve.trainer.rl.config import PPOConfig
 from rewardserve.trainer.rm.config import EvalConfig, LabelConfig, RMTrainConfig
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SUBCOMMANDS = {"serve": ServeConfig, "score": ScoreConfig, "train": RMTrainConfig, "eval": EvalConfig,
                "label": LabelConfig, "ppo": PPOConfig, "compare": CompareConfig, "demo": DemoConfig,
-               "bench": BenchConfig}
+               "bench": BenchConfig, "best_of_n": BestOfNConfig}  # by field name: `best-of-n` on the command line
 LINK = re.compile(r"(?<!!)\[[^\]]+\]\(([^)\s]+)\)")
 
 
@@ -84,7 +84,7 @@ def _commands_in(block: str) -> list[list[str]]:
 
 
 def command_problems(argv: list[str]) -> list[str]:
-    sub = argv[1]
+    sub = argv[1].replace("-", "_")
     if sub not in SUBCOMMANDS:
         return [f"{' '.join(argv)}: no subcommand {sub}"]
     known = flags_of(SUBCOMMANDS[sub])

@@ -44,7 +44,7 @@ def test_adapters_reach_only_the_service_schemas_and_errors():
 # integrations for other trainers, what every job shares at the top (settings, metric sinks, prompts), and the tools
 # that compose the jobs (cli, demo, compare, bench, the tools' settings, the old verl path kept for one release).
 SHARED = {"settings", "tracking", "prompts", "arithmetic"}
-TOOLS = {"cli", "demo", "compare", "config", "bench", "verl_reward"}
+TOOLS = {"cli", "demo", "compare", "best_of_n", "config", "bench", "verl_reward"}
 MAY_IMPORT = {
     "shared": {"shared"},
     "client": {"client", "shared"},

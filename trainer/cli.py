@@ -15,7 +15,7 @@ from rewardserve.server.errors import StartupError
 
 from .bench.config import BenchConfig
 from .client.config import ScoreConfig
-from .config import CompareConfig, DemoConfig
+from .config import BestOfNConfig, CompareConfig, DemoConfig
 from .rl.config import PPOConfig
 from .rm.config import EvalConfig, LabelConfig, RMTrainConfig
 
@@ -47,9 +47,15 @@ class Score(ScoreConfig):
 
 
 class Train(RMTrainConfig):
-    """Train a Bradley–Terry reward model on preference pairs; the output folder is a servable checkpoint."""
+    """Train a Bradley–Terry reward model on preference pairs (or, --objective prm, a process reward model on
+    stepwise supervision); the output folder is a servable checkpoint."""
 
     def cli_cmd(self) -> None:
+        if self.objective == "prm":
+            from .rm.process import train_prm
+
+            train_prm(self)
+            return
         from .rm.train import main
 
         main(self)
@@ -89,6 +95,16 @@ class Compare(CompareConfig):
 
     def cli_cmd(self) -> None:
         from .compare import main
+
+        main(self)
+
+
+class BestOfN(BestOfNConfig):
+    """For each problem, the response the reward server ranks highest (a process reward model: by its step
+    aggregate), and how often that pick is right where the data says."""
+
+    def cli_cmd(self) -> None:
+        from .best_of_n import main
 
         main(self)
 
@@ -140,6 +156,8 @@ class RewardServeCommand(BaseSettings):
     """Fine-tune a policy with PPO against a reward server."""
     compare: CliSubCommand[Compare]
     """Win rate of one policy over another, under a reward server and an AI judge."""
+    best_of_n: CliSubCommand[BestOfN]
+    """Pick each problem's best response by a reward server (a process reward model's step aggregate)."""
     demo: CliSubCommand[Demo]
     """Run the main job end to end (label, train, serve, PPO)."""
     bench: CliSubCommand[Bench]

@@ -1,4 +1,4 @@
-"""Settings of the tools that compose the jobs: `rewardserve compare` and `rewardserve demo`."""
+"""Settings of the tools that compose the jobs: `rewardserve compare`, `best-of-n` and `demo`."""
 from __future__ import annotations
 
 from typing import Literal
@@ -6,6 +6,31 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 
 from .settings import CommaList, CommandSettings, OffOrFloat
+
+
+class BestOfNConfig(CommandSettings):
+    data: str = "builtin:arithmetic-steps-best-of-4"
+    """JSON Lines of {"prompt", "responses": [...]} (each response a text, or a list of steps for a process reward
+    model), optionally "correct": [bool, ...] to measure the pick; `builtin:arithmetic-steps-best-of-4` is the
+    shipped set (200 problems, 4 worked answers each, one right)."""
+    reward_url: CommaList
+    """Reward server URL(s), http(s):// or grpc(s)://."""
+    reward_model: str | None = None
+    """The server's model that ranks (a process reward model ranks by its --step-aggregate); default: its default."""
+    reward_combination: str | None = None
+    """... or one of its combinations."""
+    reward_api_key: SecretStr | None = None
+    """API key of the reward server."""
+    reward_timeout: float = Field(120.0, gt=0)
+    """Seconds to wait for one scoring answer before retrying."""
+    out: str = "runs/best-of-n.jsonl"
+    """Each problem with its responses' rewards and the one picked."""
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "BestOfNConfig":
+        if self.reward_model and self.reward_combination:
+            raise ValueError("give --reward-model or --reward-combination, not both")
+        return self
 
 
 class CompareConfig(CommandSettings):

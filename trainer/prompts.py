@@ -14,19 +14,27 @@ from torch import nn
 
 
 BUILTIN_SETS = {"builtin": "prompts.jsonl", "builtin:arithmetic": "arithmetic-train.jsonl",
-                "builtin:arithmetic-heldout": "arithmetic-heldout.jsonl"}
+                "builtin:arithmetic-heldout": "arithmetic-heldout.jsonl",
+                "builtin:arithmetic-steps": "arithmetic-steps-train.jsonl",
+                "builtin:arithmetic-steps-heldout": "arithmetic-steps-heldout.jsonl",
+                "builtin:arithmetic-steps-best-of-4": "arithmetic-steps-best-of-4.jsonl"}
 
 
 def prompt_rows(spec: str) -> list[dict]:
     """The rows of a JSON Lines file, or of one of the project's sets (`builtin`: open questions;
-    `builtin:arithmetic` and `builtin:arithmetic-heldout`: checkable sums, with references)."""
+    `builtin:arithmetic` and `builtin:arithmetic-heldout`: checkable sums, with references;
+    `builtin:arithmetic-steps[-heldout]`: worked chains with a planted first error, for process reward models;
+    `builtin:arithmetic-steps-best-of-4`: problems with four worked answers, one right)."""
+    return [json.loads(line) for line in set_text(spec).splitlines() if line.strip()]
+
+
+def set_text(spec: str) -> str:
+    """The text of a JSON Lines file, or of one of the project's sets (BUILTIN_SETS)."""
     if spec in BUILTIN_SETS:
-        text = (resources.files("rewardserve.trainer") / "assets" / BUILTIN_SETS[spec]).read_text()
-    elif spec.startswith("builtin"):
-        raise SystemExit(f"--prompts {spec}: the project's sets are {', '.join(BUILTIN_SETS)}")
-    else:
-        text = Path(spec).read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return (resources.files("rewardserve.trainer") / "assets" / BUILTIN_SETS[spec]).read_text()
+    if spec.startswith("builtin"):
+        raise SystemExit(f"{spec}: the project's sets are {', '.join(BUILTIN_SETS)}")
+    return Path(spec).read_text()
 
 
 def load_prompts(spec: str) -> list:

@@ -84,6 +84,12 @@ def _summary_writer(folder: Path):
 
 def plot_curves(records: list[dict], keys: list[str], out_png: str | Path, title: str, x: str = "step") -> Path | None:
     """One panel per key against `x`; skipped (returns None) when matplotlib is not installed or nothing to plot."""
+    return plot_runs({"": records}, keys, out_png, title, x)
+
+
+def plot_runs(runs: dict[str, list[dict]], keys: list[str], out_png: str | Path, title: str,
+              x: str = "step") -> Path | None:
+    """One panel per key against `x`, a line per run (named in a legend when there are several)."""
     try:
         import matplotlib
 
@@ -91,16 +97,20 @@ def plot_curves(records: list[dict], keys: list[str], out_png: str | Path, title
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    keys = [k for k in keys if any(k in r for r in records)]
+    keys = [k for k in keys if any(k in r for records in runs.values() for r in records)]
     if not keys:
         return None
     figure, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     for axis, key in zip(axes[0], keys):
-        points = [(r[x], r[key]) for r in records if key in r and r[key] is not None]
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+        for name, records in runs.items():
+            points = [(r[x], r[key]) for r in records if key in r and r[key] is not None]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None,
+                      label=name or None)
         axis.set_title(key)
         axis.set_xlabel(x)
         axis.grid(alpha=0.3)
+        if len(runs) > 1:
+            axis.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(out_png, dpi=110)
@@ -112,3 +122,27 @@ def format_table(rows: list[tuple[str, str]], title: str) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [title, "-" * (width + 16)] + [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m rewardserve.trainer.tracking NAME=RUN/metrics.jsonl ... --keys a,b --out plot.png`: runs side by
+    side, one panel per metric (how docs/images/prm-ppo.png is drawn)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rewardserve.trainer.tracking", description=main.__doc__)
+    parser.add_argument("runs", nargs="+", help="NAME=PATH of a metrics.jsonl")
+    parser.add_argument("--keys", required=True, help="metrics, comma-separated")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    runs = {}
+    for spec in args.runs:
+        name, _, path = spec.partition("=")
+        runs[name] = JsonlLog(path, fresh=False).records()
+    if plot_runs(runs, args.keys.split(","), args.out, args.title) is None:
+        raise SystemExit("nothing plotted: matplotlib is missing, or no run has those metrics")
+    print(f"drew {args.out}")
+
+
+if __name__ == "__main__":
+    main()

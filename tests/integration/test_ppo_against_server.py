@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..conftest import CLI, ServerProcess, build_tiny_policy, build_token_counting_reward_model, most_frequent_sampled_token
+from ..conftest import CLI, ServerProcess, build_learning_setup
 
 PROMPT = "Say something."
 
@@ -17,12 +17,7 @@ PROMPT = "Say something."
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, smol_tokenizer):
     """A tiny policy, and a reward server whose model prefers the token that policy samples most often."""
-    root = tmp_path_factory.mktemp("ppo")
-    policy = build_tiny_policy(root / "policy", smol_tokenizer)
-    token = most_frequent_sampled_token(policy, smol_tokenizer, PROMPT)
-    reward_model = build_token_counting_reward_model(root / "rm", smol_tokenizer, token)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    policy, reward_model, prompts = build_learning_setup(tmp_path_factory.mktemp("ppo"), smol_tokenizer, PROMPT)
     server = ServerProcess(reward_model)
     yield policy, prompts, server
     server.stop()

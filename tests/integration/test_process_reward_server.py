@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rewardserve.proto import reward_pb2, reward_pb2_grpc
-from rewardserve.server.process_rewards import StepEncoder, StepFormat, aggregate_steps
+from rewardserve.server.process_rewards import StepEncoder
+from rewardserve.server.steps import StepFormat, aggregate_steps
 from rewardserve.server.schemas import ScoreItem
 from rewardserve.trainer.client import RewardClient
 from tests.conftest import ServerProcess, build_checkpoint
@@ -124,3 +125,31 @@ def test_a_causal_lm_read_at_a_step_tag(checkpoints, smol_tokenizer):
     finally:
         server.stop()
     assert torch.tensor(expected[1]).std() > 1e-4  # the steps' scores differ: a misplaced read would show
+
+
+def test_best_of_n_picks_by_the_aggregate(server, tmp_path):
+    """`rewardserve best-of-n` against the server: each problem's pick is its highest reward (the min of its step
+    scores, as /score gives it), and the summary counts right picks where the rows say which are right."""
+    import subprocess
+
+    from tests.conftest import CLI
+
+    rows = [{"prompt": PROMPT, "responses": [["12 + 7 = 19", "19 - 5 = 14"], ["12 + 7 = 18", "18 - 5 = 13"],
+                                             "12 + 7 = 19\nThe answer is 14."], "correct": [True, False, True]},
+            {"prompt": "Compute 3 + 4.\n", "responses": ["3 + 4 = 7", "3 + 4 = 8"], "correct": [True, False]}]
+    data, out = tmp_path / "rows.jsonl", tmp_path / "picked.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = subprocess.run([*CLI, "best-of-n", "--reward-url", server.http_url, "--reward-model", "steps", "--data",
+                           str(data), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    picked = [json.loads(line) for line in out.read_text().splitlines()]
+    for row, result in zip(rows, picked):
+        items = [{"prompt": row["prompt"], **({"steps": r} if isinstance(r, list) else {"response": r})}
+                 for r in row["responses"]]
+        rewards = httpx.post(f"{server.http_url}/score", json={"model": "steps", "items": items}, timeout=30
+                             ).json()["rewards"]
+        assert result["rewards"] == pytest.approx(rewards, abs=1e-6)
+        assert result["best_index"] == rewards.index(max(rewards))
+        assert len(result["step_scores"]) == len(row["responses"])
+    right = sum(row["correct"][result["best_index"]] for row, result in zip(rows, picked)) / 2
+    assert f"picked a right response  {right:.3f}" in done.stdout and "chance                   0.583" in done.stdout

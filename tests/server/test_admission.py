@@ -166,3 +166,11 @@ def test_keys_come_from_files_and_not_both_ways(tmp_path, tiny_llama):
     (tmp_path / "empty").write_text("")
     with pytest.raises(ValidationError, match="is empty"):
         ServeConfig(model=[str(tiny_llama)], admin_key_file=str(tmp_path / "empty"))
+
+
+def test_steps_count_in_a_request_s_characters():
+    from rewardserve.server.schemas import ScoreRequest
+    from rewardserve.server.service import request_characters
+
+    steps = ScoreRequest(items=[{"prompt": "ab", "steps": ["x" * 1000, "y" * 500]}])
+    assert request_characters(steps) == 2 + 1500

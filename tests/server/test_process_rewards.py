@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rewardserve.server.errors import InputTooLong, InvalidInput
-from rewardserve.server.process_rewards import (ProcessRewardModel, StepEncoder, StepFormat, StepIds,
-                                                aggregate_steps, steps_of)
+from rewardserve.server.process_rewards import ProcessRewardModel, StepEncoder, StepIds
+from rewardserve.server.steps import StepFormat, aggregate_steps, steps_of
 from rewardserve.server.schemas import ScoreItem
 from tests.conftest import tiny_config
 

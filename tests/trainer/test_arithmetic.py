@@ -12,7 +12,7 @@ from rewardserve.trainer.rl.ppo import scoring_items
 
 def test_the_shipped_files_are_what_the_generator_writes(tmp_path):
     arithmetic.write(tmp_path)
-    for name in ("arithmetic-train", "arithmetic-heldout"):
+    for name in arithmetic.files():
         assert (tmp_path / f"{name}.jsonl").read_text() == (arithmetic.ASSETS / f"{name}.jsonl").read_text()
 
 
@@ -46,3 +46,13 @@ def test_a_prompt_with_two_references_is_refused(tmp_path):
         load_references(str(path))
     with pytest.raises(SystemExit, match="the project's sets are builtin, builtin:arithmetic"):
         load_prompts("builtin:algebra")
+
+
+def test_each_best_of_n_problem_has_one_right_answer_and_none_is_trained_on():
+    rows = arithmetic.best_of_n_rows()
+    trained = {row["prompt"] for row in arithmetic.chain_split()[0]}
+    assert len(rows) == arithmetic.BEST_OF_PROMPTS and len({row["prompt"] for row in rows}) == len(rows)
+    for row in rows:
+        assert row["prompt"] not in trained and sum(row["correct"]) == 1 and len(row["responses"]) == 4
+        assert len({tuple(response) for response in row["responses"]}) == 4  # four different answers
+    assert {row["correct"].index(True) for row in rows} == {0, 1, 2, 3}  # the right one is anywhere

@@ -66,3 +66,13 @@ def test_one_policy_answers_alike_with_the_paired_seed_and_apart_with_independen
 
     assert answers() == 8
     assert answers(independent_samples=True) < 4
+
+
+def test_best_of_n_picks_the_highest_reward_and_counts_right_picks():
+    from rewardserve.trainer.best_of_n import pick, summary
+
+    assert pick([0.2, 0.9, 0.9, 0.1]) == 1  # the first of equals
+    rows = [{"correct": [False, True], "best_index": 1}, {"correct": [True, False, False, False], "best_index": 2}]
+    assert summary(rows) == {"problems": 2, "picked_right": 0.5, "picked_right_interval": [0.0945, 0.9055],
+                             "chance": 0.375, "first_response_right": 0.5}
+    assert summary([{"best_index": 0}]) == {"problems": 1}

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from rewardserve.server.steps import unescape
 
 from ..settings import CommaList, OffOrFloat, CommandSettings, check_report_to
 
@@ -26,6 +28,16 @@ class PPOConfig(CommandSettings):
     reward_combination: str | None = None
     """A combination declared at the server's start (llama2, sum or ensemble); each of its models is logged as
     reward/<name>, an ensemble's disagreement as reward/ensemble_std."""
+    reward_granularity: Literal["outcome", "step"] = "outcome"
+    """outcome: one reward per response, at its last token. step: dense rewards from a process reward model
+    (--step-reward-model): each response is split into steps at --step-separator, and each step's reward, its
+    P(right) - 0.5, is placed at the step's last token; --reward-model, if given, adds an outcome reward at the last
+    token. For gae and reinforce++ (grpo and rloo baseline one score per response)."""
+    step_reward_model: str | None = None
+    """--reward-granularity step: the server's process reward model (`rewardserve serve --prm NAME=DIR`)."""
+    step_separator: str = "\n"
+    """--reward-granularity step: where a response is split into steps; the server's --step-separator (checked at
+    start). `\\n` and `\\t` are read as escapes."""
     gold_reward_url: str | None = None
     """A gold reward server (a larger or differently trained model) that scores the same rollouts every
     --gold-every steps, never seen by the update: logged against sqrt(KL) and plotted (OUT/gold.png), with the
@@ -167,6 +179,36 @@ class PPOConfig(CommandSettings):
     1.6 GB for 135M). One is enough to resume: a checkpoint replaces the last only once it is whole."""
     resume: bool = False
     """Continue from the latest checkpoint in OUT/checkpoints."""
+
+    @field_validator("step_separator", mode="before")
+    @classmethod
+    def _escapes(cls, value):
+        return unescape(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _step_rewards(self) -> "PPOConfig":
+        if self.reward_granularity == "outcome":
+            if self.step_reward_model is not None:
+                raise ValueError("--step-reward-model gives dense step rewards: add --reward-granularity step")
+            return self
+        if self.step_reward_model is None:
+            raise ValueError("--reward-granularity step needs --step-reward-model NAME, the server's process reward"
+                             " model (`rewardserve serve --prm NAME=DIR`)")
+        if self.advantage_estimator in ("grpo", "rloo"):
+            raise ValueError(f"--reward-granularity step with --advantage-estimator {self.advantage_estimator}: it"
+                             " baselines one score per response; use gae or reinforce++, which take a reward at every"
+                             " token")
+        if self.reward_combination is not None or (self.reward_model and len(self.reward_model) > 1):
+            raise ValueError("--reward-granularity step: the outcome reward is one model (--reward-model NAME) or"
+                             " none; a combination or several models are not taken")
+        if not self.step_separator:
+            raise ValueError("--step-separator is empty; give the text between steps (default: a newline)")
+        return self
+
+    @property
+    def outcome_model(self) -> str | None:
+        """With step rewards, the model whose reward goes on the last token (None: the step rewards alone)."""
+        return self.reward_model[0] if self.reward_model else None
 
     @model_validator(mode="after")
     def _sizes_divide(self) -> "PPOConfig":

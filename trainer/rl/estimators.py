@@ -77,11 +77,30 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     raise ValueError(f"unknown KL estimator {kind!r}; use k1 or k3")
 
 
-def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, beta: float, mask: torch.Tensor) -> torch.Tensor:
-    """r_t = -beta * KL_t at every response token, plus the sequence's score at its last token: (B,), (B, T) -> (B, T)."""
-    rewards = -beta * kl * mask
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, beta: float, mask: torch.Tensor,
+                      dense: torch.Tensor | None = None) -> torch.Tensor:
+    """r_t = -beta * KL_t at every response token, plus the sequence's score at its last token: (B,), (B, T) -> (B, T).
+    dense (B, T): rewards given per token besides (a process reward model's, at the steps' ends)."""
+    rewards = -beta * kl * mask + (dense * mask if dense is not None else 0.0)
     last = (mask.sum(-1) - 1).clamp(min=0).long()  # (B,) index of each response's last real token
     rewards[torch.arange(rewards.shape[0]), last] += scores
+    return rewards
+
+
+def step_rewards(step_scores: list[list[float]], step_ends: list[list[int]], width: int,
+                 center: float = 0.5) -> torch.Tensor:
+    """Dense rewards from a process reward model: each step's score minus `center`, at the token where the step ends
+    (0 elsewhere), (B, width). Centred, a step judged right is rewarded and one judged wrong costs, so a response
+    gains nothing from steps for their own sake the way it would from raw probabilities (all positive).
+
+    >>> step_rewards([[0.9, 0.2], [0.7]], [[1, 3], [0]], width=4)
+    tensor([[ 0.0000,  0.4000,  0.0000, -0.3000],
+            [ 0.2000,  0.0000,  0.0000,  0.0000]])
+    """
+    rewards = torch.zeros(len(step_scores), width)
+    for row, (scores, ends) in enumerate(zip(step_scores, step_ends)):
+        for score, end in zip(scores, ends):
+            rewards[row, end] += score - center
     return rewards
 
 

@@ -3,7 +3,8 @@
 1. sample prompts             -> PromptSampler.batch
 2. roll out                   -> generate_rollout: one batched generation, then log-probs and values
 3. score (overlapped with 2)  -> the reward server, by URL, while the log-probs are read
-4. KL-penalised rewards       -> per_token_rewards(score at the last token, -beta * KL at every token)
+4. KL-penalised rewards       -> per_token_rewards(score at the last token, -beta * KL at every token; with
+                                 --reward-granularity step, each step's score at the step's last token)
 5. advantages                 -> gae + whitening
 6. update                     -> K epochs of clipped policy and value losses over minibatches
 7. log, adapt beta, checkpoint
@@ -30,6 +31,7 @@ from rewardserve.server.embedded import resolve_model_path
 from rewardserve.server.errors import StartupError
 from rewardserve.server.modeling import describe_device, is_local
 from rewardserve.server.packing import plain_attention_blocker
+from rewardserve.server.steps import StepFormat
 from ..client import (RequestRejected, RetryPolicy, RewardClient, RewardTarget, RewardUnavailable,
                      UntrustedServer)
 from .gold import GoldEvaluation, GoldMonitor, GoldVerdict, evaluations_in, plot_gold
@@ -44,6 +46,7 @@ from .lora import AdaptersOff, attach_adapters, merged_copy, trainable_parameter
 from .sharding import (describe_held, full_policy_state, gathered, held_bytes, load_shards, save_shards,
                        shard)
 from .rollout import ActorCritic, Rollout, generate_rollout, policy_forward, share_prompts
+from .step_rewards import dense_step_rewards, score_steps
 from .prometheus_gauges import StepGauges
 from ..tracking import JsonlLog, plot_curves, start_wandb
 
@@ -95,6 +98,7 @@ class ScoredRollout:
     chosen: list[str] | None = None  # llama2: the model whose score each rollout got
     versions: list[str] = field(default_factory=list)  # the model versions that scored this batch
     replicas: dict[str, int] = field(default_factory=dict)  # rollouts scored by each reward URL
+    step_scores: list[list[float]] | None = None  # --reward-granularity step: each rollout's step scores
 
 
 def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompts: list, client: RewardClient,
@@ -109,14 +113,22 @@ def rollout_and_score(model, reference, engine: RolloutEngine, tokenizer, prompt
     generation = {"decode_steps": 0, "tokens": 0}
     in_flight: list[tuple[Rollout, Future]] = []
     chunk = config.generation_batch_size or len(prompts)
+    step_format = StepFormat(config.step_separator)
+
+    def score(prompts_: list, texts: list[str]) -> Future:
+        items = scoring_items(prompts_, texts, answers)
+        if config.reward_granularity == "step":
+            return pool.submit(score_steps, client, prompts_, texts, step_format, config.step_reward_model,
+                               config.outcome_model, items)
+        return pool.submit(client.score, items, target=target)
+
     for start in range(0, len(prompts), chunk):
         futures: list[Future] = []
         began = time.perf_counter()
         rollout, stats = generate_rollout(
             model, reference, engine, tokenizer, prompts[start:start + chunk], sampling, config.max_prompt_length,
             device, config.forward_batch_tokens,
-            on_sampled=lambda p, texts: futures.append(pool.submit(client.score, scoring_items(p, texts, answers),
-                                                                    target=target)),
+            on_sampled=lambda p, texts: futures.append(score(p, texts)),
             min_shared_prefix=config.min_shared_prefix)
         timings["generate"] += stats.seconds
         timings["logprobs"] += time.perf_counter() - began - stats.seconds
@@ -166,6 +178,8 @@ def scored_parts(scored: ScoredRollout, results: list) -> ScoredRollout:
         if result.model_version not in scored.versions:
             scored.versions.append(result.model_version)
         scored.replicas[result.replica] = scored.replicas.get(result.replica, 0) + len(result.rewards)
+        if result.step_scores is not None:
+            scored.step_scores = (scored.step_scores or []) + list(result.step_scores)
     return scored
 
 
@@ -179,8 +193,8 @@ def model_weights(versions: list[str]) -> str:
 def shape_scores(scores: torch.Tensor, reached_eos: torch.Tensor, moments: RunningMoments, config: PPOConfig,
                  ranks: Ranks = Ranks()):
     """Running whitening (statistics over every rank's rewards), clipping, and the missing-EOS penalty."""
-    if config.whiten_rewards:
-        moments.update(ranks.gather(scores))
+    if config.whiten_rewards and not (config.reward_granularity == "step" and config.outcome_model is None):
+        moments.update(ranks.gather(scores))  # (step rewards alone: the outcome is 0, nothing to whiten)
         scores = moments.whiten(scores)
     if config.reward_clip is not None:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
@@ -189,21 +203,22 @@ def shape_scores(scores: torch.Tensor, reached_eos: torch.Tensor, moments: Runni
     return scores
 
 
-def advantages_for(rollout: Rollout, scores: torch.Tensor, beta: float, config: PPOConfig, ranks: Ranks = Ranks()):
+def advantages_for(rollout: Rollout, scores: torch.Tensor, beta: float, config: PPOConfig, ranks: Ranks = Ranks(),
+                   dense: torch.Tensor | None = None):
     """Phases 4 and 5: per-token rewards, then GAE and advantages whitened over every rank's batch. Returns
-    (advantages, returns, kl (B,))."""
+    (advantages, returns, kl (B,)). dense (B, R): per-token rewards besides the score (a process reward model's)."""
     mask = rollout.response_mask.float()
     kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, config.kl_estimator) * mask  # (B, R)
     if config.kl_in == "loss":  # the KL is the update's own term: the rewards carry none of it
         beta = 0.0
     if config.advantage_estimator == "gae":
-        rewards = per_token_rewards(scores, kl, beta, mask)
+        rewards = per_token_rewards(scores, kl, beta, mask, dense)
         advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
         return masked_whiten(advantages, mask, total=ranks.sum_on_device) * mask, returns, kl.sum(-1)
     # Critic-free: each score baselined within its prompt's group, the KL penalty at every token, reward-to-go
     baselined = group_baselined_scores(scores, config.samples_per_prompt, config.advantage_estimator,
                                        config.grpo_scale_by_std)
-    advantages = returns_to_go(per_token_rewards(baselined, kl, beta, mask), mask, config.gamma)
+    advantages = returns_to_go(per_token_rewards(baselined, kl, beta, mask, dense), mask, config.gamma)
     if config.advantage_estimator == "reinforce++":
         advantages = masked_whiten(advantages, mask, total=ranks.sum_on_device) * mask
     return advantages, advantages, kl.sum(-1)  # no critic: the returns train nothing
@@ -446,6 +461,30 @@ def check_reward_server(client: RewardClient, target: RewardTarget, prompt: str 
         tqdm.write(f"no reward server answered before the start ({error}); starting anyway: rollouts wait for it")
 
 
+def check_step_rewards(client: RewardClient, config: PPOConfig, prompt: str | list[dict]) -> None:
+    """Before the policy loads: the step model answers step scores, and splits a response at this run's separator
+    (two steps sent as one response come back as two scores), so the steps scored are the steps rewarded."""
+    separator = config.step_separator
+    probe = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
+             "response": f"First.{separator}Second."}  # steps without spaces, so a space may separate them
+    try:
+        answer = client.score([probe], target=RewardTarget(model=config.step_reward_model))
+    except (RequestRejected, UntrustedServer) as error:
+        raise StartupError(f"the reward server at {client.urls[0]} refuses this run's step requests: {error}") from None
+    except RewardUnavailable as error:
+        tqdm.write(f"no reward server answered before the start ({error}); starting anyway: rollouts wait for it")
+        return
+    if answer.step_scores is None:
+        raise StartupError(f"--step-reward-model {config.step_reward_model} gives no step scores: serve a process"
+                           " reward model with `rewardserve serve --prm NAME=DIR`")
+    if len(answer.step_scores[0]) != 2:
+        raise StartupError(f"the server does not split steps at --step-separator {separator!r} (a response of two"
+                           f" steps came back as {len(answer.step_scores[0])}); start both with the same separator")
+    tqdm.write(f"ppo: step rewards from {config.step_reward_model}: each response split into steps at"
+               f" {separator!r} (the server's separator, checked), each step's P(right) - 0.5 on its last token;"
+               f" outcome reward: {config.outcome_model or 'none'}")
+
+
 def main(config: PPOConfig) -> dict:
     ranks, device = setup_ranks(config.device, group_of_one=config.sharding == "fsdp")
     if ranks.is_main:
@@ -459,8 +498,13 @@ def main(config: PPOConfig) -> dict:
                           api_key=config.reward_api_key.get_secret_value() if config.reward_api_key else None,
                           ca_file=config.reward_ca_file)
     prompts, answers = load_prompts(config.prompts), load_references(config.prompts)
-    check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination), prompts[0],
-                        answers)
+    if config.reward_granularity == "step":
+        check_step_rewards(client, config, prompts[0])
+        if config.outcome_model is not None:
+            check_reward_server(client, RewardTarget(model=config.outcome_model), prompts[0], answers)
+    else:
+        check_reward_server(client, RewardTarget.from_names(config.reward_model, config.reward_combination),
+                            prompts[0], answers)
     torch.manual_seed(config.seed)  # new weights (LoRA's A) start alike on every rank: FSDP broadcasts none
     tokenizer, model, reference, engine = build_models(config, device)
     blocker = plain_attention_blocker(model.policy.config, config.max_prompt_length + config.max_new_tokens)
@@ -526,7 +570,10 @@ def main(config: PPOConfig) -> dict:
                 tqdm.write(f"step {step + 1}: the reward model changed, {versions} -> {weights}")
             versions = weights
             scores = shape_scores(scored.scores, rollout.reached_eos, moments, config, ranks)
-            advantages, returns, kl = advantages_for(rollout, scores, kl_controller.beta, config, ranks)  # 4, 5
+            dense = None
+            if config.reward_granularity == "step":
+                dense = dense_step_rewards(tokenizer, rollout, scored.step_scores, StepFormat(config.step_separator))
+            advantages, returns, kl = advantages_for(rollout, scores, kl_controller.beta, config, ranks, dense)  # 4, 5
             gold = None
             if config.gold_reward_url and (step + 1) % config.gold_every == 0:  # every rank takes part
                 gold = judge_on_gold(gold_client, monitor, scored, kl, step + 1, ranks)
@@ -545,6 +592,8 @@ def main(config: PPOConfig) -> dict:
                                   counters, ranks, optimizer.param_groups[0]["lr"])
             record |= {"model_version_changed": changed, "model_weights": weights}
             record |= group_metrics(scored.scores, groups, config.advantage_estimator, ranks)
+            if scored.step_scores is not None:
+                record |= step_metrics_of(scored.step_scores, ranks)
             kl_controller.update(record["kl"], len(rollout.responses) * ranks.world_size)  # 7
             stop = False
             if gold is not None:
@@ -581,6 +630,15 @@ def check_dropped(counters: dict, config: PPOConfig) -> None:
             f"{counters['dropped']} of {counters['generated']} rollouts could not be scored (limit"
             f" {config.max_dropped_fraction:.0%}); is the reward server at {config.reward_url} up?"
         )
+
+
+def step_metrics_of(step_scores: list[list[float]], ranks: Ranks) -> dict:
+    """The process reward model's view of the batch: its mean step score, and steps per response."""
+    flat = ranks.gather(torch.tensor([score for row in step_scores for score in row] or [float("nan")]))
+    counts = ranks.gather(torch.tensor([float(len(row)) for row in step_scores]))
+    flat = flat[~flat.isnan()]
+    return {"step_score_mean": flat.mean().item() if flat.numel() else float("nan"),
+            "steps_per_response": counts.mean().item()}
 
 
 def group_metrics(scores: torch.Tensor, group_size: int, estimator: str, ranks: Ranks) -> dict:

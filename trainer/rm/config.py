@@ -3,12 +3,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from rewardserve.server.steps import unescape
 
 from ..settings import CommaList, CommandSettings, check_report_to
 
 
 class RMTrainConfig(CommandSettings):
+    objective: Literal["bradley-terry", "prm"] = "bradley-terry"
+    """bradley-terry: a reward model from preference pairs; prm: a process reward model from stepwise supervision
+    (TRL's rows: prompt, completions (the steps), labels (one boolean a step)), a token classifier served with
+    `rewardserve serve --prm`."""
+    step_separator: str = "\n"
+    """--objective prm: what ends each step in the sequences trained on (the server's --step-separator); `\\n`
+    and `\\t` are read as escapes."""
     plain_chat_format: Literal["concat", "roles"] = "concat"
     """How conversations (messages rows, and prompt + response) are written for a base whose tokenizer has no chat
     template (MiniLM, BERT, DeBERTa): concat (the turns' texts in order, the last right after the others) or roles
@@ -72,6 +81,11 @@ class RMTrainConfig(CommandSettings):
     report_to: CommaList = []
     """Where the log lines also go: `wandb` (Weights & Biases, as for `rewardserve ppo`; its run ends up in
     OUT/wandb)."""
+
+    @field_validator("step_separator", mode="before")
+    @classmethod
+    def _escapes(cls, value):
+        return unescape(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _exact_division(self) -> "RMTrainConfig":
