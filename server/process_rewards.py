@@ -4,8 +4,8 @@ An item gives its steps (`steps: [...]`, or a `response` the server splits at `-
 one position per step, where the step ends, and answers the probability that the step is right; the item's reward
 is those probabilities aggregated (`--step-aggregate`). Two head kinds, as the PRMs in use are built:
 
-- token classification (TRL's PRMTrainer writes these; Qwen2.5-Math-PRM is one): `AutoModelForTokenClassification`
-  with two labels; each step is followed by the separator, the step's score is P(label 1, "right") at the
+- token classification (what TRL's PRMTrainer and `rewardserve train --objective prm` write):
+  `AutoModelForTokenClassification` with two labels; each step is followed by the separator, the step's score is P(label 1, "right") at the
   separator's last token (one label: its sigmoid);
 - step tag (Math-Shepherd): a causal LM; each step is followed by `--step-tag`, the steps joined by the separator;
   the step's score is P(good) against P(bad), the LM's logits of two token ids (`--step-token-ids GOOD,BAD`) at the

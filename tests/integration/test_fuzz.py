@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 
+@pytest.mark.slow  # 14 s; the default suite keeps test_hostile_inputs.py and test_bad_inputs.py
 def test_no_generated_request_gets_a_server_error(running_server, tmp_path):
     cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     if cli is None:

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from ..conftest import ServerProcess
 
@@ -20,6 +21,7 @@ def timed_post(url: str, body: bytes) -> tuple[int, float, float]:
     return response.status_code, began, time.perf_counter() - began
 
 
+@pytest.mark.slow  # 11 s; the default suite answers a small request within a second under attack (test_attacks.py)
 def test_a_small_request_is_answered_within_a_second_while_two_14_mib_texts_are_in_flight(tiny_llama):
     huge = json.dumps({"items": [{"text": "word " * 2_950_000}]}).encode()  # one item of 14 MiB
     assert len(huge) > 14 * 2**20

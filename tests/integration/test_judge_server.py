@@ -76,6 +76,7 @@ def test_a_judge_and_a_reward_model_in_one_request(server, in_process):
         assert set(result.components["judge"]["outputs"]) == {"rating", "rating_entropy", "rating_mass"}
 
 
+@pytest.mark.slow  # 6 s; the default suite reloads reward models (test_reload.py) and serves the judge above
 def test_a_reload_reads_the_judge_anew_with_its_calibration_set(server, in_process):
     """SIGHUP re-reads every model: the judge comes back as a judge, rated and whitened as before."""
     def judge_info() -> dict:

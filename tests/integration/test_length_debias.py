@@ -14,6 +14,10 @@ from rewardserve.trainer.rm.config import EvalConfig, RMTrainConfig
 from rewardserve.trainer.rm.train import evaluate_checkpoint, main as train
 from tests.conftest import ServerProcess, build_tiny_policy
 
+# slow (40 s: it trains a reward model, then serves and evaluates it); the default suite keeps debias's maths
+# (tests/server/test_normalization.py) and --transform debias's start-up checks (test_startup_errors.py)
+pytestmark = pytest.mark.slow
+
 WORDS = "the a river stone light quiet over under green small city road".split()
 
 

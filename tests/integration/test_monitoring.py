@@ -120,6 +120,7 @@ def live(tiny_llama, smol_tokenizer, tmp_path_factory):
         server.stop()
 
 
+@pytest.mark.slow  # 15 s with its live server and trainer; the default suite reads /metrics in test_http_and_grpc.py
 def test_every_dashboard_query_names_metrics_and_labels_a_live_server_or_trainer_exports(live):
     server, trainer, _ = live
     everything = server | trainer
@@ -140,6 +141,7 @@ def test_every_dashboard_query_names_metrics_and_labels_a_live_server_or_trainer
             "rewardserve_trainer_score_wait_share"} <= run_panels
 
 
+@pytest.mark.slow  # shares the live processes above
 def test_a_real_prometheus_scrapes_the_server_and_the_trainer(live):
     _, _, scraped = live
     if scraped is None:

@@ -229,6 +229,7 @@ def test_two_replicas_of_one_checkpoint_are_one_reward_model(setup, tmp_path):
     assert all(dict(part.rsplit("=", 1) for part in r["scored_by"].split(",")) == expected for r in records)
 
 
+@pytest.mark.slow  # 9 s; the default suite runs the gold monitor to its stop (test_gold_monitor.py)
 def test_best_gold_keeps_the_policy_that_sampled_the_judged_rollouts(setup, tmp_path):
     """One step, judged on gold: the rollouts were sampled by the initial policy, so best_gold holds its weights,
     not those of the update that followed."""

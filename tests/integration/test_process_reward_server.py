@@ -109,6 +109,7 @@ def test_info_describes_the_steps(server):
                               "read": "at the separator '\\n' after each step", "separator": "\n", "tag": None}
 
 
+@pytest.mark.slow  # 7 s: a second server; tests/server/test_process_rewards.py holds the step-tag head to transformers
 def test_a_causal_lm_read_at_a_step_tag(checkpoints, smol_tokenizer):
     server = ServerProcess(None, "--prm", f"tag={checkpoints['tag']}", "--step-tag", TAG, "--step-token-ids",
                            f"{GOOD},{BAD}", "--step-aggregate", "product")

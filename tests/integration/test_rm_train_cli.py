@@ -58,6 +58,8 @@ def test_train_on_pandalm_then_serve_whitened_rewards(trained, shared_data):
     assert statistics.pstdev(rewards) == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.slow  # 12 s; the default suite keeps `eval` in process (tests/trainer/rm/test_train.py, its cut at the
+# checkpoint's trained length) and the same checkpoint trained and served above
 def test_eval_warns_about_pairs_the_checkpoint_trained_on(trained, shared_data, tmp_path):
     """The held-out split is written beside the checkpoint; eval on it is quiet, eval on the training file says how
     many pairs were trained on; bad rows are counted on the terminal, not only in --report."""

@@ -172,6 +172,7 @@ def test_info_lists_models_and_combinations_on_both_protocols(server, three_mode
                                                                        expected["statistics"]["std"])
 
 
+@pytest.mark.slow  # 7 s; the default suite refuses it in process (tests/server/test_combinations.py)
 def test_a_combination_over_models_without_statistics_is_refused_at_start(tmp_path, smol_tokenizer):
     bare = build_checkpoint(tmp_path / "bare", "llama", smol_tokenizer)
     stats = with_statistics(build_checkpoint(tmp_path / "stats", "llama", smol_tokenizer, seed=1), 0.0, 1.0)

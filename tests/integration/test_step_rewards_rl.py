@@ -34,7 +34,10 @@ def run(server, policy, prompts, out, *extra) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("outcome", [[], ["--reward-model", "rm"]], ids=["steps-alone", "with-an-outcome"])
+# with an outcome model: slow (8 s); the default suite keeps the steps-alone run, and the outcome's place on the last
+# token is checked by hand in tests/trainer/rl/test_step_rewards.py
+@pytest.mark.parametrize("outcome", [[], pytest.param(["--reward-model", "rm"], marks=pytest.mark.slow)],
+                         ids=["steps-alone", "with-an-outcome"])
 def test_a_run_with_step_rewards(setup, tmp_path, outcome):
     policy, prompts, server = setup
     done = run(server, policy, prompts, tmp_path / "run", "--step-separator", " ", *outcome)

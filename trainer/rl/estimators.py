@@ -90,8 +90,8 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, beta: float, mask:
 def step_rewards(step_scores: list[list[float]], step_ends: list[list[int]], width: int,
                  center: float = 0.5) -> torch.Tensor:
     """Dense rewards from a process reward model: each step's score minus `center`, at the token where the step ends
-    (0 elsewhere), (B, width). Centred, a step judged right is rewarded and one judged wrong costs, so a response
-    gains nothing from steps for their own sake the way it would from raw probabilities (all positive).
+    (0 elsewhere), (B, width). Centred, a step judged right is rewarded and one judged wrong costs, where raw
+    probabilities (all positive) would pay for every step; steps judged right still pay, so watch the step count.
 
     >>> step_rewards([[0.9, 0.2], [0.7]], [[1, 3], [0]], width=4)
     tensor([[ 0.0000,  0.4000,  0.0000, -0.3000],

@@ -46,7 +46,7 @@ from .lora import AdaptersOff, attach_adapters, merged_copy, trainable_parameter
 from .sharding import (describe_held, full_policy_state, gathered, held_bytes, load_shards, save_shards,
                        shard)
 from .rollout import ActorCritic, Rollout, generate_rollout, policy_forward, share_prompts
-from .step_rewards import dense_step_rewards, score_steps
+from .step_rewards import dense_step_rewards, score_steps, step_item
 from .prometheus_gauges import StepGauges
 from ..tracking import JsonlLog, plot_curves, start_wandb
 
@@ -461,10 +461,17 @@ def check_reward_server(client: RewardClient, target: RewardTarget, prompt: str 
         tqdm.write(f"no reward server answered before the start ({error}); starting anyway: rollouts wait for it")
 
 
-def check_step_rewards(client: RewardClient, config: PPOConfig, prompt: str | list[dict]) -> None:
-    """Before the policy loads: the step model answers step scores, and splits a response at this run's separator
-    (two steps sent as one response come back as two scores), so the steps scored are the steps rewarded."""
+def check_step_rewards(client: RewardClient, config: PPOConfig, prompts: list) -> None:
+    """Before the policy loads: every prompt is one the step model takes (a text, or one user turn); the step model
+    answers step scores, and splits a response at this run's separator (two steps sent as one response come back as
+    two scores), so the steps scored are the steps rewarded."""
     separator = config.step_separator
+    for each in prompts:  # conversations of several turns have no one prompt for the step model
+        try:
+            step_item(each, ["x"])
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+    prompt = prompts[0]
     probe = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
              "response": f"First.{separator}Second."}  # steps without spaces, so a space may separate them
     try:
@@ -499,7 +506,7 @@ def main(config: PPOConfig) -> dict:
                           ca_file=config.reward_ca_file)
     prompts, answers = load_prompts(config.prompts), load_references(config.prompts)
     if config.reward_granularity == "step":
-        check_step_rewards(client, config, prompts[0])
+        check_step_rewards(client, config, prompts)
         if config.outcome_model is not None:
             check_reward_server(client, RewardTarget(model=config.outcome_model), prompts[0], answers)
     else:
