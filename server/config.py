@@ -10,7 +10,7 @@ from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .combinations import Combination, Objective
-from .steps import StepFormat, unescape
+from .steps import Separator, StepFormat
 from .verifiers import VerifierSpec, default_workers
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -66,7 +66,7 @@ class ServeConfig(BaseSettings):
     PRMTrainer's, `rewardserve train --objective prm`), or a causal LM read at --step-tag through --step-token-ids.
     NAME=DIR names it. Items give `steps`, or a response split at --step-separator; answers carry `step_scores`
     and the reward is their --step-aggregate. It sits beside --model checkpoints, in combinations too."""
-    step_separator: str = "\n"
+    step_separator: Separator = "\n"
     """What separates a solution's steps (PRMTrainer's default, a newline); `\n` and `\t` are read as escapes."""
     step_tag: str | None = None
     """A causal-LM process reward model: the text after each step where its score is read (Math-Shepherd: " ки")."""
@@ -196,11 +196,6 @@ class ServeConfig(BaseSettings):
     """... or a weighted sum of its outputs: `helpful=0.5,harmless=0.5` (outputs left out weigh 0)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level."""
-
-    @field_validator("step_separator", mode="before")
-    @classmethod
-    def _escapes(cls, value):
-        return unescape(value) if isinstance(value, str) else value
 
     @field_validator("model", "judge", "prm", mode="before")
     @classmethod

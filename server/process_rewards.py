@@ -32,7 +32,7 @@ from torch import nn
 from .errors import InputTooLong, InvalidInput, NotARewardModel, StartupError
 from .modeling import (RewardModel, check_own_code, decoder_attention_mask, describe_device, is_decoder_reward_model,
                        keep_head_in_fp32, quiet_transformers, resolve_device, resolve_dtype, unchanged_while_loading)
-from .packing import PackedBatch, packed_hidden_states, plain_attention_blocker
+from .packing import PackedBatch, packed_hidden_states
 from .schemas import ScoreItem
 from .steps import StepFormat, steps_of
 from .tokenization import WHOLE_TEXT_CHARS, EncodedItem, ItemEncoder
@@ -184,8 +184,8 @@ class ProcessRewardModel(RewardModel):
                                       " weights are missing); train one with `rewardserve train --objective prm`")
             keep_head_in_fp32(network)
         network = network.to(target).eval()
-        may_pack = plain_attention_blocker(config, max_length or 512) is None and not getattr(config, "auto_map", None)
-        model = cls.from_network(network, path, target, torch_dtype, max_length, min_shared_prefix, may_pack=may_pack)
+        model = cls.from_network(network, path, target, torch_dtype, max_length, min_shared_prefix,
+                                 may_pack=not getattr(config, "auto_map", None))  # it checks the attention itself
         model.head_kind = kind
         if kind == "step-tag":
             model.use_step_tokens(step_token_ids)
@@ -236,8 +236,6 @@ class ProcessRewardModel(RewardModel):
 
     def padded_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        sequences: list[list[int]] | None = None) -> torch.Tensor:
-        if sequences is None:  # a batch of whole rows: read at each row's last token
-            sequences = [[0] * int(n) for n in attention_mask.sum(-1).tolist()]
         return self.step_scores(padded_step_states(self.network, input_ids, attention_mask,
                                                    *self._step_index(sequences), decoder=self.is_decoder))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator
 
 from .errors import InvalidInput
 from .schemas import ScoreItem
@@ -39,9 +41,12 @@ def aggregate_steps(scores: list[float], how: StepAggregate) -> float:
     raise ValueError(f"step aggregate {how!r}: one of {', '.join(STEP_AGGREGATES)}")
 
 
-def unescape(separator: str) -> str:
+def unescape(separator):
     """A separator typed on a command line or in an environment variable: `\\n` and `\\t` as the characters."""
-    return separator.replace("\\n", "\n").replace("\\t", "\t")
+    return separator.replace("\\n", "\n").replace("\\t", "\t") if isinstance(separator, str) else separator
+
+
+Separator = Annotated[str, BeforeValidator(unescape)]  # the settings' step separators (serve, train, ppo)
 
 
 @dataclass(frozen=True)

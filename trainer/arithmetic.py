@@ -120,12 +120,13 @@ def chain_split() -> tuple[list[dict], list[dict]]:
 BEST_OF_SEED, BEST_OF_PROMPTS, BEST_OF_N = 2, 200, 4
 
 
-def best_of_n_rows(count: int = BEST_OF_PROMPTS, n: int = BEST_OF_N, seed: int = BEST_OF_SEED) -> list[dict]:
+def best_of_n_rows(count: int = BEST_OF_PROMPTS, n: int = BEST_OF_N, seed: int = BEST_OF_SEED,
+                   trained: list[dict] | None = None) -> list[dict]:
     """Problems none of the training chains poses, each with n worked answers in a random order: one right, the
     others each with a planted first error ({"prompt", "responses": [steps, ...], "correct": [bool, ...]}), for
     `rewardserve best-of-n` (chance picks the right one 1 time in n)."""
     rng, rows = random.Random(seed), []
-    taken = {row["prompt"] for row in chain_split()[0]}  # the training problems, then each one used here
+    taken = {row["prompt"] for row in trained or chain_split()[0]}  # the training problems, then each one used
     while len(rows) < count:
         start, operations = chain_problem(rng)
         answers = [worked(start, operations, None, 1)]
@@ -144,9 +145,10 @@ def best_of_n_rows(count: int = BEST_OF_PROMPTS, n: int = BEST_OF_N, seed: int =
 
 def files() -> dict[str, list[dict]]:
     """Every shipped file's rows, by its name."""
-    return {"arithmetic-train": split()[0], "arithmetic-heldout": split()[1],
-            "arithmetic-steps-train": chain_split()[0], "arithmetic-steps-heldout": chain_split()[1],
-            f"arithmetic-steps-best-of-{BEST_OF_N}": best_of_n_rows()}
+    (train, held_out), (chains_train, chains_held_out) = split(), chain_split()
+    return {"arithmetic-train": train, "arithmetic-heldout": held_out, "arithmetic-steps-train": chains_train,
+            "arithmetic-steps-heldout": chains_held_out,
+            f"arithmetic-steps-best-of-{BEST_OF_N}": best_of_n_rows(trained=chains_train)}
 
 
 def write(folder: Path = ASSETS) -> None:

@@ -100,6 +100,38 @@ def test_shared_prefix_flex_equals_the_unshared_forward(tmp_path, cuda, record):
     assert gap <= tolerance(unshared)
 
 
+def test_a_process_reward_model_reads_its_steps_on_cuda_as_in_fp32(tmp_path, cuda, record):
+    """The PRM's CUDA branch: step ends copied from pinned memory, every forward path in bf16, a shared prompt, each
+    item's step scores against the fp32 padded forward on the same card."""
+    from transformers import AutoModelForTokenClassification
+
+    from rewardserve.server.process_rewards import ProcessRewardModel, StepIds
+
+    config = FAMILIES["llama"][0].__class__(**FAMILIES["llama"][0].to_dict())
+    config.num_labels, config.architectures = 2, ["LlamaForTokenClassification"]
+    torch.manual_seed(0)
+    AutoModelForTokenClassification.from_config(config).save_pretrained(tmp_path)
+    reference = ProcessRewardModel.load_prm(str(tmp_path), dtype="float32", device="cuda")
+    served = ProcessRewardModel.load_prm(str(tmp_path), dtype="bfloat16", device="cuda", min_shared_prefix=16)
+    rng = random.Random(2)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(40)]
+    sequences = []
+    for _ in range(16):
+        ids = prompt + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(4, 60))]
+        ends = tuple(sorted(rng.sample(range(len(prompt), len(ids)), rng.randrange(1, 4))))
+        sequences.append(StepIds(ids, ends))
+    with reference.forward_path_as("padded"):
+        expected = [x for row in reference.score_batch(sequences) for x in row]
+    for forward in forward_paths(served.device, served.packs):
+        with served.forward_path_as(forward), packing.strict_kernels():
+            rows = served.score_batch(sequences)
+        assert [len(row) for row in rows] == [len(s.step_ends) for s in sequences], forward
+        got = [x for row in rows for x in row]
+        gap = max(abs(x - y) for x, y in zip(got, expected))
+        record("prm_step_gap_vs_fp32", gap, path=forward, tolerance=2e-2)
+        assert gap <= 2e-2, (forward, gap)
+
+
 @pytest.mark.parametrize("tokens", [16384, 65536, 131072])
 def test_the_block_mask_memory(tokens, cuda, record):
     rng = random.Random(tokens)

@@ -36,7 +36,10 @@ def read(out) -> tuple[list[dict], dict]:
     return rows, json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("protocol", ["http", pytest.param("grpc", marks=pytest.mark.slow)])  # the same over gRPC: 7 s
+# 14 s with its server and two policies (the same over gRPC: 7 s more); the default suite keeps `compare` in process
+# with real policies and a scorer (tests/trainer/test_compare.py)
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_the_win_rate_is_that_of_the_server_s_scores(running_server, policies, tmp_path, protocol):
     url = running_server.http_url if protocol == "http" else running_server.grpc_url
     run = compare(url, policies, tmp_path, "--samples", "2")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, model_validator
 
-from rewardserve.server.steps import unescape
+from rewardserve.server.steps import Separator
 
 from ..settings import CommaList, OffOrFloat, CommandSettings, check_report_to
 
@@ -35,7 +35,7 @@ class PPOConfig(CommandSettings):
     token. For gae and reinforce++ (grpo and rloo baseline one score per response)."""
     step_reward_model: str | None = None
     """--reward-granularity step: the server's process reward model (`rewardserve serve --prm NAME=DIR`)."""
-    step_separator: str = "\n"
+    step_separator: Separator = "\n"
     """--reward-granularity step: where a response is split into steps; the server's --step-separator (checked at
     start). `\\n` and `\\t` are read as escapes."""
     gold_reward_url: str | None = None
@@ -179,11 +179,6 @@ class PPOConfig(CommandSettings):
     1.6 GB for 135M). One is enough to resume: a checkpoint replaces the last only once it is whole."""
     resume: bool = False
     """Continue from the latest checkpoint in OUT/checkpoints."""
-
-    @field_validator("step_separator", mode="before")
-    @classmethod
-    def _escapes(cls, value):
-        return unescape(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _step_rewards(self) -> "PPOConfig":

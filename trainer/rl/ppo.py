@@ -641,9 +641,8 @@ def check_dropped(counters: dict, config: PPOConfig) -> None:
 
 def step_metrics_of(step_scores: list[list[float]], ranks: Ranks) -> dict:
     """The process reward model's view of the batch: its mean step score, and steps per response."""
-    flat = ranks.gather(torch.tensor([score for row in step_scores for score in row] or [float("nan")]))
+    flat = ranks.gather(torch.tensor([score for row in step_scores for score in row], dtype=torch.float32))
     counts = ranks.gather(torch.tensor([float(len(row)) for row in step_scores]))
-    flat = flat[~flat.isnan()]
     return {"step_score_mean": flat.mean().item() if flat.numel() else float("nan"),
             "steps_per_response": counts.mean().item()}
 

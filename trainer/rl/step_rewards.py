@@ -7,6 +7,7 @@ one, stays on the last token (`per_token_rewards`).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 import torch
@@ -35,14 +36,13 @@ def step_char_ends(text: str, step_format: StepFormat) -> list[int]:
 
 
 def step_end_tokens(tokenizer, response_ids: list[int], text: str, step_format: StepFormat) -> list[int]:
-    """The response token on which each step of `text` (its decoding) ends."""
-    reached = [len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True)) for k in range(len(response_ids))]
-    tokens, k = [], 0
-    for end in step_char_ends(text, step_format):
-        while k < len(reached) - 1 and reached[k] < end:
-            k += 1
-        tokens.append(k)
-    return tokens
+    """The response token on which each step of `text` (its decoding) ends: the first whose decoded prefix reaches
+    the step's last character, found by bisection (a few decodes a step, not one per token)."""
+    def reached(k: int) -> int:
+        return len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True))
+
+    last = len(response_ids) - 1
+    return [min(bisect.bisect_left(range(last), end, key=reached), last) for end in step_char_ends(text, step_format)]
 
 
 def score_steps(client: RewardClient, prompts: list, texts: list[str], step_format: StepFormat, step_model: str,

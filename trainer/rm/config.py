@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from rewardserve.server.steps import unescape
+from rewardserve.server.steps import Separator
 
 from ..settings import CommaList, CommandSettings, check_report_to
 
@@ -15,7 +15,7 @@ class RMTrainConfig(CommandSettings):
     """bradley-terry: a reward model from preference pairs; prm: a process reward model from stepwise supervision
     (TRL's rows: prompt, completions (the steps), labels (one boolean a step)), a token classifier served with
     `rewardserve serve --prm`."""
-    step_separator: str = "\n"
+    step_separator: Separator = "\n"
     """--objective prm: what ends each step in the sequences trained on (the server's --step-separator); `\\n`
     and `\\t` are read as escapes."""
     plain_chat_format: Literal["concat", "roles"] = "concat"
@@ -81,11 +81,6 @@ class RMTrainConfig(CommandSettings):
     report_to: CommaList = []
     """Where the log lines also go: `wandb` (Weights & Biases, as for `rewardserve ppo`; its run ends up in
     OUT/wandb)."""
-
-    @field_validator("step_separator", mode="before")
-    @classmethod
-    def _escapes(cls, value):
-        return unescape(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _exact_division(self) -> "RMTrainConfig":

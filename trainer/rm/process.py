@@ -17,6 +17,7 @@ step is the first error" and the one that says "every step is right".
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -200,10 +201,8 @@ def score_solutions(model, solutions: list[EncodedSolution], device, packed: boo
     rows = []
     for start in tqdm(range(0, len(solutions), batch_size), desc=progress, dynamic_ncols=True):
         batch = solutions[start:start + batch_size]
-        flat = torch.softmax(step_logits(model, batch, device, packed), dim=-1)[:, 1].tolist()
-        for solution in batch:
-            rows.append(flat[:len(solution.labels)])
-            flat = flat[len(solution.labels):]
+        flat = iter(torch.softmax(step_logits(model, batch, device, packed), dim=-1)[:, 1].tolist())
+        rows += [list(itertools.islice(flat, len(solution.labels))) for solution in batch]
     return rows
 
 
@@ -282,8 +281,9 @@ def train_prm(config: RMTrainConfig) -> dict:
     progress = tqdm(range(total_steps), desc="train prm", dynamic_ncols=True)
     for step in progress:
         epoch, index = divmod(step, per_epoch)
-        order = list(range(len(train)))
-        random.Random(config.seed + epoch).shuffle(order)
+        if index == 0:  # each epoch its own seeded order, drawn once
+            order = list(range(len(train)))
+            random.Random(config.seed + epoch).shuffle(order)
         batch = [train[i] for i in order[index * config.batch_size:(index + 1) * config.batch_size]]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, warmup, config.lr)
